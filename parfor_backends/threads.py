@@ -1,0 +1,37 @@
+"""The threads backend: a reusable thread pool in this process, nothing serialized.
+
+Chosen automatically where the GIL is disabled (free-threaded Python); elsewhere it suits
+I/O-bound work, and is used when named.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from parfor_core import Backend, Result, Task, gil_enabled, hookimpl, run_task
+
+
+class ThreadsBackend(Backend):
+    """Tasks run on a pool of ``n_workers`` threads, started on first need and reused."""
+
+    name = "threads"
+
+    def __init__(self, n_workers: int) -> None:
+        super().__init__(n_workers)
+        self._executor = ThreadPoolExecutor(n_workers, thread_name_prefix="parfor-worker")
+
+    @classmethod
+    def auto_priority(cls) -> int | None:
+        return None if gil_enabled() else 100
+
+    def submit(self, task: Task) -> Future[Result]:
+        return self._executor.submit(run_task, task)
+
+    def shutdown(self) -> None:
+        # Tasks already queued still run: a resize must not drop another call's work.
+        self._executor.shutdown(wait=False)
+
+
+@hookimpl
+def parfor_register_backends() -> list[type[Backend]]:
+    return [ThreadsBackend]

@@ -1,0 +1,56 @@
+"""parfor's core: the public API, the backend contract and the plugin machinery.
+
+Importing it is cheap: plugins are discovered, and dill, tqdm and loky imported, on first need.
+"""
+
+from __future__ import annotations
+
+from ._api import gmap, parfor, pmap
+from ._chunks import Chunks
+from ._pool import ParPool
+from ._registry import BackendInfo, Choice, PluginWarning, available_cpus, gil_enabled, registry
+from ._task import Call, Failure, RemoteTraceback, Result, Task, inside_worker, run_task
+from ._wire import dump_task, execute_dumped, load_result
+from .backend import Backend, then
+from .errors import (
+    BackendUnavailableError,
+    ParforError,
+    PluginError,
+    SerializationError,
+    UnknownBackendError,
+    WorkerError,
+)
+from .hookspecs import hookimpl
+
+__all__ = [
+    "Backend",
+    "BackendInfo",
+    "BackendUnavailableError",
+    "Call",
+    "Choice",
+    "Chunks",
+    "Failure",
+    "ParPool",
+    "ParforError",
+    "PluginError",
+    "PluginWarning",
+    "RemoteTraceback",
+    "Result",
+    "SerializationError",
+    "Task",
+    "UnknownBackendError",
+    "WorkerError",
+    "available_cpus",
+    "dump_task",
+    "execute_dumped",
+    "gil_enabled",
+    "gmap",
+    "hookimpl",
+    "inside_worker",
+    "load_result",
+    "parfor",
+    "pmap",
+    "registry",
+    "run_task",
+    "then",
+]

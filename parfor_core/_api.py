@@ -1,0 +1,138 @@
+"""parfor, pmap and gmap: from a function and an iterable to results, in parallel."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple, TypeVar
+
+from ._arguments import make_call, n_workers, show_bar, total_of
+from ._chunking import ChunkSizer
+from ._dispatch import dispatch
+from ._progress import Progress, check_bar
+from ._registry import registry
+from ._task import Call, inside_worker
+from .backend import Backend
+
+R = TypeVar("R")
+
+
+class ProgressSpec(NamedTuple):
+    """What bar to show, made when the generator starts so an unstarted one leaves none open."""
+
+    bar: bool | Callable[[int], object]
+    total: int | None
+    desc: str | None
+    bar_kwargs: Mapping[str, Any]
+
+
+def gmap(
+    fun: Callable[..., R],
+    iterable: Iterable[Any],
+    args: Sequence[Any] | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+    total: int | None = None,
+    desc: str | None = None,
+    bar: bool | Callable[[int], object] | None = None,
+    serial: bool | None = None,
+    length: int | None = None,
+    n_processes: int | None = None,
+    yield_ordered: bool = True,
+    yield_index: bool = False,
+    backend: str | Backend | None = None,
+    **bar_kwargs: Any,
+) -> Iterator[Any]:
+    """Like :func:`pmap`, but a generator: each result is yielded as soon as it may be.
+
+    The input is read lazily, a bounded number of chunks ahead of the results, so an endless
+    generator works in constant memory. Closing the generator early cancels the rest.
+    """
+    call = make_call(fun, args, kwargs)
+    expected = total_of(iterable, total, length)
+    workers = n_workers(n_processes)
+    check_bar(bar, bar_kwargs)
+    chosen = registry.choose(backend, serial=serial, total=expected, n_workers=workers)
+    shown = show_bar(bar, nested=inside_worker())
+    progress = ProgressSpec(shown, expected, desc, bar_kwargs)
+    return _generate(chosen, call, iterable, expected, yield_ordered, yield_index, progress)
+
+
+def _generate(backend: Backend, call: Call, iterable: Iterable[Any], total: int | None,
+              ordered: bool, with_index: bool, bar: ProgressSpec) -> Iterator[Any]:
+    progress = Progress(*bar) if bar.bar else None
+    try:
+        results = dispatch(backend, call, iterable, ChunkSizer(backend.n_workers, total),
+                           ordered=ordered, on_done=progress.update if progress else _ignore)
+        if with_index:
+            yield from results
+        else:
+            for _, value in results:
+                yield value
+    finally:
+        call.release()
+        if progress is not None:
+            progress.close()
+
+
+def _ignore(n: int) -> None:
+    """No progress bar to advance."""
+
+
+def pmap(
+    fun: Callable[..., R],
+    iterable: Iterable[Any],
+    args: Sequence[Any] | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+    total: int | None = None,
+    desc: str | None = None,
+    bar: bool | Callable[[int], object] | None = None,
+    serial: bool | None = None,
+    length: int | None = None,
+    n_processes: int | None = None,
+    yield_ordered: bool = True,
+    yield_index: bool = False,
+    backend: str | Backend | None = None,
+    **bar_kwargs: Any,
+) -> list[Any]:
+    """Apply ``fun(item, *args, **kwargs)`` to every item of ``iterable`` in parallel.
+
+    Returns the results as a list, in input order unless ``yield_ordered=False``; with
+    ``yield_index=True`` each result comes as ``(index in the input, result)``.
+
+    Args:
+        fun: the function; takes an item of ``iterable`` first, then ``args`` and ``kwargs``.
+        iterable: the items; any iterable, also a generator or an endless iterator (for gmap).
+        args: extra positional arguments for ``fun``, sent to the workers once per call.
+        kwargs: extra keyword arguments for ``fun``, sent once per call.
+        total: the number of items, for the progress bar when ``len(iterable)`` fails.
+        desc: a description shown before the progress bar.
+        bar: True for a progress bar, False for none, or a callable that is given the number
+            of finished items; None (default) shows one except in nested calls.
+        serial: True runs in the caller; False never falls back to serial on small inputs;
+            None (default) lets parfor decide.
+        length: deprecated alias of ``total``.
+        n_processes: the number of workers; default: every CPU this process may use.
+        yield_ordered: results in input order (default), or in order of completion.
+        yield_index: give ``(index, result)`` pairs, the index being the item's input position.
+        backend: a backend name (see ``parfor backends``) or a Backend instance; default:
+            chosen automatically.
+        **bar_kwargs: passed to ``tqdm.tqdm``.
+
+    Raises:
+        Exception: what ``fun`` raised, of its original type, with the worker's traceback
+            chained and the failing item's index in a note.
+    """
+    return list(gmap(fun, iterable, args, kwargs, total, desc, bar, serial, length,
+                     n_processes, yield_ordered, yield_index, backend, **bar_kwargs))
+
+
+def parfor(*args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], list[Any]]:
+    """Decorator form of :func:`pmap`: the decorated name becomes the list of results.
+
+    ``@parfor(range(10), (3,))`` over ``def fun(i, a)`` sets ``fun`` to
+    ``pmap(fun, range(10), (3,))``. Takes the same arguments as :func:`pmap`, less ``fun``.
+    """
+
+    def decorate(fun: Callable[..., Any]) -> list[Any]:
+        return pmap(fun, *args, **kwargs)
+
+    return decorate

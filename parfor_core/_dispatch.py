@@ -1,0 +1,104 @@
+"""Runs one call over an input through a backend: lazy chunking, a bounded window, ordering."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from itertools import islice
+from typing import Any
+
+from ._chunking import ChunkSizer
+from ._task import Call, Result, Task, add_note
+from .backend import Backend
+from .errors import WorkerError
+
+#: Chunks in flight (or finished but waiting for their turn) per worker: enough to keep every
+#: worker busy, few enough that the input is read only a bounded distance ahead of the results.
+CHUNKS_PER_WORKER = 2
+
+
+def dispatch(
+    backend: Backend,
+    call: Call,
+    items: Iterable[Any],
+    sizer: ChunkSizer,
+    *,
+    ordered: bool = True,
+    on_done: Callable[[int], object] = lambda n: None,
+) -> Iterator[tuple[int, Any]]:
+    """Yield ``(input index, value)`` for every item, re-raising the first failure in the caller.
+
+    With ``ordered`` results come in input order (a failure is raised when its turn comes);
+    otherwise as soon as they are done. Closing the generator cancels what has not run.
+    """
+    source = enumerate(items)
+    window = CHUNKS_PER_WORKER * max(1, backend.n_workers)
+    in_flight: dict[Future[Result], tuple[int, Task]] = {}
+    finished: dict[int, tuple[Task, Result]] = {}
+    submitted = yielded = 0
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and len(in_flight) + len(finished) < window:
+                chunk = _take(source, sizer.next_size(), submitted)
+                if not chunk:
+                    exhausted = True
+                    break
+                sizer.taken(len(chunk))
+                indices, values = zip(*chunk)
+                task = Task(call, indices, values)
+                in_flight[backend.submit(task)] = (submitted, task)
+                submitted += 1
+            if not in_flight:
+                return
+            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in sorted(done, key=lambda f: in_flight[f][0]):
+                number, task = in_flight.pop(future)
+                result = _result(future, task, backend)
+                sizer.record(len(result.values) + (result.failure is not None), result.elapsed)
+                on_done(len(result.values))
+                if ordered:
+                    finished[number] = (task, result)
+                else:
+                    yield from _emit(task, result)
+            while yielded in finished:
+                yield from _emit(*finished.pop(yielded))
+                yielded += 1
+    except KeyboardInterrupt:
+        if in_flight:
+            backend.interrupt()
+        raise
+    finally:
+        call.cancelled = True
+        for future in in_flight:
+            future.cancel()
+
+
+def _take(source: Iterator[tuple[int, Any]], n: int, chunk_number: int) -> list[tuple[int, Any]]:
+    try:
+        return list(islice(source, n))
+    except Exception as exc:
+        add_note(exc, "parfor: raised by the input iterable while reading chunk "
+                       f"{chunk_number} (the items before it were read)")
+        raise
+
+
+def _result(future: Future[Result], task: Task, backend: Backend) -> Result:
+    try:
+        return future.result()
+    except Exception as exc:
+        first, last = task.indices[0], task.indices[-1]
+        items = f"input item {first}" if first == last else f"input items {first} to {last}"
+        raise WorkerError(
+            f"Backend {backend.name!r} failed while running {items}, outside the function "
+            f"itself: {type(exc).__name__}: {exc}",
+            backend=backend.name,
+            indices=task.indices,
+        ) from exc
+
+
+def _emit(task: Task, result: Result) -> Iterator[tuple[int, Any]]:
+    yield from zip(task.indices, result.values)
+    failure = result.failure
+    if failure is not None:
+        failure.reraise(f"item {failure.index} ({failure.item_repr})")

@@ -1,0 +1,159 @@
+"""ParPool: submit work now, with any function, and fetch each result whenever you like."""
+
+from __future__ import annotations
+
+import itertools
+import queue
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+from ._arguments import make_call, n_workers, show_bar
+from ._progress import Progress, check_bar
+from ._registry import registry
+from ._task import Call, Result, Task, inside_worker, short_repr
+from .backend import Backend
+
+
+class ParPool:
+    """A pool to which tasks are added one by one, each under a handle to fetch its result by.
+
+    ``pool[handle] = item`` or ``handle = pool(item)`` runs ``fun(item, *args, **kwargs)``;
+    ``pool.add_task(fun, args, kwargs)`` runs any ``fun(*args, **kwargs)``. ``pool[handle]``
+    waits for that result (re-raising what the task raised) and forgets it; ``get_newest()``
+    gives the next finished ``(handle, result)``. Use it as a context manager: leaving the block
+    cancels the work nobody fetched.
+    """
+
+    def __init__(
+        self,
+        fun: Callable[..., Any] | None = None,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        n_processes: int | None = None,
+        bar: bool | Callable[[int], object] | None = None,
+        backend: str | Backend | None = None,
+    ) -> None:
+        self._default = make_call(fun, args, kwargs) if fun is not None else None
+        check_bar(bar, {})
+        self._backend = registry.choose(backend, serial=None, total=None,
+                                        n_workers=n_workers(n_processes))
+        shown = show_bar(False if bar is None else bar, nested=inside_worker())
+        self._progress = Progress(shown, total=0) if shown else None
+        self._futures: dict[Hashable, tuple[Future[Result], str]] = {}
+        self._finished: queue.SimpleQueue[Hashable] = queue.SimpleQueue()
+        self._handles = itertools.count()
+        self._closed = False
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    def __call__(self, item: Any, handle: Hashable | None = None) -> Hashable:
+        """Run the pool's function on ``item``; returns the handle (made up if not given)."""
+        return self._submit(self._require_default(), item, handle)
+
+    def __setitem__(self, handle: Hashable, item: Any) -> None:
+        self._submit(self._require_default(), item, handle)
+
+    def add_task(
+        self,
+        fun: Callable[..., Any] | None = None,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        handle: Hashable | None = None,
+    ) -> Hashable:
+        """Run ``fun(*args, **kwargs)``; each left out defaults to the pool's own."""
+        default = self._default
+        call = make_call(fun if fun is not None else (default.fun if default else None),
+                         (), kwargs if kwargs is not None else (default.kwargs if default else {}))
+        call.unpack = True
+        item = tuple(args) if args is not None else (default.args if default else ())
+        return self._submit(call, item, handle)
+
+    def _require_default(self) -> Call:
+        if self._default is None:
+            raise TypeError("this ParPool has no function: give fun= when making it, "
+                            "or use add_task(fun, args, kwargs)")
+        return self._default
+
+    def _submit(self, call: Call, item: Any, handle: Hashable | None) -> Hashable:
+        if self._closed:
+            raise RuntimeError("this ParPool is closed")
+        if handle is None:
+            handle = next(h for h in self._handles if h not in self._futures)
+        elif handle in self._futures:
+            raise ValueError(f"handle {handle!r} is already in use in this ParPool")
+        future = self._backend.submit(Task(call, (0,), (item,)))
+        self._futures[handle] = (future, _describe(handle, item, call.unpack))
+        if self._progress is not None:
+            self._progress.add_total(1)
+        future.add_done_callback(lambda _, h=handle: self._on_done(h))
+        return handle
+
+    def _on_done(self, handle: Hashable) -> None:
+        self._finished.put(handle)
+        if self._progress is not None:
+            self._progress.update(1)
+
+    def __getitem__(self, handle: Hashable) -> Any:
+        """Wait for the result of ``handle``, forget the task, and return (or raise) it."""
+        if handle not in self._futures:
+            raise KeyError(f"no task with handle {handle!r} in this ParPool")
+        future, description = self._futures[handle]
+        result = future.result()
+        del self._futures[handle]
+        if result.failure is not None:
+            result.failure.reraise(description)
+        return result.values[0]
+
+    def __contains__(self, handle: Hashable) -> bool:
+        return handle in self._futures
+
+    def __len__(self) -> int:
+        """The number of tasks not yet fetched."""
+        return len(self._futures)
+
+    def __delitem__(self, handle: Hashable) -> None:
+        """Forget a task, cancelling it if it has not started."""
+        future, _ = self._futures.pop(handle)
+        future.cancel()
+
+    def get_newest(self) -> tuple[Hashable, Any] | None:
+        """Wait for any unfetched task to finish; return its ``(handle, result)``.
+
+        None when the pool holds no tasks.
+        """
+        while self._futures:
+            handle = self._finished.get()
+            if handle in self._futures:
+                return handle, self[handle]
+        return None
+
+    def close(self) -> None:
+        """Cancel the tasks that have not started, and release the pool's resources."""
+        if self._closed:
+            return
+        self._closed = True
+        for future, _ in self._futures.values():
+            future.cancel()
+        self._futures.clear()
+        if self._default is not None:  # add_task's calls are released when collected
+            self._default.cancelled = True
+            self._default.release()
+        if self._progress is not None:
+            self._progress.close()
+
+    def __enter__(self) -> ParPool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> None:
+        raise TypeError("a ParPool cannot be pickled or sent to a worker")
+
+
+def _describe(handle: Hashable, item: Any, unpack: bool) -> str:
+    what = "arguments" if unpack else "item"
+    return f"the task with handle {handle!r} ({what} {short_repr(item)})"

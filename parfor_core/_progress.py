@@ -1,0 +1,63 @@
+"""The progress bar: tqdm, a user's callback, or nothing, advanced by items done."""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+
+def check_bar(bar: object, bar_kwargs: Mapping[str, Any]) -> None:
+    """Reject a bad ``bar`` or an unknown keyword now, rather than after the work is done."""
+    if not (bar is None or isinstance(bar, bool) or callable(bar)):
+        raise TypeError(f"bar must be True, False, None or a callable taking the number of "
+                        f"done iterations, got {type(bar).__name__} {bar!r}")
+    if bar_kwargs:
+        from tqdm.auto import tqdm
+
+        accepted = inspect.signature(tqdm.__init__).parameters
+        unknown = sorted(set(bar_kwargs) - set(accepted))
+        if unknown:
+            raise TypeError(
+                f"Unexpected keyword argument(s) {', '.join(unknown)}: parfor passes the keyword "
+                "arguments it does not know itself to tqdm, and tqdm does not know these either."
+            )
+
+
+class Progress:
+    """Counts finished items and shows them; safe to update from several threads."""
+
+    def __init__(self, bar: bool | Callable[[int], object], total: int | None,
+                 desc: str | None = None, bar_kwargs: Mapping[str, Any] | None = None) -> None:
+        self.done = 0
+        self._lock = threading.Lock()
+        self._callback: Callable[[int], object] | None = None
+        self._tqdm: Any = None
+        if callable(bar) and not isinstance(bar, bool):
+            self._callback = bar
+        elif bar:
+            from tqdm.auto import tqdm
+
+            self._tqdm = tqdm(total=total, desc=desc, **(bar_kwargs or {}))
+
+    def add_total(self, n: int) -> None:
+        """Grow the expected total (ParPool, where work arrives over time)."""
+        if self._tqdm is not None:
+            with self._lock:
+                self._tqdm.total = (self._tqdm.total or 0) + n
+                self._tqdm.refresh()
+
+    def update(self, n: int) -> None:
+        if n <= 0:
+            return
+        with self._lock:
+            self.done += n
+            if self._tqdm is not None:
+                self._tqdm.update(n)
+            elif self._callback is not None:
+                self._callback(self.done)
+
+    def close(self) -> None:
+        if self._tqdm is not None:
+            self._tqdm.close()

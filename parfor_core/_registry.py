@@ -1,0 +1,214 @@
+"""The plugin manager: backend discovery on first need, names to classes, pooled instances."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+import warnings
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+
+import pluggy
+
+from . import hookspecs
+from ._task import inside_worker
+from .backend import Backend
+from .errors import BackendUnavailableError, PluginError, UnknownBackendError
+
+ENTRY_POINT_GROUP = "parfor"
+SERIAL = "serial"
+
+
+class PluginWarning(UserWarning):
+    """A plugin could not be loaded; parfor goes on without it."""
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (affinity and cgroup-aware where Python can tell)."""
+    if hasattr(os, "process_cpu_count"):  # Python 3.13+
+        return os.process_cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+def gil_enabled() -> bool:
+    is_enabled = getattr(sys, "_is_gil_enabled", None)
+    return True if is_enabled is None else bool(is_enabled())
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What ``parfor backends`` shows of one backend."""
+
+    name: str
+    source: str
+    unavailable_reason: str | None
+    auto_priority: int | None
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The backend a call would get, and why."""
+
+    name: str
+    reason: str
+
+
+class Registry:
+    """Discovers backend plugins on first need and keeps one pooled instance per backend."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._pm: pluggy.PluginManager | None = None
+        self._entry_points: list[EntryPoint] = []
+        self._instances: dict[str, Backend] = {}
+        self._exit_registered = False
+
+    @property
+    def plugin_manager(self) -> pluggy.PluginManager:
+        """The pluggy manager, with every installed ``parfor`` entry point loaded."""
+        with self._lock:
+            if self._pm is None:
+                pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
+                pm.add_hookspecs(hookspecs)
+                self._load_entry_points(pm)
+                self._pm = pm
+            return self._pm
+
+    def _load_entry_points(self, pm: pluggy.PluginManager) -> None:
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            if pm.has_plugin(ep.name) or pm.is_blocked(ep.name):
+                continue
+            try:
+                pm.register(ep.load(), name=ep.name)
+            except Exception as exc:
+                warnings.warn(
+                    f"parfor: skipping the backend plugin {ep.name!r} ({ep.value}, from "
+                    f"{_dist_label(ep)}): it failed to load: {type(exc).__name__}: {exc}",
+                    PluginWarning,
+                    stacklevel=4,
+                )
+                continue
+            self._entry_points.append(ep)
+
+    def _candidates(self) -> dict[str, list[type[Backend]]]:
+        found: dict[str, list[type[Backend]]] = {}
+        for classes in self.plugin_manager.hook.parfor_register_backends():
+            for cls in classes:
+                same = found.setdefault(cls.name, [])
+                if cls not in same:
+                    same.append(cls)
+        return found
+
+    def source(self, cls: type[Backend]) -> str:
+        """Which distribution (and version) provides a backend class."""
+        top = cls.__module__.partition(".")[0]
+        for ep in self._entry_points:
+            if ep.value.partition(":")[0].partition(".")[0] == top:
+                return _dist_label(ep)
+        return f"module {cls.__module__} (registered at run time)"
+
+    def get_class(self, name: str, origin: str = "backend=") -> type[Backend]:
+        """The backend class registered under ``name``; a clear error when there is none."""
+        candidates = self._candidates()
+        if name not in candidates:
+            raise UnknownBackendError(name, candidates, origin)
+        classes = candidates[name]
+        if len(classes) > 1:
+            raise PluginError(
+                f"Two backends are registered under the name {name!r}: "
+                + " and ".join(f"{c.__module__}.{c.__qualname__} from {self.source(c)}"
+                               for c in classes)
+                + ". Uninstall one of them, or block one with the plugin manager."
+            )
+        return classes[0]
+
+    def names(self) -> list[str]:
+        return sorted(self._candidates())
+
+    def infos(self) -> list[BackendInfo]:
+        infos = []
+        for name, classes in sorted(self._candidates().items()):
+            for cls in classes:
+                infos.append(BackendInfo(name, self.source(cls), cls.unavailable_reason(),
+                                         cls.auto_priority()))
+        return infos
+
+    def auto(self) -> Choice:
+        """The backend a plain call picks for parallel work here, and why."""
+        best: tuple[int, str] | None = None
+        for name, classes in self._candidates().items():
+            if len(classes) != 1 or classes[0].unavailable_reason() is not None:
+                continue
+            priority = classes[0].auto_priority()
+            if priority is not None and (best is None or (priority, name) > best):
+                best = (priority, name)
+        gil = "enabled" if gil_enabled() else "disabled"
+        if best is None:
+            return Choice(SERIAL, f"the GIL is {gil} and no parallel backend is available")
+        return Choice(best[1], f"the GIL is {gil} and {best[1]!r} has the highest automatic "
+                               f"priority ({best[0]}) of the available backends")
+
+    def choose(self, backend: str | Backend | None, *, serial: bool | None, total: int | None,
+               n_workers: int) -> Backend:
+        """The backend instance one call runs on, from the call's arguments."""
+        if isinstance(backend, Backend):
+            if serial is True:
+                raise ValueError(f"serial=True conflicts with backend={backend!r}")
+            return backend
+        if backend is not None and not isinstance(backend, str):
+            raise TypeError(f"backend must be a backend name or a Backend instance, "
+                            f"got {type(backend).__name__} {backend!r}")
+        if serial is True and backend not in (None, SERIAL):
+            raise ValueError(f"serial=True conflicts with backend={backend!r}")
+        if serial is False and backend == SERIAL:
+            raise ValueError("serial=False conflicts with backend='serial'")
+        if inside_worker() or serial is True:
+            return self.instance(SERIAL, 1)
+        if backend is None:
+            if serial is None and ((total is not None and total < 2) or n_workers < 2):
+                return self.instance(SERIAL, 1)
+            backend = self.auto().name
+        return self.instance(backend, 1 if backend == SERIAL else n_workers)
+
+    def instance(self, name: str, n_workers: int, origin: str = "backend=") -> Backend:
+        """The pooled instance of a backend with ``n_workers`` workers, made on first need."""
+        with self._lock:
+            current = self._instances.get(name)
+            if current is not None and current.n_workers == n_workers:
+                return current
+            cls = self.get_class(name, origin)
+            reason = cls.unavailable_reason()
+            if reason is not None:
+                raise BackendUnavailableError(name, reason)
+            self._instances[name] = new = cls(n_workers)
+            if not self._exit_registered:
+                atexit.register(self.shutdown)
+                self._exit_registered = True
+        if current is not None:  # resized: the old pool finishes what it has, then goes
+            current.shutdown()
+        return new
+
+    def discard(self, backend: Backend) -> None:
+        """Forget a pooled instance (after an interrupt) so the next call makes a fresh one."""
+        with self._lock:
+            if self._instances.get(backend.name) is backend:
+                del self._instances[backend.name]
+
+    def shutdown(self) -> None:
+        """Shut every pooled backend down (at interpreter exit)."""
+        with self._lock:
+            instances, self._instances = list(self._instances.values()), {}
+        for backend in instances:
+            backend.shutdown()
+
+
+def _dist_label(ep: EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return f"{dist.name} {dist.version}" if dist is not None else "an unknown distribution"
+
+
+registry = Registry()

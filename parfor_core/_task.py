@@ -1,0 +1,169 @@
+"""Task and Result: what a backend runs and hands back, and how a worker runs a task."""
+
+from __future__ import annotations
+
+import os
+import reprlib
+import threading
+import traceback
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from time import perf_counter
+from typing import Any
+
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 80
+_short.maxlist = _short.maxtuple = _short.maxdict = _short.maxset = 6
+
+_inside_worker: ContextVar[bool] = ContextVar("parfor_inside_worker", default=False)
+_in_worker_process = False
+
+
+def inside_worker() -> bool:
+    """True while running a task, or anywhere in a worker process: nested calls run serially."""
+    return _in_worker_process or _inside_worker.get()
+
+
+def mark_worker_process() -> None:
+    """Called once in a worker process, so every later call there knows it is nested."""
+    global _in_worker_process
+    _in_worker_process = True
+
+
+def short_repr(obj: object) -> str:
+    """A repr short enough for an error message; never raises."""
+    try:
+        return _short.repr(obj)
+    except Exception as exc:  # a broken __repr__ must not hide the real error
+        return f"<{type(obj).__qualname__} object, repr failed: {exc!r}>"
+
+
+def add_note(exc: BaseException, note: str) -> None:
+    """Attach a line to an exception's report without changing its type or message."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    else:  # Python 3.10 has no add_note; keep the note where 3.11+ would look for it
+        exc.__notes__ = [*getattr(exc, "__notes__", ()), note]
+
+
+class Call:
+    """The function and extra arguments shared by every task of one call (or of one ParPool).
+
+    A worker runs ``fun(item, *args, **kwargs)``, or ``fun(*item, *args, **kwargs)`` when
+    ``unpack`` is set (ParPool.add_task). Serialized at most once, however many tasks it has.
+    """
+
+    __slots__ = ("fun", "args", "kwargs", "unpack", "id", "cancelled", "releasers", "_wire",
+                 "__weakref__")
+
+    def __init__(
+        self,
+        fun: Callable[..., Any],
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        unpack: bool = False,
+    ) -> None:
+        self.fun = fun
+        self.args = tuple(args)
+        self.kwargs = dict(kwargs or {})
+        self.unpack = unpack
+        self.id = uuid.uuid4().hex
+        self.cancelled = False  # set by the caller; in-process workers stop between items
+        self.releasers: list[Callable[[], object]] = []  # free what serializing it made
+        self._wire: Any = None  # the serialized form, made by _wire on first need
+
+    def release(self) -> None:
+        """Free resources made for this call (a file holding large arguments, say); idempotent."""
+        while self.releasers:
+            self.releasers.pop()()
+
+    def __repr__(self) -> str:
+        return f"Call({short_repr(self.fun)}, id={self.id[:8]})"
+
+
+@dataclass(frozen=True)
+class Task:
+    """A chunk of items of one call, each with its index in the input."""
+
+    call: Call
+    indices: Sequence[int]
+    items: Sequence[Any]
+
+
+class RemoteTraceback(Exception):
+    """Carries a worker's formatted traceback, chained as ``__cause__`` of the re-raised error."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.text}"""'
+
+
+@dataclass
+class Failure:
+    """The exception one item raised, with what the caller needs to say where it happened."""
+
+    index: int
+    item_repr: str
+    exception: BaseException
+    traceback: str
+    worker: str
+
+    @classmethod
+    def capture(cls, index: int, item: object, exc: BaseException) -> Failure:
+        return cls(index, short_repr(item), exc, "".join(traceback.format_exception(exc)),
+                   describe_worker())
+
+    def reraise(self, what: str) -> None:
+        """Raise the original exception in the caller, saying which item (``what``) raised it."""
+        exc = self.exception
+        if exc.__traceback__ is None:  # it crossed a process boundary: chain the worker's frames
+            exc.__cause__ = RemoteTraceback(self.traceback)
+        add_note(exc, f"parfor: raised by {what} in {self.worker}")
+        raise exc
+
+
+@dataclass
+class Result:
+    """What a backend's future resolves to: the values of the items of a task, in order.
+
+    When an item raised, ``values`` holds the items before it and ``failure`` says what happened;
+    the items after it were not run. ``elapsed`` is the worker's time on the task, in seconds.
+    """
+
+    values: list[Any]
+    elapsed: float
+    failure: Failure | None = field(default=None)
+
+
+def describe_worker() -> str:
+    if _in_worker_process:
+        return f"worker process {os.getpid()}"
+    return f"thread {threading.current_thread().name!r} of process {os.getpid()}"
+
+
+def run_task(task: Task) -> Result:
+    """Run every item of a task where this is called; exceptions are returned, never raised."""
+    call = task.call
+    fun, args, kwargs = call.fun, call.args, call.kwargs
+    values: list[Any] = []
+    token = _inside_worker.set(True)
+    start = perf_counter()
+    try:
+        for index, item in zip(task.indices, task.items):
+            if call.cancelled:
+                break
+            try:
+                if call.unpack:
+                    values.append(fun(*item, *args, **kwargs))
+                else:
+                    values.append(fun(item, *args, **kwargs))
+            except Exception as exc:
+                return Result(values, perf_counter() - start, Failure.capture(index, item, exc))
+    finally:
+        _inside_worker.reset(token)
+    return Result(values, perf_counter() - start)

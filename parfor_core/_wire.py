@@ -1,0 +1,156 @@
+"""Serialization with dill for backends whose workers are other processes.
+
+The parent turns a Task into bytes with ``dump_task``; the worker runs ``execute_dumped`` on them
+and answers bytes that ``load_result`` turns back into a Result. A call's function and extra
+arguments are serialized once per call; large ones travel through a private file that each worker
+reads once, so a big argument is not copied per task.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import weakref
+from collections import OrderedDict
+from typing import Any
+
+from ._task import Call, Failure, Result, Task, mark_worker_process, run_task
+from .errors import ParforError, SerializationError
+
+#: Serialized calls above this size are written to a file instead of riding along with each task.
+LARGE_CALL_BYTES = 1 << 20
+#: How many calls a worker keeps deserialized, for callers that interleave several calls.
+CACHED_CALLS = 4
+
+_worker_calls: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
+
+
+def _dumps(obj: object) -> bytes:
+    import dill
+
+    return dill.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL, recurse=True)
+
+
+def _loads(data: bytes) -> Any:
+    import dill
+
+    return dill.loads(data)
+
+
+def _first_unserializable(named: list[tuple[str, object]], cause: Exception) -> SerializationError:
+    """Find which of several objects cannot be serialized, to name it in the error."""
+    for what, obj in named:
+        try:
+            _dumps(obj)
+        except Exception as exc:
+            return SerializationError(what, obj, exc)
+    return SerializationError("the combination of " + ", ".join(w for w, _ in named),
+                              tuple(o for _, o in named), cause)
+
+
+def _call_wire(call: Call) -> tuple[str, bytes | None, str | None]:
+    """(id, inline bytes or None, file path or None) of a call, made once per call."""
+    if call._wire is None:
+        state = (call.fun, call.args, call.kwargs, call.unpack)
+        try:
+            data = _dumps(state)
+        except Exception as exc:
+            named = [("the function", call.fun)]
+            named += [(f"extra argument args[{i}]", a) for i, a in enumerate(call.args)]
+            named += [(f"extra argument kwargs[{k!r}]", v) for k, v in call.kwargs.items()]
+            raise _first_unserializable(named, exc) from exc
+        if len(data) < LARGE_CALL_BYTES:
+            call._wire = (call.id, data, None)
+        else:
+            call._wire = (call.id, None, _write_private_file(data))
+            call.releasers.append(weakref.finalize(call, _remove_quietly, call._wire[2]))
+    return call._wire
+
+
+def _write_private_file(data: bytes) -> str:
+    """Write to a file only this user can read, in memory-backed /dev/shm where there is one."""
+    shm = "/dev/shm"
+    directory = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+    fd, path = tempfile.mkstemp(prefix="parfor-call-", dir=directory)  # mode 0600
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
+    return path
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def dump_task(task: Task) -> bytes:
+    """The bytes a worker process needs to run ``task``; raises SerializationError naming what."""
+    wire = _call_wire(task.call)
+    try:
+        items = _dumps(list(task.items))
+    except Exception as exc:
+        named = [(f"input item {i}", item) for i, item in zip(task.indices, task.items)]
+        raise _first_unserializable(named, exc) from exc
+    return pickle.dumps((wire, list(task.indices), items), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _worker_call(wire: tuple[str, bytes | None, str | None]) -> Call:
+    call_id, data, path = wire
+    state = _worker_calls.get(call_id)
+    if state is None:
+        if data is None:
+            with open(path, "rb") as file:
+                data = file.read()
+        state = _loads(data)
+        _worker_calls[call_id] = state
+        while len(_worker_calls) > CACHED_CALLS:
+            _worker_calls.popitem(last=False)
+    else:
+        _worker_calls.move_to_end(call_id)
+    fun, args, kwargs, unpack = state
+    call = Call(fun, args, kwargs, unpack)
+    call.id = call_id
+    return call
+
+
+def execute_dumped(payload: bytes) -> bytes:
+    """Worker side: run a dumped task and answer the dumped Result."""
+    mark_worker_process()
+    wire, indices, items = pickle.loads(payload)
+    items = _loads(items)
+    result = run_task(Task(_worker_call(wire), indices, items))
+    try:
+        return _dumps(result)
+    except Exception as exc:
+        return _dumps(_sendable(result, indices, items, exc))
+
+
+def _sendable(result: Result, indices: list[int], items: list[Any], cause: Exception) -> Result:
+    """Replace what cannot be sent back to the parent by a Failure that names it."""
+    for position, value in enumerate(result.values):
+        try:
+            _dumps(value)
+        except Exception as exc:
+            error = SerializationError(f"the result of input item {indices[position]}", value, exc)
+            failure = Failure.capture(indices[position], items[position], error)
+            return Result(result.values[:position], result.elapsed, failure)
+    failure = result.failure
+    if failure is not None:  # every value is fine, so the exception is what fails
+        original = failure.exception
+        failure.exception = ParforError(
+            f"{type(original).__qualname__}: {original} "
+            f"(the original exception cannot be sent back from the worker: {cause})"
+        )
+        return result
+    error = ParforError(
+        f"The results of input items {indices[0]} to {indices[-1]} cannot be sent back from "
+        f"the worker together (too large or too deeply nested?): {type(cause).__name__}: {cause}"
+    )
+    return Result([], result.elapsed, Failure.capture(indices[0], items[0], error))
+
+
+def load_result(data: bytes) -> Result:
+    """Parent side: the Result a worker sent."""
+    return _loads(data)

@@ -1,0 +1,81 @@
+"""The Backend base class: the contract a backend plugin implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from concurrent.futures import Future
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+from ._task import Result, Task
+
+T = TypeVar("T")
+
+
+class Backend(ABC):
+    """Runs tasks somewhere and hands back a Future of each task's Result.
+
+    A backend implements one method, :meth:`submit`. The worker side is already written: call
+    ``parfor_core.run_task(task)`` where the work runs (in-process backends), or send
+    ``parfor_core.dump_task(task)`` to a worker that calls ``parfor_core.execute_dumped`` and
+    answer ``parfor_core.load_result(...)`` of what it returns (process backends). User
+    exceptions travel inside the Result; a backend never raises them itself.
+
+    Instances are made by the registry, one per name and worker count, and reused across calls.
+    """
+
+    #: The name users select the backend by (``backend="loky"``).
+    name: ClassVar[str]
+    #: True when items, functions and results must be serialized to reach the workers.
+    crosses_process: ClassVar[bool] = False
+
+    def __init__(self, n_workers: int) -> None:
+        self.n_workers = n_workers
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Why this backend cannot run here (and how to fix that), or None when it can."""
+        return None
+
+    @classmethod
+    def auto_priority(cls) -> int | None:
+        """How eagerly the automatic choice picks this backend here; None: only when named.
+
+        The available backend with the highest number wins. Built-ins: threads 100 when the GIL
+        is disabled, loky 10.
+        """
+        return None
+
+    @abstractmethod
+    def submit(self, task: Task) -> Future[Result]:
+        """Start running ``task`` and return a Future of its Result."""
+
+    def interrupt(self) -> None:
+        """Stop running tasks as soon as possible (Ctrl-C); the next submit must work again."""
+
+    def shutdown(self) -> None:
+        """Release the workers; called when the registry drops this instance or at exit."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} n_workers={self.n_workers}>"
+
+
+def then(future: Future[Any], convert: Callable[[Any], T]) -> Future[T]:
+    """A Future of ``convert(future.result())``; cancelling it cancels ``future`` too.
+
+    For process backends, whose executors answer bytes: ``then(fut, load_result)``.
+    """
+    converted: Future[T] = Future()
+
+    def finish(done: Future[Any]) -> None:
+        if done.cancelled():
+            converted.cancel()
+            return
+        try:
+            converted.set_result(convert(done.result()))
+        except BaseException as exc:  # also worker deaths, which the caller reports
+            converted.set_exception(exc)
+
+    converted.add_done_callback(lambda c: c.cancelled() and future.cancel())
+    future.add_done_callback(finish)
+    return converted

@@ -1,0 +1,56 @@
+"""The ParforError family: each error carries the data that explains it, not only a message."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class ParforError(Exception):
+    """Base class of every error that parfor itself raises."""
+
+
+class UnknownBackendError(ParforError, ValueError):
+    """No backend is registered under the requested name."""
+
+    def __init__(self, name: str, known: Sequence[str], origin: str = "backend=") -> None:
+        self.name = name
+        self.known = sorted(known)
+        super().__init__(
+            f"No backend named {name!r} (from {origin}). Known: {', '.join(self.known)}."
+        )
+
+
+class BackendUnavailableError(ParforError):
+    """The backend is registered but cannot run here (a missing extra, an old Python...)."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+        super().__init__(f"Backend {name!r} is not available here: {reason}")
+
+
+class PluginError(ParforError):
+    """A plugin registered something parfor cannot use, such as two backends with one name."""
+
+
+class SerializationError(ParforError, TypeError):
+    """An object that must cross to a worker process (or back) cannot be serialized."""
+
+    def __init__(self, what: str, obj: object, cause: BaseException) -> None:
+        self.what = what
+        self.type_name = f"{type(obj).__module__}.{type(obj).__qualname__}"
+        super().__init__(
+            f"Cannot serialize {what} (type {self.type_name}) with dill: "
+            f"{type(cause).__name__}: {cause}. Make it picklable (define it at module level, "
+            "or give it __reduce__ / __getstate__), create it inside the function instead, "
+            "or use backend='threads' so nothing has to cross a process boundary."
+        )
+
+
+class WorkerError(ParforError):
+    """A worker failed outside the user's function: it died, or the backend itself broke."""
+
+    def __init__(self, message: str, *, backend: str, indices: Sequence[int]) -> None:
+        self.backend = backend
+        self.indices = list(indices)
+        super().__init__(message)
