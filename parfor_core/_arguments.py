@@ -55,6 +55,8 @@ def total_of(iterable: object, total: object, length: object) -> int | None:
         return None
 
 
-def show_bar(bar: bool | Callable[[int], object] | None, nested: bool) -> bool | Callable[[int], Any]:
+def show_bar(
+    bar: bool | Callable[[int], object] | None, nested: bool
+) -> bool | Callable[[int], Any]:
     """``bar=None`` means a bar, except in nested calls, whose bars would fight the outer one."""
     return (not nested) if bar is None else bar

@@ -9,7 +9,8 @@ class ChunkSizer:
     """Adapts chunk sizes to measured item durations, as joblib's auto-batching does.
 
     Long items go one per task, so the work spreads evenly; tiny items are batched until a
-    task lasts about ``TARGET_SECONDS``, so the per-task overhead stays small. With a known
+    task lasts about ``TARGET_SECONDS``, so the per-task overhead stays small. Sizes at most
+    double from one chunk to the next, so a lazy input is not read far ahead. With a known
     total, no chunk takes more than a quarter of a worker's share of what is left, so workers
     do not idle at the end while one finishes a big chunk.
     """
@@ -22,6 +23,7 @@ class ChunkSizer:
         self.n_workers = n_workers
         self.remaining = total
         self.seconds_per_item: float | None = None
+        self.last_size = 1
 
     def next_size(self) -> int:
         """The size of the next chunk; the caller reports what it took with :meth:`taken`."""
@@ -33,7 +35,9 @@ class ChunkSizer:
             size = int(self.TARGET_SECONDS / self.seconds_per_item)
         if self.remaining is not None:
             size = min(size, math.ceil(self.remaining / (4 * self.n_workers)))
-        return max(1, min(size, self.MAX_ITEMS))
+        size = max(1, min(size, 2 * self.last_size, self.MAX_ITEMS))
+        self.last_size = size
+        return size
 
     def taken(self, n_items: int) -> None:
         if self.remaining is not None:

@@ -45,7 +45,7 @@ def dispatch(
                     exhausted = True
                     break
                 sizer.taken(len(chunk))
-                indices, values = zip(*chunk)
+                indices, values = zip(*chunk, strict=True)
                 task = Task(call, indices, values)
                 in_flight[backend.submit(task)] = (submitted, task)
                 submitted += 1
@@ -98,7 +98,7 @@ def _result(future: Future[Result], task: Task, backend: Backend) -> Result:
 
 
 def _emit(task: Task, result: Result) -> Iterator[tuple[int, Any]]:
-    yield from zip(task.indices, result.values)
+    yield from zip(task.indices, result.values, strict=False)  # fewer values on failure
     failure = result.failure
     if failure is not None:
         failure.reraise(f"item {failure.index} ({failure.item_repr})")

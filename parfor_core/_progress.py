@@ -14,7 +14,7 @@ def check_bar(bar: object, bar_kwargs: Mapping[str, Any]) -> None:
         raise TypeError(f"bar must be True, False, None or a callable taking the number of "
                         f"done iterations, got {type(bar).__name__} {bar!r}")
     if bar_kwargs:
-        from tqdm.auto import tqdm
+        from tqdm.std import tqdm  # tqdm.auto's subclass hides the signature behind **kwargs
 
         accepted = inspect.signature(tqdm.__init__).parameters
         unknown = sorted(set(bar_kwargs) - set(accepted))

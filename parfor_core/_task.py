@@ -154,7 +154,7 @@ def run_task(task: Task) -> Result:
     token = _inside_worker.set(True)
     start = perf_counter()
     try:
-        for index, item in zip(task.indices, task.items):
+        for index, item in zip(task.indices, task.items, strict=True):
             if call.cancelled:
                 break
             try:

@@ -91,7 +91,7 @@ def dump_task(task: Task) -> bytes:
     try:
         items = _dumps(list(task.items))
     except Exception as exc:
-        named = [(f"input item {i}", item) for i, item in zip(task.indices, task.items)]
+        named = [(f"input item {i}", item) for i, item in zip(task.indices, task.items, strict=True)]
         raise _first_unserializable(named, exc) from exc
     return pickle.dumps((wire, list(task.indices), items), protocol=pickle.HIGHEST_PROTOCOL)
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from concurrent.futures import Future
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any, ClassVar, TypeVar
 
 from ._task import Result, Task
@@ -50,10 +50,10 @@ class Backend(ABC):
     def submit(self, task: Task) -> Future[Result]:
         """Start running ``task`` and return a Future of its Result."""
 
-    def interrupt(self) -> None:
+    def interrupt(self) -> None:  # noqa: B027 - optional; doing nothing is a fine default
         """Stop running tasks as soon as possible (Ctrl-C); the next submit must work again."""
 
-    def shutdown(self) -> None:
+    def shutdown(self) -> None:  # noqa: B027 - optional; doing nothing is a fine default
         """Release the workers; called when the registry drops this instance or at exit."""
 
     def __repr__(self) -> str:
@@ -68,7 +68,7 @@ def then(future: Future[Any], convert: Callable[[Any], T]) -> Future[T]:
     converted: Future[T] = Future()
 
     def finish(done: Future[Any]) -> None:
-        if done.cancelled():
+        if done.cancelled() or converted.cancelled():
             converted.cancel()
             return
         try:

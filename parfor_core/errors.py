@@ -8,6 +8,18 @@ from collections.abc import Sequence
 class ParforError(Exception):
     """Base class of every error that parfor itself raises."""
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Rebuilt without calling __init__, whose signature differs per subclass, so that these
+        # errors cross from a worker process to the caller intact.
+        return _restore, (type(self), self.args, self.__dict__)
+
+
+def _restore(cls: type[ParforError], args: tuple[object, ...], state: dict) -> ParforError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class UnknownBackendError(ParforError, ValueError):
     """No backend is registered under the requested name."""

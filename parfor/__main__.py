@@ -1,0 +1,34 @@
+"""parfor's command line: ``parfor backends`` lists the backends, ``parfor demo`` runs a loop."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="parfor", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("backends", help="list every backend, whether it runs here, "
+                                         "and which one a plain pmap would use")
+    demo = commands.add_parser("demo", help="run a CPU-bound loop serially and in parallel, "
+                                            "and print the speedup")
+    demo.add_argument("--items", type=int, default=32, help="number of items (default 32)")
+    demo.add_argument("--work", type=int, default=300_000,
+                      help="loop iterations per item (default 300000)")
+    demo.add_argument("--backend", default=None, help="backend name (default: automatic)")
+    demo.add_argument("--n-processes", type=int, default=None,
+                      help="number of workers (default: every CPU)")
+    options = parser.parse_args(argv)
+    if options.command == "backends":
+        from ._cli import list_backends
+
+        return list_backends(sys.stdout)
+    from ._cli import demo as run_demo
+
+    return run_demo(sys.stdout, options.items, options.work, options.backend, options.n_processes)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

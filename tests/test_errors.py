@@ -1,0 +1,191 @@
+"""Faults and bad input: a clear error that names the cause, on every backend, and no hang."""
+
+from __future__ import annotations
+
+import os
+import traceback
+import uuid
+from pathlib import Path
+
+import pytest
+
+from parfor import (
+    ParforError,
+    SerializationError,
+    UnknownBackendError,
+    WorkerError,
+    gmap,
+    pmap,
+)
+from parfor_core import RemoteTraceback
+
+
+class Boom(ValueError):
+    pass
+
+
+def fail_on_seven(i: int, log_dir: str) -> int:
+    Path(log_dir, f"{i}-{uuid.uuid4().hex}").touch()
+    if i == 7:
+        raise Boom(f"item {i} is bad")
+    return i
+
+
+def report(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc))
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_exception_keeps_its_type_and_names_the_item(backend, tmp_path, ordered):
+    with pytest.raises(Boom, match="item 7 is bad") as caught:
+        pmap(fail_on_seven, range(40), (str(tmp_path),), backend=backend, bar=False,
+             yield_ordered=ordered)
+    text = report(caught.value)
+    assert "raised by item 7 (7)" in text
+    assert "fail_on_seven" in text  # the worker's frame is in the report
+    if backend == "loky":
+        assert isinstance(caught.value.__cause__, RemoteTraceback)
+
+
+def test_no_item_runs_twice_and_none_after_failure_in_the_caller(backend, tmp_path):
+    with pytest.raises(Boom):
+        pmap(fail_on_seven, range(40), (str(tmp_path),), backend=backend, bar=False)
+    runs = [name.split("-")[0] for name in os.listdir(tmp_path)]
+    assert runs.count("7") == 1
+    assert all(runs.count(i) == 1 for i in set(runs)), sorted(runs)
+
+
+def test_backend_is_usable_after_an_exception(backend, tmp_path):
+    with pytest.raises(Boom):
+        pmap(fail_on_seven, range(10), (str(tmp_path),), backend=backend, bar=False)
+    assert pmap(abs, range(-3, 3), backend=backend, bar=False) == [3, 2, 1, 0, 1, 2]
+
+
+def test_gmap_yields_the_results_before_the_failure(backend, tmp_path):
+    results = gmap(fail_on_seven, range(20), (str(tmp_path),), backend=backend, bar=False)
+    got = []
+    with pytest.raises(Boom):
+        for value in results:
+            got.append(value)
+    assert got == list(range(7))
+
+
+def flaky_input(n_good: int):
+    yield from range(n_good)
+    raise OSError("the disk went away")
+
+
+def test_input_generator_error_reaches_the_caller(backend):
+    with pytest.raises(OSError, match="the disk went away") as caught:
+        pmap(abs, flaky_input(25), backend=backend, bar=False)
+    assert "raised by the input iterable" in report(caught.value)
+    assert pmap(abs, [-1], backend=backend, bar=False) == [1]
+
+
+def test_exception_in_a_long_run_does_not_hang(backend):
+    def slow_then_fail(i):
+        if i == 3:
+            raise KeyError(i)
+        return i
+
+    with pytest.raises(KeyError):
+        pmap(slow_then_fail, range(2000), backend=backend, bar=False)
+
+
+class Unsendable:
+    """Refuses to be pickled, as a database connection or an open socket would."""
+
+    def __reduce__(self):
+        raise TypeError("Unsendable objects refuse to be pickled")
+
+
+def return_unsendable(i: int) -> object:
+    return Unsendable() if i == 3 else i
+
+
+def test_unserializable_argument_is_named(process_backend):
+    with pytest.raises(SerializationError, match=r"args\[1\].*Unsendable"):
+        pmap(lambda i, a, b: i, range(4), (1, Unsendable()), backend=process_backend,
+             bar=False)
+
+
+def test_unserializable_item_is_named(process_backend):
+    items = [1, 2, Unsendable()]
+    with pytest.raises(SerializationError, match=r"input item 2 .*Unsendable"):
+        pmap(id, items, backend=process_backend, bar=False, serial=False)
+
+
+def test_unserializable_result_is_named(process_backend):
+    with pytest.raises(SerializationError, match=r"result of input item 3.*Unsendable"):
+        pmap(return_unsendable, range(6), backend=process_backend, bar=False)
+    assert pmap(abs, [-2, 2], backend=process_backend, bar=False) == [2, 2]
+
+
+class LockedError(Exception):
+    def __init__(self) -> None:
+        super().__init__("cannot travel")
+        self.attachment = Unsendable()
+
+
+def raise_locked(i: int) -> None:
+    raise LockedError()
+
+
+def test_unserializable_exception_is_reported(process_backend):
+    with pytest.raises(ParforError, match="LockedError: cannot travel") as caught:
+        pmap(raise_locked, range(3), backend=process_backend, bar=False)
+    assert "raised by item 0" in report(caught.value)
+
+
+def test_huge_deep_result_gets_an_error_not_a_crash(process_backend):
+    def deep(i):
+        nested: list = []
+        for _ in range(100_000):
+            nested = [nested]
+        return nested
+
+    with pytest.raises(SerializationError, match="result of input item 0"):
+        pmap(deep, range(2), backend=process_backend, bar=False)
+
+
+def die(i: int) -> int:
+    if i == 2:
+        os._exit(3)
+    return i
+
+
+def test_worker_death_is_reported_not_hung(process_backend):
+    with pytest.raises(WorkerError, match="input item") as caught:
+        pmap(die, range(4), backend=process_backend, bar=False)
+    assert caught.value.backend == process_backend
+    assert pmap(abs, [-5, 5], backend=process_backend, bar=False) == [5, 5]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"fun": 3}, TypeError, "fun must be callable"),
+        ({"args": 3}, TypeError, r"did you mean args=\(3,\)"),
+        ({"kwargs": [1]}, TypeError, "kwargs must be a dict"),
+        ({"iterable": None}, TypeError, "iterable must be iterable"),
+        ({"n_processes": 0}, ValueError, "n_processes must be"),
+        ({"total": -1}, ValueError, "total must be"),
+        ({"bar": "yes"}, TypeError, "bar must be"),
+        ({"n_process": 2}, TypeError, "n_process"),
+        ({"backend": "lokky"}, UnknownBackendError, "Known: .*loky.*serial.*threads"),
+        ({"backend": 3}, TypeError, "backend must be"),
+        ({"serial": True, "backend": "threads"}, ValueError, "conflicts"),
+        ({"serial": False, "backend": "serial"}, ValueError, "conflicts"),
+    ],
+)
+def test_bad_arguments_fail_at_once_with_a_clear_message(kwargs, error, match):
+    call = {"fun": abs, "iterable": range(3), **kwargs}
+    with pytest.raises(error, match=match):
+        gmap(**call)
+
+
+def test_length_is_a_deprecated_alias_of_total():
+    shown = []
+    with pytest.warns(DeprecationWarning, match="total"):
+        pmap(abs, iter(range(4)), length=4, bar=shown.append, backend="serial")
+    assert shown[-1] == 4

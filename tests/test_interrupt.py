@@ -1,0 +1,89 @@
+"""Ctrl-C: a long pmap stops promptly, KeyboardInterrupt reaches the caller, nothing is left."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+
+SCRIPT = textwrap.dedent("""
+    import sys, time
+    from parfor import pmap
+
+    def slow(i):
+        time.sleep(0.2)
+        return i
+
+    def started(n):
+        if n == 1:
+            print("started", flush=True)
+
+    if __name__ == "__main__":
+        backend = sys.argv[1]
+        try:
+            pmap(slow, range(10_000), bar=started, backend=backend, serial=None)
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+        print(pmap(abs, range(-3, 0), backend=backend, bar=False), flush=True)
+        if sys.argv[2] == "again":
+            pmap(slow, range(10_000), bar=started, backend=backend)
+""")
+
+
+def start(tmp_path, backend: str, mode: str) -> subprocess.Popen:
+    script = tmp_path / "long_run.py"
+    script.write_text(SCRIPT)
+    process = subprocess.Popen([sys.executable, str(script), backend, mode], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # its own process group, as in a shell
+    assert process.stdout.readline().strip() == "started"
+    time.sleep(0.3)  # let every worker pick up work
+    return process
+
+
+def finish(process: subprocess.Popen) -> tuple[str, str]:
+    """Wait for the end; read what is left (readline may have buffered part of it already)."""
+    process.wait(timeout=30)
+    with process.stdout, process.stderr:
+        return process.stdout.read(), process.stderr.read()
+
+
+def ctrl_c(process: subprocess.Popen) -> float:
+    """Send SIGINT to the whole process group, as a terminal's Ctrl-C does."""
+    os.killpg(process.pid, signal.SIGINT)
+    return time.monotonic()
+
+
+def test_ctrl_c_stops_promptly_and_the_next_call_works(backend, tmp_path):
+    process = start(tmp_path, backend, "once")
+    children = psutil.Process(process.pid).children(recursive=True)
+    sent = ctrl_c(process)
+    assert process.stdout.readline().strip() == "interrupted"
+    assert time.monotonic() - sent < 3
+    out, err = finish(process)
+    assert out.strip() == "[3, 2, 1]", err
+    assert process.returncode == 0, err
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == []
+
+
+def test_uncaught_ctrl_c_exits_with_keyboard_interrupt_and_no_leftovers(backend, tmp_path):
+    process = start(tmp_path, backend, "again")
+    ctrl_c(process)
+    assert process.stdout.readline().strip() == "interrupted"
+    assert process.stdout.readline().strip() == "[3, 2, 1]"
+    assert process.stdout.readline().strip() == "started"
+    children = psutil.Process(process.pid).children(recursive=True)
+    sent = ctrl_c(process)
+    _, err = finish(process)
+    assert time.monotonic() - sent < 5
+    assert process.returncode != 0
+    assert "KeyboardInterrupt" in err
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == []
+

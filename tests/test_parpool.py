@@ -1,0 +1,100 @@
+"""ParPool: add work at any time, fetch results at any time, on every backend."""
+
+from __future__ import annotations
+
+import pytest
+
+from parfor import ParPool
+
+
+def product(i: int, j: int, k: int) -> int:
+    return i * j * k
+
+
+def power(base: int, exponent: int = 2) -> int:
+    return base**exponent
+
+
+def fails(i: int) -> int:
+    raise ArithmeticError(f"no result for {i}")
+
+
+def test_setitem_and_getitem(backend):
+    with ParPool(product, (3,), {"k": 2}, backend=backend) as pool:
+        for i in range(10):
+            pool[i] = i
+        assert [pool[i] for i in range(10)] == [0, 6, 12, 18, 24, 30, 36, 42, 48, 54]
+        assert len(pool) == 0
+
+
+def test_call_returns_a_handle(backend):
+    with ParPool(product, (2, 5), backend=backend) as pool:
+        handles = [pool(i) for i in range(5)]
+        assert len(set(handles)) == 5
+        assert [pool[h] for h in handles] == [0, 10, 20, 30, 40]
+        assert pool("x", handle="mine") == "mine"
+        assert pool["mine"] == "x" * 10
+
+
+def test_add_task_with_another_function(backend):
+    with ParPool(product, (1, 1), backend=backend) as pool:
+        pool[0] = 4
+        pool.add_task(power, (3,), {"exponent": 3}, handle="cube")
+        pool.add_task(power, (5,), handle="square")
+        assert pool["cube"] == 27
+        assert pool["square"] == 25
+        assert pool[0] == 4
+
+
+def test_get_newest_returns_every_task_once(backend):
+    with ParPool(power, backend=backend) as pool:
+        for i in range(8):
+            pool[f"h{i}"] = i
+        seen = dict(pool.get_newest() for _ in range(8))
+        assert seen == {f"h{i}": i * i for i in range(8)}
+        assert pool.get_newest() is None
+
+
+def test_exception_is_raised_when_its_result_is_fetched(backend):
+    with ParPool(fails, backend=backend) as pool:
+        pool["bad"] = 7
+        pool["good"] = 1
+        with pytest.raises(ArithmeticError, match="no result for 7") as caught:
+            pool["bad"]
+        assert any("handle 'bad'" in note for note in caught.value.__notes__)
+        with pytest.raises(ArithmeticError):
+            pool["good"]
+
+
+def test_duplicate_and_unknown_handles(backend):
+    with ParPool(power, backend=backend) as pool:
+        pool[1] = 1
+        with pytest.raises(ValueError, match="already in use"):
+            pool[1] = 2
+        with pytest.raises(KeyError, match="no task with handle 2"):
+            pool[2]
+        assert 1 in pool and 2 not in pool
+
+
+def test_pool_without_function_needs_add_task(backend):
+    with ParPool(backend=backend) as pool:
+        with pytest.raises(TypeError, match="no function"):
+            pool[0] = 1
+        handle = pool.add_task(power, (4,))
+        assert pool[handle] == 16
+
+
+def test_closed_pool_refuses_work(backend):
+    pool = ParPool(power, backend=backend)
+    pool.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        pool[0] = 1
+
+
+def test_progress_callback_counts_finished_tasks(backend):
+    counts = []
+    with ParPool(power, bar=counts.append, backend=backend) as pool:
+        for i in range(6):
+            pool[i] = i
+        [pool[i] for i in range(6)]
+    assert sorted(counts) == [1, 2, 3, 4, 5, 6]

@@ -1,0 +1,54 @@
+"""The progress bar counts items, with or without a known length, on every backend."""
+
+from __future__ import annotations
+
+import io
+
+from parfor import Chunks, gmap, pmap
+
+
+def test_callback_gets_running_count_of_items(backend):
+    counts = []
+    pmap(abs, range(500), bar=counts.append, backend=backend)
+    assert counts == sorted(counts)
+    assert counts[-1] == 500
+
+
+def test_tqdm_bar_counts_items_with_known_total(backend):
+    out = io.StringIO()
+    pmap(abs, range(300), backend=backend, file=out, desc="squares", mininterval=0)
+    text = out.getvalue()
+    assert "squares" in text
+    assert "300/300" in text
+
+
+def test_bar_without_length_shows_a_running_count(backend):
+    out = io.StringIO()
+    pmap(abs, (i for i in range(123)), backend=backend, file=out, mininterval=0)
+    assert "123it" in out.getvalue()
+
+
+def test_total_gives_a_generator_its_length(backend):
+    out = io.StringIO()
+    pmap(abs, (i for i in range(40)), total=40, backend=backend, file=out, mininterval=0)
+    assert "40/40" in out.getvalue()
+
+
+def test_bar_false_prints_nothing(backend, capsys):
+    pmap(abs, range(50), bar=False, backend=backend)
+    captured = capsys.readouterr()
+    assert captured.out == captured.err == ""
+
+
+def test_chunks_count_as_one_item_each(backend):
+    counts = []
+    pmap(len, Chunks(range(100), number=4), bar=counts.append, backend=backend)
+    assert counts[-1] == 4
+
+
+def test_gmap_bar_is_closed_when_the_generator_is_closed_early(backend):
+    out = io.StringIO()
+    results = gmap(abs, range(10_000), backend=backend, file=out, mininterval=0)
+    next(results)
+    results.close()
+    assert out.getvalue().endswith("\n")  # tqdm ends the line when it closes
