@@ -1,4 +1,4 @@
-"""parfor's command line: ``parfor backends`` lists the backends, ``parfor demo`` runs a loop."""
+"""parfor's command line: list the backends, or run a demonstration loop."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="run a CPU-bound loop serially and in parallel, "
                                             "and print the speedup")
     demo.add_argument("--items", type=int, default=32, help="number of items (default 32)")
-    demo.add_argument("--work", type=int, default=300_000,
-                      help="loop iterations per item (default 300000)")
+    demo.add_argument("--work", type=int, default=1_000_000,
+                      help="loop iterations per item (default 1000000)")
     demo.add_argument("--backend", default=None, help="backend name (default: automatic)")
     demo.add_argument("--n-processes", type=int, default=None,
                       help="number of workers (default: every CPU)")

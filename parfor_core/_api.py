@@ -41,7 +41,7 @@ def gmap(
     backend: str | Backend | None = None,
     **bar_kwargs: Any,
 ) -> Iterator[Any]:
-    """Like :func:`pmap`, but a generator: each result is yielded as soon as it may be.
+    """Like `pmap`, but a generator: each result is yielded as soon as it may be.
 
     The input is read lazily, a bounded number of chunks ahead of the results, so an endless
     generator works in constant memory. Closing the generator early cancels the rest.
@@ -126,10 +126,10 @@ def pmap(
 
 
 def parfor(*args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], list[Any]]:
-    """Decorator form of :func:`pmap`: the decorated name becomes the list of results.
+    """Decorator form of `pmap`: the decorated name becomes the list of results.
 
     ``@parfor(range(10), (3,))`` over ``def fun(i, a)`` sets ``fun`` to
-    ``pmap(fun, range(10), (3,))``. Takes the same arguments as :func:`pmap`, less ``fun``.
+    ``pmap(fun, range(10), (3,))``. Takes the same arguments as `pmap`, less ``fun``.
     """
 
     def decorate(fun: Callable[..., Any]) -> list[Any]:

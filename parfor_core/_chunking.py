@@ -26,7 +26,7 @@ class ChunkSizer:
         self.last_size = 1
 
     def next_size(self) -> int:
-        """The size of the next chunk; the caller reports what it took with :meth:`taken`."""
+        """The size of the next chunk; the caller reports what it took with `taken`."""
         if self.seconds_per_item is None:
             size = 1
         elif self.seconds_per_item <= 0:

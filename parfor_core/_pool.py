@@ -47,6 +47,7 @@ class ParPool:
 
     @property
     def backend(self) -> Backend:
+        """The backend instance this pool's tasks run on."""
         return self._backend
 
     def __call__(self, item: Any, handle: Hashable | None = None) -> Hashable:
@@ -54,6 +55,7 @@ class ParPool:
         return self._submit(self._require_default(), item, handle)
 
     def __setitem__(self, handle: Hashable, item: Any) -> None:
+        """Run the pool's function on ``item`` under the given handle."""
         self._submit(self._require_default(), item, handle)
 
     def add_task(
@@ -108,6 +110,7 @@ class ParPool:
         return result.values[0]
 
     def __contains__(self, handle: Hashable) -> bool:
+        """Whether a task with this handle is in the pool and not yet fetched."""
         return handle in self._futures
 
     def __len__(self) -> int:

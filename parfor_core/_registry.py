@@ -35,6 +35,7 @@ def available_cpus() -> int:
 
 
 def gil_enabled() -> bool:
+    """False only on a free-threaded Python running with the GIL disabled."""
     is_enabled = getattr(sys, "_is_gil_enabled", None)
     return True if is_enabled is None else bool(is_enabled())
 
@@ -191,12 +192,6 @@ class Registry:
         if current is not None:  # resized: the old pool finishes what it has, then goes
             current.shutdown()
         return new
-
-    def discard(self, backend: Backend) -> None:
-        """Forget a pooled instance (after an interrupt) so the next call makes a fresh one."""
-        with self._lock:
-            if self._instances.get(backend.name) is backend:
-                del self._instances[backend.name]
 
     def shutdown(self) -> None:
         """Shut every pooled backend down (at interpreter exit)."""

@@ -115,6 +115,7 @@ class Failure:
 
     @classmethod
     def capture(cls, index: int, item: object, exc: BaseException) -> Failure:
+        """Record ``exc``, raised by ``item`` (at input position ``index``), where it happened."""
         return cls(index, short_repr(item), exc, "".join(traceback.format_exception(exc)),
                    describe_worker())
 

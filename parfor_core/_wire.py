@@ -91,7 +91,8 @@ def dump_task(task: Task) -> bytes:
     try:
         items = _dumps(list(task.items))
     except Exception as exc:
-        named = [(f"input item {i}", item) for i, item in zip(task.indices, task.items, strict=True)]
+        pairs = zip(task.indices, task.items, strict=True)
+        named = [(f"input item {index}", item) for index, item in pairs]
         raise _first_unserializable(named, exc) from exc
     return pickle.dumps((wire, list(task.indices), items), protocol=pickle.HIGHEST_PROTOCOL)
 

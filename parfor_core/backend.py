@@ -15,19 +15,20 @@ T = TypeVar("T")
 class Backend(ABC):
     """Runs tasks somewhere and hands back a Future of each task's Result.
 
-    A backend implements one method, :meth:`submit`. The worker side is already written: call
+    A backend implements one method, `submit`. The worker side is already written: call
     ``parfor_core.run_task(task)`` where the work runs (in-process backends), or send
     ``parfor_core.dump_task(task)`` to a worker that calls ``parfor_core.execute_dumped`` and
     answer ``parfor_core.load_result(...)`` of what it returns (process backends). User
     exceptions travel inside the Result; a backend never raises them itself.
 
-    Instances are made by the registry, one per name and worker count, and reused across calls.
+    The registry keeps one instance per name and reuses it across calls; a call that asks for
+    another number of workers replaces it.
     """
 
-    #: The name users select the backend by (``backend="loky"``).
     name: ClassVar[str]
-    #: True when items, functions and results must be serialized to reach the workers.
+    """The name users select the backend by (``backend="loky"``)."""
     crosses_process: ClassVar[bool] = False
+    """True when items, functions and results must be serialized to reach the workers."""
 
     def __init__(self, n_workers: int) -> None:
         self.n_workers = n_workers

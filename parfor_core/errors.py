@@ -6,7 +6,10 @@ from collections.abc import Sequence
 
 
 class ParforError(Exception):
-    """Base class of every error that parfor itself raises."""
+    """Base of the errors about parfor's machinery: backends, plugins, workers, serialization.
+
+    Mistakes in arguments raise TypeError or ValueError instead.
+    """
 
     def __reduce__(self) -> tuple[object, ...]:
         # Rebuilt without calling __init__, whose signature differs per subclass, so that these

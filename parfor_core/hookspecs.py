@@ -10,13 +10,16 @@ if TYPE_CHECKING:
     from .backend import Backend
 
 hookspec = pluggy.HookspecMarker("parfor")
+"""Marks the hook specifications below."""
 hookimpl = pluggy.HookimplMarker("parfor")
+"""Marks a plugin's hook implementations: ``@hookimpl def parfor_register_backends(): ...``."""
 
 
 @hookspec
 def parfor_register_backends() -> list[type[Backend]]:
     """Return the Backend classes this plugin provides.
 
-    Called when parfor first needs a backend, never at import. Return classes, not instances:
-    parfor makes an instance when the backend is used, so registering costs nothing.
+    Called whenever parfor looks its backends up (each call that picks one, and the listing),
+    never at import. Return classes, not instances: parfor makes an instance only when the
+    backend is used, so this must stay cheap.
     """
