@@ -1,0 +1,58 @@
+"""The command line: `parfor backends` and `parfor demo`, run as a user would."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from parfor_core import registry
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "parfor", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_backends_lists_every_backend_and_the_choice():
+    result = run("backends")
+    assert result.returncode == 0, result.stderr
+    for info in registry.infos():
+        assert info.name in result.stdout
+    assert "from parfor 0.1.0" in result.stdout
+    choice = registry.auto()
+    assert f"A plain pmap here uses {choice.name!r}: {choice.reason}." in result.stdout
+
+
+def test_demo_runs_in_parallel_and_reports_the_speedup():
+    result = run("demo", "--items", "8", "--work", "20000")
+    assert result.returncode == 0, result.stderr
+    assert f"8 items on backend {registry.auto().name!r}" in result.stdout
+    assert "speedup" in result.stdout
+    assert "8/8" in result.stderr  # both progress bars ran to the end
+
+
+def test_demo_on_a_named_backend():
+    result = run("demo", "--items", "4", "--work", "1000", "--backend", "threads",
+                 "--n-processes", "3")
+    assert result.returncode == 0, result.stderr
+    assert "backend 'threads' with 3 workers" in result.stdout
+
+
+def test_unknown_command_fails_with_usage():
+    result = run("fly")
+    assert result.returncode == 2
+    assert "invalid choice" in result.stderr
+
+
+def test_console_script_is_installed():
+    script = shutil.which("parfor", path=str(Path(sys.executable).parent) + os.pathsep
+                          + os.environ.get("PATH", ""))
+    if script is None:
+        pytest.fail("the 'parfor' console script is not installed next to this Python")
+    result = subprocess.run([script, "backends"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "serial" in result.stdout

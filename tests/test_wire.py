@@ -1,0 +1,68 @@
+"""What crosses to worker processes: the call once per call, large arguments through a file."""
+
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+from pathlib import Path
+
+from parfor import pmap
+
+PICKLED_IN_PARENT: list[int] = []
+
+
+def _rebuild(log_dir: str, payload: bytes) -> Counted:
+    Path(log_dir, f"{os.getpid()}-{len(os.listdir(log_dir))}").touch()
+    return Counted(log_dir, payload)
+
+
+class Counted:
+    """Counts how often it is pickled (in the parent) and unpickled (in workers, via files)."""
+
+    def __init__(self, log_dir: str, payload: bytes = b"") -> None:
+        self.log_dir, self.payload = log_dir, payload
+
+    def __reduce__(self):
+        PICKLED_IN_PARENT.append(1)
+        return _rebuild, (self.log_dir, self.payload)
+
+
+def size_plus(i: int, counted: Counted) -> int:
+    return len(counted.payload) + i
+
+
+def test_extra_arguments_are_serialized_once_per_call(process_backend, tmp_path):
+    PICKLED_IN_PARENT.clear()
+    result = pmap(size_plus, range(300), (Counted(str(tmp_path), b"x" * 10),),
+                  backend=process_backend, bar=False)
+    assert result == [10 + i for i in range(300)]
+    assert len(PICKLED_IN_PARENT) == 1
+    # ... and deserialized at most once per worker process, not once per item or chunk.
+    pids = [name.split("-")[0] for name in os.listdir(tmp_path)]
+    assert len(pids) == len(set(pids)) <= os.cpu_count()
+
+
+def size_and_files(i: int, counted: Counted) -> tuple[int, dict[str, int]]:
+    """The size, and the call files the worker sees with their permission bits."""
+    return len(counted.payload) + i, {path: os.stat(path).st_mode & 0o777 for path in shm_files()}
+
+
+def shm_files() -> set[str]:
+    folders = ["/dev/shm", tempfile.gettempdir()]
+    return {path for folder in folders for path in glob.glob(f"{folder}/parfor-call-*")}
+
+
+def test_large_arguments_travel_once_and_leave_no_file(process_backend, tmp_path):
+    before = shm_files()
+    big = Counted(str(tmp_path), os.urandom(3 << 20))
+    PICKLED_IN_PARENT.clear()
+    result = pmap(size_and_files, range(64), (big,), backend=process_backend, bar=False)
+    assert [size for size, _ in result] == [(3 << 20) + i for i in range(64)]
+    new_files = [{p: mode for p, mode in files.items() if p not in before} for _, files in result]
+    assert all(new_files)  # it went through a file, readable by its owner alone ...
+    assert {mode for files in new_files for mode in files.values()} == {0o600}
+    assert len(PICKLED_IN_PARENT) == 1
+    pids = [name.split("-")[0] for name in os.listdir(tmp_path)]
+    assert len(pids) == len(set(pids))  # ... read once per worker
+    assert shm_files() == before  # ... and removed after the call
