@@ -8,7 +8,7 @@ import sys
 import threading
 import warnings
 from dataclasses import dataclass
-from importlib.metadata import EntryPoint, entry_points
+from typing import TYPE_CHECKING
 
 import pluggy
 
@@ -16,6 +16,9 @@ from . import hookspecs
 from ._task import inside_worker
 from .backend import Backend
 from .errors import BackendUnavailableError, PluginError, UnknownBackendError
+
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
 
 ENTRY_POINT_GROUP = "parfor"
 SERIAL = "serial"
@@ -80,6 +83,8 @@ class Registry:
             return self._pm
 
     def _load_entry_points(self, pm: pluggy.PluginManager) -> None:
+        from importlib.metadata import entry_points  # costs ~20 ms: only on first need
+
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             if pm.has_plugin(ep.name) or pm.is_blocked(ep.name):
                 continue
