@@ -45,11 +45,12 @@ def demo(out: TextIO, items: int, work: int, backend: str | None,
     expected = pmap(burn, range(items), (work,), serial=True, desc="serial  ")
     serial_seconds = perf_counter() - start
 
-    chosen = registry.choose(backend, serial=None, total=items,
-                             n_workers=n_processes or available_cpus())
-    start = perf_counter()
-    results = pmap(burn, range(items), (work,), backend=chosen, desc="parallel")
-    parallel_seconds = perf_counter() - start
+    selected = registry.select(backend, serial=None, total=items,
+                               n_workers=n_processes or available_cpus())
+    with registry.lease(selected) as chosen:
+        start = perf_counter()
+        results = pmap(burn, range(items), (work,), backend=chosen, desc="parallel")
+        parallel_seconds = perf_counter() - start
     if results != expected:
         out.write("The parallel results differ from the serial ones: this is a bug.\n")
         return 1

@@ -28,8 +28,7 @@ class ThreadsBackend(Backend):
         return self._executor.submit(run_task, task)
 
     def shutdown(self) -> None:
-        # Tasks already queued still run: a resize must not drop another call's work.
-        self._executor.shutdown(wait=False)
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 @hookimpl

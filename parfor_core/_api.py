@@ -9,7 +9,7 @@ from ._arguments import make_call, n_workers, show_bar, total_of
 from ._chunking import ChunkSizer
 from ._dispatch import dispatch
 from ._progress import Progress, check_bar
-from ._registry import registry
+from ._registry import Selection, registry
 from ._task import Call, inside_worker
 from .backend import Backend
 
@@ -50,23 +50,25 @@ def gmap(
     expected = total_of(iterable, total, length)
     workers = n_workers(n_processes)
     check_bar(bar, bar_kwargs)
-    chosen = registry.choose(backend, serial=serial, total=expected, n_workers=workers)
+    selected = registry.select(backend, serial=serial, total=expected, n_workers=workers)
     shown = show_bar(bar, nested=inside_worker())
     progress = ProgressSpec(shown, expected, desc, bar_kwargs)
-    return _generate(chosen, call, iterable, expected, yield_ordered, yield_index, progress)
+    return _generate(selected, call, iterable, expected, yield_ordered, yield_index, progress)
 
 
-def _generate(backend: Backend, call: Call, iterable: Iterable[Any], total: int | None,
-              ordered: bool, with_index: bool, bar: ProgressSpec) -> Iterator[Any]:
+def _generate(selected: Backend | Selection, call: Call, iterable: Iterable[Any],
+              total: int | None, ordered: bool, with_index: bool,
+              bar: ProgressSpec) -> Iterator[Any]:
     progress = Progress(*bar) if bar.bar else None
     try:
-        results = dispatch(backend, call, iterable, ChunkSizer(backend.n_workers, total),
-                           ordered=ordered, on_done=progress.update if progress else _ignore)
-        if with_index:
-            yield from results
-        else:
-            for _, value in results:
-                yield value
+        with registry.lease(selected) as backend:
+            results = dispatch(backend, call, iterable, ChunkSizer(backend.n_workers, total),
+                               ordered=ordered, on_done=progress.update if progress else _ignore)
+            if with_index:
+                yield from results
+            else:
+                for _, value in results:
+                    yield value
     finally:
         call.release()
         if progress is not None:

@@ -6,6 +6,7 @@ import itertools
 import queue
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Future
+from contextlib import ExitStack
 from typing import Any
 
 from ._arguments import make_call, n_workers, show_bar
@@ -36,8 +37,10 @@ class ParPool:
     ) -> None:
         self._default = make_call(fun, args, kwargs) if fun is not None else None
         check_bar(bar, {})
-        self._backend = registry.choose(backend, serial=None, total=None,
-                                        n_workers=n_workers(n_processes))
+        selected = registry.select(backend, serial=None, total=None,
+                                   n_workers=n_workers(n_processes))
+        self._resources = ExitStack()
+        self._backend = self._resources.enter_context(registry.lease(selected))
         shown = show_bar(False if bar is None else bar, nested=inside_worker())
         self._progress = Progress(shown, total=0) if shown else None
         self._futures: dict[Hashable, tuple[Future[Result], str]] = {}
@@ -146,6 +149,7 @@ class ParPool:
             self._default.release()
         if self._progress is not None:
             self._progress.close()
+        self._resources.close()
 
     def __enter__(self) -> ParPool:
         return self

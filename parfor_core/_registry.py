@@ -7,8 +7,10 @@ import os
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import pluggy
 
@@ -53,6 +55,13 @@ class BackendInfo:
     auto_priority: int | None
 
 
+class Selection(NamedTuple):
+    """A backend chosen by name for a call; `Registry.lease` turns it into an instance."""
+
+    name: str
+    n_workers: int
+
+
 @dataclass(frozen=True)
 class Choice:
     """The backend a call would get, and why."""
@@ -69,6 +78,7 @@ class Registry:
         self._pm: pluggy.PluginManager | None = None
         self._entry_points: list[EntryPoint] = []
         self._instances: dict[str, Backend] = {}
+        self._leases: dict[int, int] = {}  # id(backend) -> calls running on it
         self._exit_registered = False
 
     @property
@@ -158,9 +168,9 @@ class Registry:
         return Choice(best[1], f"the GIL is {gil} and {best[1]!r} has the highest automatic "
                                f"priority ({best[0]}) of the available backends")
 
-    def choose(self, backend: str | Backend | None, *, serial: bool | None, total: int | None,
-               n_workers: int) -> Backend:
-        """The backend instance one call runs on, from the call's arguments."""
+    def select(self, backend: str | Backend | None, *, serial: bool | None,
+               total: int | None, n_workers: int) -> Backend | Selection:
+        """Which backend one call runs on, from its arguments; checked now, made by `lease`."""
         if isinstance(backend, Backend):
             if serial is True:
                 raise ValueError(f"serial=True conflicts with backend={backend!r}")
@@ -172,31 +182,63 @@ class Registry:
             raise ValueError(f"serial=True conflicts with backend={backend!r}")
         if serial is False and backend == SERIAL:
             raise ValueError("serial=False conflicts with backend='serial'")
+        if backend is not None:
+            self._usable_class(backend)
         if inside_worker() or serial is True:
-            return self.instance(SERIAL, 1)
+            return Selection(SERIAL, 1)
         if backend is None:
             if serial is None and ((total is not None and total < 2) or n_workers < 2):
-                return self.instance(SERIAL, 1)
+                return Selection(SERIAL, 1)
             backend = self.auto().name
-        return self.instance(backend, 1 if backend == SERIAL else n_workers)
+        return Selection(backend, 1 if backend == SERIAL else n_workers)
 
-    def instance(self, name: str, n_workers: int, origin: str = "backend=") -> Backend:
-        """The pooled instance of a backend with ``n_workers`` workers, made on first need."""
+    def _usable_class(self, name: str) -> type[Backend]:
+        cls = self.get_class(name)
+        reason = cls.unavailable_reason()
+        if reason is not None:
+            raise BackendUnavailableError(name, reason)
+        return cls
+
+    @contextmanager
+    def lease(self, selected: Backend | Selection) -> Iterator[Backend]:
+        """The instance to run on while the block lasts: pooled per name and reused by later
+        calls. A call with another worker count replaces the pooled instance; the replaced one
+        is shut down once no call is using it any more."""
+        if isinstance(selected, Backend):  # the caller's own instance: the caller manages it
+            yield selected
+            return
+        backend = self._acquire(selected)
+        try:
+            yield backend
+        finally:
+            self._release(backend)
+
+    def _acquire(self, selection: Selection) -> Backend:
+        retired = None
         with self._lock:
-            current = self._instances.get(name)
-            if current is not None and current.n_workers == n_workers:
-                return current
-            cls = self.get_class(name, origin)
-            reason = cls.unavailable_reason()
-            if reason is not None:
-                raise BackendUnavailableError(name, reason)
-            self._instances[name] = new = cls(n_workers)
-            if not self._exit_registered:
-                atexit.register(self.shutdown)
-                self._exit_registered = True
-        if current is not None:  # resized: the old pool finishes what it has, then goes
-            current.shutdown()
-        return new
+            backend = self._instances.get(selection.name)
+            if backend is None or backend.n_workers != selection.n_workers:
+                if backend is not None and not self._leases.get(id(backend)):
+                    retired = backend
+                backend = self._usable_class(selection.name)(selection.n_workers)
+                self._instances[selection.name] = backend
+                if not self._exit_registered:
+                    atexit.register(self.shutdown)
+                    self._exit_registered = True
+            self._leases[id(backend)] = self._leases.get(id(backend), 0) + 1
+        if retired is not None:
+            retired.shutdown()
+        return backend
+
+    def _release(self, backend: Backend) -> None:
+        with self._lock:
+            self._leases[id(backend)] -= 1
+            if self._leases[id(backend)] > 0:
+                return
+            del self._leases[id(backend)]
+            if self._instances.get(backend.name) is backend:
+                return  # still the pooled one: kept for the next call
+        backend.shutdown()
 
     def shutdown(self) -> None:
         """Shut every pooled backend down (at interpreter exit)."""

@@ -55,7 +55,8 @@ class Backend(ABC):
         """Stop running tasks as soon as possible (Ctrl-C); the next submit must work again."""
 
     def shutdown(self) -> None:  # noqa: B027 - optional; doing nothing is a fine default
-        """Release the workers; called when the registry drops this instance or at exit."""
+        """Release the workers: no call uses this instance any more (it was replaced by one
+        with another worker count), or the interpreter is exiting."""
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} n_workers={self.n_workers}>"
