@@ -14,20 +14,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          "and which one a plain pmap would use")
     demo = commands.add_parser("demo", help="run a CPU-bound loop serially and in parallel, "
                                             "and print the speedup")
-    demo.add_argument("--items", type=int, default=32, help="number of items (default 32)")
+    demo.add_argument("--items", type=_at_least_two, default=32,
+                      help="number of items, at least 2 (default 32)")
     demo.add_argument("--work", type=int, default=1_000_000,
                       help="loop iterations per item (default 1000000)")
     demo.add_argument("--backend", default=None, help="backend name (default: automatic)")
     demo.add_argument("--n-processes", type=int, default=None,
                       help="number of workers (default: every CPU)")
     options = parser.parse_args(argv)
-    if options.command == "backends":
-        from ._cli import list_backends
+    from parfor_core import ParforError
 
-        return list_backends(sys.stdout)
-    from ._cli import demo as run_demo
+    from ._cli import demo, list_backends
 
-    return run_demo(sys.stdout, options.items, options.work, options.backend, options.n_processes)
+    try:
+        if options.command == "backends":
+            return list_backends(sys.stdout)
+        return demo(sys.stdout, options.items, options.work, options.backend,
+                    options.n_processes)
+    except (ParforError, ValueError) as error:
+        parser.exit(2, f"parfor: error: {error}\n")
+
+
+def _at_least_two(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2, got {value}")
+    return value
 
 
 if __name__ == "__main__":

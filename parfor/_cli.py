@@ -6,6 +6,7 @@ from time import perf_counter
 from typing import TextIO
 
 from parfor_core import available_cpus, pmap, registry
+from parfor_core._arguments import n_workers
 
 
 def list_backends(out: TextIO) -> int:
@@ -41,12 +42,12 @@ def demo(out: TextIO, items: int, work: int, backend: str | None,
     The parallel time includes starting the workers, as a user's first call would.
     """
     import tqdm.auto  # noqa: F401 - imported before timing, so neither run pays for it
+
+    selected = registry.select(backend, serial=None, total=items,
+                               n_workers=n_workers(n_processes))
     start = perf_counter()
     expected = pmap(burn, range(items), (work,), serial=True, desc="serial  ")
     serial_seconds = perf_counter() - start
-
-    selected = registry.select(backend, serial=None, total=items,
-                               n_workers=n_processes or available_cpus())
     with registry.lease(selected) as chosen:
         start = perf_counter()
         results = pmap(burn, range(items), (work,), backend=chosen, desc="parallel")

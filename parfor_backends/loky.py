@@ -1,8 +1,9 @@
-"""The loky backend: loky's reusable pool of worker processes, fed with dill-serialized tasks."""
+"""The loky backend: a pool of loky worker processes, fed with dill-serialized tasks."""
 
 from __future__ import annotations
 
 import importlib.util
+import threading
 from concurrent.futures import Future
 from typing import Any
 
@@ -14,6 +15,7 @@ from parfor_core import (
     execute_dumped,
     hookimpl,
     load_result,
+    mark_worker_process,
     then,
 )
 
@@ -23,10 +25,20 @@ IDLE_TIMEOUT = 600
 
 class LokyBackend(Backend):
     """Each task crosses to a loky worker as dill bytes; the call's function and arguments are
-    serialized once per call and deserialized once per worker."""
+    serialized once per call and deserialized once per worker.
+
+    Each instance owns its own loky executor (not loky's process-wide reusable one), so a call
+    with another worker count, an interrupt, or joblib in the same process, leave the other
+    pools alone.
+    """
 
     name = "loky"
     crosses_process = True
+
+    def __init__(self, n_workers: int) -> None:
+        super().__init__(n_workers)
+        self._executor: Any = None
+        self._lock = threading.Lock()
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -38,25 +50,35 @@ class LokyBackend(Backend):
     def auto_priority(cls) -> int | None:
         return 10
 
-    def __init__(self, n_workers: int) -> None:
-        super().__init__(n_workers)
-        self._executor: Any = None
-
     def submit(self, task: Task) -> Future[Result]:
-        from loky import get_reusable_executor
-
         payload = dump_task(task)
-        # Cheap while the executor is alive; after a worker death or an interrupt it makes a
-        # fresh one, so the next call works again.
-        self._executor = get_reusable_executor(max_workers=self.n_workers, timeout=IDLE_TIMEOUT)
-        return then(self._executor.submit(execute_dumped, payload), load_result)
+        executor = self._pool()
+        try:
+            future = executor.submit(execute_dumped, payload)
+        except RuntimeError:  # broken by a dead worker, or shut down by an interrupt
+            future = self._pool(replacing=executor).submit(execute_dumped, payload)
+        return then(future, load_result)
+
+    def _pool(self, replacing: Any = None) -> Any:
+        with self._lock:
+            if self._executor is None or self._executor is replacing:
+                from loky import ProcessPoolExecutor
+
+                self._executor = ProcessPoolExecutor(self.n_workers, timeout=IDLE_TIMEOUT,
+                                                     initializer=mark_worker_process)
+            return self._executor
+
+    def _stop(self, wait: bool) -> None:
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=wait, kill_workers=True)
 
     def interrupt(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, kill_workers=True)
+        self._stop(wait=False)
 
-    # No shutdown(): loky's executor is a process-wide singleton that resizes itself when asked
-    # for another size, and loky stops its workers at interpreter exit.
+    def shutdown(self) -> None:
+        self._stop(wait=True)
 
 
 @hookimpl

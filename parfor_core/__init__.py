@@ -9,7 +9,16 @@ from ._api import gmap, parfor, pmap
 from ._chunks import Chunks
 from ._pool import ParPool
 from ._registry import BackendInfo, Choice, PluginWarning, available_cpus, gil_enabled, registry
-from ._task import Call, Failure, RemoteTraceback, Result, Task, inside_worker, run_task
+from ._task import (
+    Call,
+    Failure,
+    RemoteTraceback,
+    Result,
+    Task,
+    inside_worker,
+    mark_worker_process,
+    run_task,
+)
 from ._wire import dump_task, execute_dumped, load_result
 from .backend import Backend, then
 from .errors import (
@@ -48,6 +57,7 @@ __all__ = [
     "hookimpl",
     "inside_worker",
     "load_result",
+    "mark_worker_process",
     "parfor",
     "pmap",
     "registry",

@@ -59,11 +59,11 @@ def gmap(
 def _generate(selected: Backend | Selection, call: Call, iterable: Iterable[Any],
               total: int | None, ordered: bool, with_index: bool,
               bar: ProgressSpec) -> Iterator[Any]:
-    progress = Progress(*bar) if bar.bar else None
+    progress = Progress(*bar)
     try:
         with registry.lease(selected) as backend:
             results = dispatch(backend, call, iterable, ChunkSizer(backend.n_workers, total),
-                               ordered=ordered, on_done=progress.update if progress else _ignore)
+                               ordered=ordered, on_done=progress.update)
             if with_index:
                 yield from results
             else:
@@ -71,12 +71,7 @@ def _generate(selected: Backend | Selection, call: Call, iterable: Iterable[Any]
                     yield value
     finally:
         call.release()
-        if progress is not None:
-            progress.close()
-
-
-def _ignore(n: int) -> None:
-    """No progress bar to advance."""
+        progress.close()
 
 
 def pmap(

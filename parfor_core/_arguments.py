@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -27,13 +28,26 @@ def make_call(fun: object, args: object, kwargs: object) -> Call:
     return Call(fun, args, kwargs)  # type: ignore[arg-type]
 
 
+def check_count(name: str, value: object, minimum: int) -> int:
+    """``value`` if it is a whole number of at least ``minimum``; else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be a whole number of at least {minimum}, got {value!r}")
+    return value
+
+
 def n_workers(n_processes: object) -> int:
     """The number of workers asked for, or every available CPU."""
     if n_processes is None:
         return available_cpus()
-    if isinstance(n_processes, bool) or not isinstance(n_processes, int) or n_processes < 1:
-        raise ValueError(f"n_processes must be a whole number of at least 1, got {n_processes!r}")
-    return n_processes
+    return check_count("n_processes", n_processes, 1)
+
+
+def _outside_parfor() -> int:
+    """The stacklevel of the first frame outside parfor_core: where a warning belongs."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("parfor_core"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def total_of(iterable: object, total: object, length: object) -> int | None:
@@ -42,13 +56,11 @@ def total_of(iterable: object, total: object, length: object) -> int | None:
         raise TypeError(f"iterable must be iterable, got {type(iterable).__name__} {iterable!r}")
     if length is not None:
         warnings.warn("parfor: 'length' is deprecated, use 'total' instead",
-                      DeprecationWarning, stacklevel=4)
+                      DeprecationWarning, stacklevel=_outside_parfor())
         if total is None:
             total = length
     if total is not None:
-        if isinstance(total, bool) or not isinstance(total, int) or total < 0:
-            raise ValueError(f"total must be a whole number of at least 0, got {total!r}")
-        return total
+        return check_count("total", total, 0)
     try:
         return len(iterable)  # type: ignore[arg-type]
     except TypeError:

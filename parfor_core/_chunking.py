@@ -40,8 +40,11 @@ class ChunkSizer:
         return size
 
     def taken(self, n_items: int) -> None:
+        """Count items handed out; a total that proves too small is forgotten, not trusted."""
         if self.remaining is not None:
-            self.remaining = max(0, self.remaining - n_items)
+            self.remaining -= n_items
+            if self.remaining < 0:
+                self.remaining = None
 
     def record(self, n_items: int, seconds: float) -> None:
         """Learn from a finished chunk: ``n_items`` ran in ``seconds`` of worker time."""

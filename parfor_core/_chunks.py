@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator
 from itertools import islice, repeat
 from typing import Any
 
+from ._arguments import check_count
 from ._registry import available_cpus
 
 
@@ -34,12 +35,12 @@ class Chunks:
     ) -> None:
         if not iterables:
             raise TypeError("Chunks needs at least one iterable")
-        for name, value in (("size", size), ("number", number), ("length", length)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                      or value < (0 if name == "length" else 1)):
-                raise ValueError(f"Chunks: {name} must be a whole number of at least "
-                                 f"{0 if name == 'length' else 1}, got {value!r}")
-        if ratio is not None and not ratio > 0:
+        for name, value, minimum in (("size", size, 1), ("number", number, 1),
+                                     ("length", length, 0)):
+            if value is not None:
+                check_count(f"Chunks: {name}", value, minimum)
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+                                  or not ratio > 0):
             raise ValueError(f"Chunks: ratio must be a number above 0, got {ratio!r}")
         self.iterables = iterables
         self.size = size
@@ -76,7 +77,8 @@ class Chunks:
                 parts = [part[:shortest] for part in parts]
             elif shortest < size:
                 raise ValueError(f"Chunks: the input ended after fewer items than its length "
-                                 f"({self.number_of_items}); give the right length=")
+                                 f"({self.number_of_items}): give the right length=, and "
+                                 "iterate Chunks of a generator only once")
             yield parts[0] if len(parts) == 1 else parts
 
     def __repr__(self) -> str:

@@ -24,7 +24,7 @@ def dispatch(
     sizer: ChunkSizer,
     *,
     ordered: bool = True,
-    on_done: Callable[[int], object] = lambda n: None,
+    on_done: Callable[[int], object],
 ) -> Iterator[tuple[int, Any]]:
     """Yield ``(input index, value)`` for every item, re-raising the first failure in the caller.
 
@@ -35,16 +35,17 @@ def dispatch(
     window = CHUNKS_PER_WORKER * max(1, backend.n_workers)
     in_flight: dict[Future[Result], tuple[int, Task]] = {}
     finished: dict[int, tuple[Task, Result]] = {}
-    submitted = yielded = 0
+    submitted = yielded = read = 0
     exhausted = False
     try:
         while True:
             while not exhausted and len(in_flight) + len(finished) < window:
-                chunk = _take(source, sizer.next_size(), submitted)
+                chunk = _take(source, sizer.next_size(), read)
                 if not chunk:
                     exhausted = True
                     break
                 sizer.taken(len(chunk))
+                read += len(chunk)
                 indices, values = zip(*chunk, strict=True)
                 task = Task(call, indices, values)
                 in_flight[backend.submit(task)] = (submitted, task)
@@ -54,7 +55,7 @@ def dispatch(
             done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
             for future in sorted(done, key=lambda f: in_flight[f][0]):
                 number, task = in_flight.pop(future)
-                result = _result(future, task, backend)
+                result = _result(future, task, backend, in_flight)
                 sizer.record(len(result.values) + (result.failure is not None), result.elapsed)
                 on_done(len(result.values))
                 if ordered:
@@ -74,27 +75,36 @@ def dispatch(
             future.cancel()
 
 
-def _take(source: Iterator[tuple[int, Any]], n: int, chunk_number: int) -> list[tuple[int, Any]]:
+def _take(source: Iterator[tuple[int, Any]], n: int, read: int) -> list[tuple[int, Any]]:
+    chunk: list[tuple[int, Any]] = []
     try:
-        return list(islice(source, n))
+        chunk.extend(islice(source, n))
     except Exception as exc:
-        add_note(exc, "parfor: raised by the input iterable while reading chunk "
-                       f"{chunk_number} (the items before it were read)")
+        add_note(exc, f"parfor: raised by the input iterable after {read + len(chunk)} items")
         raise
+    return chunk
 
 
-def _result(future: Future[Result], task: Task, backend: Backend) -> Result:
+def _result(future: Future[Result], task: Task, backend: Backend,
+            in_flight: dict[Future[Result], tuple[int, Task]]) -> Result:
     try:
         return future.result()
     except Exception as exc:
-        first, last = task.indices[0], task.indices[-1]
-        items = f"input item {first}" if first == last else f"input items {first} to {last}"
-        raise WorkerError(
-            f"Backend {backend.name!r} failed while running {items}, outside the function "
-            f"itself: {type(exc).__name__}: {exc}",
-            backend=backend.name,
-            indices=task.indices,
-        ) from exc
+        # A dead worker fails every task in flight at once: name them all, not a bystander.
+        failed = [task, *(other for other_future, (_, other) in in_flight.items()
+                          if other_future.done() and not other_future.cancelled()
+                          and other_future.exception() is not None)]
+        indices = sorted(index for each in failed for index in each.indices)
+        raise WorkerError.running(backend.name, _items_label(indices), exc, indices) from exc
+
+
+def _items_label(indices: list[int]) -> str:
+    if len(indices) == 1:
+        return f"input item {indices[0]}"
+    if indices == list(range(indices[0], indices[-1] + 1)):
+        return f"input items {indices[0]} to {indices[-1]}"
+    shown = ", ".join(map(str, indices[:8]))
+    return f"input items {shown}{', ...' if len(indices) > 8 else ''} ({len(indices)} items)"
 
 
 def _emit(task: Task, result: Result) -> Iterator[tuple[int, Any]]:

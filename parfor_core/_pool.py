@@ -5,15 +5,16 @@ from __future__ import annotations
 import itertools
 import queue
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from contextlib import ExitStack
 from typing import Any
 
 from ._arguments import make_call, n_workers, show_bar
 from ._progress import Progress, check_bar
 from ._registry import registry
-from ._task import Call, Result, Task, inside_worker, short_repr
+from ._task import Call, Result, Task, inside_worker
 from .backend import Backend
+from .errors import WorkerError
 
 
 class ParPool:
@@ -37,14 +38,15 @@ class ParPool:
     ) -> None:
         self._default = make_call(fun, args, kwargs) if fun is not None else None
         check_bar(bar, {})
-        selected = registry.select(backend, serial=None, total=None,
-                                   n_workers=n_workers(n_processes))
+        # No serial fallback for one worker: a pool must accept work now and run it later.
+        selected = registry.select(backend, serial=False if backend is None else None,
+                                   total=None, n_workers=n_workers(n_processes))
         self._resources = ExitStack()
         self._backend = self._resources.enter_context(registry.lease(selected))
         shown = show_bar(False if bar is None else bar, nested=inside_worker())
-        self._progress = Progress(shown, total=0) if shown else None
-        self._futures: dict[Hashable, tuple[Future[Result], str]] = {}
-        self._finished: queue.SimpleQueue[Hashable] = queue.SimpleQueue()
+        self._progress = Progress(shown, total=0)
+        self._futures: dict[Hashable, Future[Result]] = {}
+        self._finished: queue.SimpleQueue[tuple[Hashable, Future[Result]]] = queue.SimpleQueue()
         self._handles = itertools.count()
         self._closed = False
 
@@ -90,26 +92,29 @@ class ParPool:
         elif handle in self._futures:
             raise ValueError(f"handle {handle!r} is already in use in this ParPool")
         future = self._backend.submit(Task(call, (0,), (item,)))
-        self._futures[handle] = (future, _describe(handle, item, call.unpack))
-        if self._progress is not None:
-            self._progress.add_total(1)
-        future.add_done_callback(lambda _, h=handle: self._on_done(h))
+        self._futures[handle] = future
+        self._progress.add_total(1)
+        future.add_done_callback(lambda done, h=handle: self._on_done(h, done))
         return handle
 
-    def _on_done(self, handle: Hashable) -> None:
-        self._finished.put(handle)
-        if self._progress is not None:
-            self._progress.update(1)
+    def _on_done(self, handle: Hashable, future: Future[Result]) -> None:
+        self._finished.put((handle, future))
+        self._progress.update(1)
 
     def __getitem__(self, handle: Hashable) -> Any:
         """Wait for the result of ``handle``, forget the task, and return (or raise) it."""
         if handle not in self._futures:
             raise KeyError(f"no task with handle {handle!r} in this ParPool")
-        future, description = self._futures[handle]
-        result = future.result()
+        future = self._futures[handle]
+        wait([future])  # interrupted here, the task stays in the pool
         del self._futures[handle]
+        what = f"the task with handle {handle!r}"
+        try:
+            result = future.result()
+        except Exception as exc:
+            raise WorkerError.running(self._backend.name, what, exc) from exc
         if result.failure is not None:
-            result.failure.reraise(description)
+            result.failure.reraise(f"{what} ({result.failure.item_repr})")
         return result.values[0]
 
     def __contains__(self, handle: Hashable) -> bool:
@@ -122,8 +127,7 @@ class ParPool:
 
     def __delitem__(self, handle: Hashable) -> None:
         """Forget a task, cancelling it if it has not started."""
-        future, _ = self._futures.pop(handle)
-        future.cancel()
+        self._futures.pop(handle).cancel()
 
     def get_newest(self) -> tuple[Hashable, Any] | None:
         """Wait for any unfetched task to finish; return its ``(handle, result)``.
@@ -131,8 +135,8 @@ class ParPool:
         None when the pool holds no tasks.
         """
         while self._futures:
-            handle = self._finished.get()
-            if handle in self._futures:
+            handle, future = self._finished.get()
+            if self._futures.get(handle) is future:  # not fetched, nor a reused handle's
                 return handle, self[handle]
         return None
 
@@ -141,14 +145,13 @@ class ParPool:
         if self._closed:
             return
         self._closed = True
-        for future, _ in self._futures.values():
+        for future in self._futures.values():
             future.cancel()
         self._futures.clear()
         if self._default is not None:  # add_task's calls are released when collected
             self._default.cancelled = True
             self._default.release()
-        if self._progress is not None:
-            self._progress.close()
+        self._progress.close()
         self._resources.close()
 
     def __enter__(self) -> ParPool:
@@ -160,7 +163,3 @@ class ParPool:
     def __getstate__(self) -> None:
         raise TypeError("a ParPool cannot be pickled or sent to a worker")
 
-
-def _describe(handle: Hashable, item: Any, unpack: bool) -> str:
-    what = "arguments" if unpack else "item"
-    return f"the task with handle {handle!r} ({what} {short_repr(item)})"

@@ -31,7 +31,7 @@ class PluginWarning(UserWarning):
 
 
 def available_cpus() -> int:
-    """CPUs this process may run on (affinity and cgroup-aware where Python can tell)."""
+    """CPUs this process may run on (its CPU affinity, where the platform tells)."""
     if hasattr(os, "process_cpu_count"):  # Python 3.13+
         return os.process_cpu_count() or 1
     if hasattr(os, "sched_getaffinity"):
@@ -170,11 +170,15 @@ class Registry:
 
     def select(self, backend: str | Backend | None, *, serial: bool | None,
                total: int | None, n_workers: int) -> Backend | Selection:
-        """Which backend one call runs on, from its arguments; checked now, made by `lease`."""
+        """Which backend one call runs on, from its arguments; checked now, made by `lease`.
+
+        Nested calls (inside a worker) always run serially, whatever was asked: the outer call
+        already keeps every worker busy, and waiting on the same pool could deadlock.
+        """
         if isinstance(backend, Backend):
             if serial is True:
                 raise ValueError(f"serial=True conflicts with backend={backend!r}")
-            return backend
+            return Selection(SERIAL, 1) if inside_worker() else backend
         if backend is not None and not isinstance(backend, str):
             raise TypeError(f"backend must be a backend name or a Backend instance, "
                             f"got {type(backend).__name__} {backend!r}")

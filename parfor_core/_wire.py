@@ -15,8 +15,8 @@ import weakref
 from collections import OrderedDict
 from typing import Any
 
-from ._task import Call, Failure, Result, Task, mark_worker_process, run_task
-from .errors import ParforError, SerializationError
+from ._task import Call, Failure, Result, Task, run_task
+from .errors import ParforError, SerializationError, rebuild_exception
 
 #: Serialized calls above this size are written to a file instead of riding along with each task.
 LARGE_CALL_BYTES = 1 << 20
@@ -99,33 +99,65 @@ def dump_task(task: Task) -> bytes:
 
 def _worker_call(wire: tuple[str, bytes | None, str | None]) -> Call:
     call_id, data, path = wire
-    state = _worker_calls.get(call_id)
-    if state is None:
+    call = _worker_calls.get(call_id)
+    if call is None:
         if data is None:
             with open(path, "rb") as file:
                 data = file.read()
-        state = _loads(data)
-        _worker_calls[call_id] = state
+        fun, args, kwargs, unpack = _loads(data)
+        call = _worker_calls[call_id] = Call(fun, args, kwargs, unpack)
         while len(_worker_calls) > CACHED_CALLS:
             _worker_calls.popitem(last=False)
     else:
         _worker_calls.move_to_end(call_id)
-    fun, args, kwargs, unpack = state
-    call = Call(fun, args, kwargs, unpack)
-    call.id = call_id
     return call
 
 
 def execute_dumped(payload: bytes) -> bytes:
-    """Worker side: run a dumped task and answer the dumped Result."""
-    mark_worker_process()
+    """Worker side: run a dumped task and answer the dumped Result.
+
+    Call ``parfor_core.mark_worker_process`` once in each worker process (an executor's
+    initializer), so that nested calls there run serially.
+    """
     wire, indices, items = pickle.loads(payload)
     items = _loads(items)
     result = run_task(Task(_worker_call(wire), indices, items))
+    if result.failure is not None:
+        _make_portable(result.failure)
     try:
         return _dumps(result)
     except Exception as exc:
         return _dumps(_sendable(result, indices, items, exc))
+
+
+class _Rebuilt:
+    """Sends an exception as class, args and attributes: many exception classes cannot be
+    unpickled the usual way (an ``__init__`` with required arguments)."""
+
+    def __init__(self, exception: BaseException) -> None:
+        self.exception = exception
+
+    def __reduce__(self) -> tuple[object, ...]:
+        exc = self.exception
+        return rebuild_exception, (type(exc), exc.args, getattr(exc, "__dict__", {}))
+
+
+def _make_portable(failure: Failure) -> None:
+    """Make sure the caller can rebuild the exception, of its own type where at all possible."""
+    original = failure.exception
+    for candidate in (original, _Rebuilt(original)):
+        try:
+            _loads(_dumps(candidate))
+        except Exception as exc:
+            problem = exc
+        else:
+            failure.exception = candidate  # type: ignore[assignment]
+            return
+    failure.exception = ParforError(
+        f"{type(original).__module__}.{type(original).__qualname__}: {original} (the "
+        f"original exception cannot be sent back from the worker: "
+        f"{type(problem).__name__}: {problem})"
+    )
 
 
 def _sendable(result: Result, indices: list[int], items: list[Any], cause: Exception) -> Result:
@@ -137,14 +169,6 @@ def _sendable(result: Result, indices: list[int], items: list[Any], cause: Excep
             error = SerializationError(f"the result of input item {indices[position]}", value, exc)
             failure = Failure.capture(indices[position], items[position], error)
             return Result(result.values[:position], result.elapsed, failure)
-    failure = result.failure
-    if failure is not None:  # every value is fine, so the exception is what fails
-        original = failure.exception
-        failure.exception = ParforError(
-            f"{type(original).__qualname__}: {original} "
-            f"(the original exception cannot be sent back from the worker: {cause})"
-        )
-        return result
     error = ParforError(
         f"The results of input items {indices[0]} to {indices[-1]} cannot be sent back from "
         f"the worker together (too large or too deeply nested?): {type(cause).__name__}: {cause}"

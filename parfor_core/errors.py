@@ -14,10 +14,12 @@ class ParforError(Exception):
     def __reduce__(self) -> tuple[object, ...]:
         # Rebuilt without calling __init__, whose signature differs per subclass, so that these
         # errors cross from a worker process to the caller intact.
-        return _restore, (type(self), self.args, self.__dict__)
+        return rebuild_exception, (type(self), self.args, self.__dict__)
 
 
-def _restore(cls: type[ParforError], args: tuple[object, ...], state: dict) -> ParforError:
+def rebuild_exception(cls: type[BaseException], args: tuple[object, ...],
+                      state: dict[str, object]) -> BaseException:
+    """Make an exception from its class, args and attributes, without calling ``__init__``."""
     error = cls.__new__(cls)
     error.args = args
     error.__dict__.update(state)
@@ -69,3 +71,10 @@ class WorkerError(ParforError):
         self.backend = backend
         self.indices = list(indices)
         super().__init__(message)
+
+    @classmethod
+    def running(cls, backend: str, what: str, cause: BaseException,
+                indices: Sequence[int] = ()) -> WorkerError:
+        """The error for a task whose future failed: ``what`` says which work was running."""
+        return cls(f"Backend {backend!r} failed while running {what}, outside the function "
+                   f"itself: {type(cause).__name__}: {cause}", backend=backend, indices=indices)

@@ -205,3 +205,32 @@ def test_concurrent_calls_from_several_threads_with_different_sizes(backend):
     for caller in callers:
         caller.join(timeout=60)
     assert results == {caller: [i * i for i in range(2000)] for caller in range(6)}
+
+
+def test_nested_call_on_a_backend_instance_runs_serially_not_deadlocked():
+    from parfor_backends.threads import ThreadsBackend
+
+    pool = ThreadsBackend(2)
+
+    def outer(i):
+        return identity_and_location(i), pmap(identity_and_location, range(4), backend=pool,
+                                               bar=False)
+
+    try:
+        for (_, pid, thread), inner in pmap(outer, range(4), backend=pool, bar=False):
+            assert {(p, t) for _, p, t in inner} == {(pid, thread)}
+    finally:
+        pool.shutdown()
+
+
+def test_a_wrong_total_does_not_stop_chunks_from_growing():
+    sizer = ChunkSizer(n_workers=2, total=10)
+    for _ in range(5):
+        sizer.taken(sizer.next_size())
+        sizer.record(1, 1e-6)
+    sizes = []
+    for _ in range(20):
+        size = sizer.next_size()
+        sizer.taken(size)
+        sizes.append(size)
+    assert sizes[-1] > 1000, sizes

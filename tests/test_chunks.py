@@ -96,7 +96,8 @@ def test_wrong_length_is_a_clear_error():
         list(Chunks((i for i in range(7)), number=3, length=10))
 
 
-@pytest.mark.parametrize("kwargs", [{"size": 0}, {"number": -1}, {"ratio": 0}, {"size": 2.5}])
+@pytest.mark.parametrize("kwargs", [{"size": 0}, {"number": -1}, {"ratio": 0}, {"size": 2.5},
+                                    {"ratio": "a"}, {"ratio": True}])
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         Chunks(range(5), **kwargs)

@@ -56,3 +56,12 @@ def test_console_script_is_installed():
         pytest.fail("the 'parfor' console script is not installed next to this Python")
     result = subprocess.run([script, "backends"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "serial" in result.stdout
+
+
+def test_bad_options_fail_with_a_message_not_a_traceback():
+    for args, message in [(("--backend", "lokky"), "No backend named 'lokky'"),
+                          (("--n-processes", "0"), "n_processes must be"),
+                          (("--items", "1"), "at least 2")]:
+        result = run("demo", *args)
+        assert result.returncode == 2
+        assert message in result.stderr and "Traceback" not in result.stderr

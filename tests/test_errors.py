@@ -189,3 +189,45 @@ def test_length_is_a_deprecated_alias_of_total():
     with pytest.warns(DeprecationWarning, match="total"):
         pmap(abs, iter(range(4)), length=4, bar=shown.append, backend="serial")
     assert shown[-1] == 4
+
+
+class TwoPartError(Exception):
+    """An exception whose __init__ needs two arguments: plain pickling cannot rebuild it."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+
+
+def raise_two_part(i: int) -> int:
+    if i == 3:
+        raise TwoPartError(i, "bad item")
+    return i
+
+
+def test_exception_that_pickle_cannot_rebuild_keeps_its_type(backend):
+    with pytest.raises(TwoPartError, match="3: bad item") as caught:
+        pmap(raise_two_part, range(6), backend=backend, bar=False)
+    assert caught.value.code == 3
+    assert "raised by item 3 (3)" in report(caught.value)
+
+
+def test_worker_death_names_the_items_that_were_running(process_backend):
+    with pytest.raises(WorkerError) as caught:
+        pmap(die, range(6), backend=process_backend, bar=False)
+    assert 2 in caught.value.indices
+    assert "input item" in str(caught.value)
+
+
+@pytest.mark.parametrize("entry", ["pmap", "gmap", "parfor"])
+def test_length_warning_points_at_the_callers_line(entry):
+    from parfor import parfor
+
+    with pytest.warns(DeprecationWarning) as record:
+        if entry == "pmap":
+            pmap(abs, [1, 2], length=2, bar=False, backend="serial")
+        elif entry == "gmap":
+            list(gmap(abs, [1, 2], length=2, bar=False, backend="serial"))
+        else:
+            parfor([1, 2], length=2, bar=False, backend="serial")(abs)
+    assert record[0].filename == __file__

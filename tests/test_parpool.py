@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 
-from parfor import ParPool
+from parfor import ParPool, WorkerError
 
 
 def product(i: int, j: int, k: int) -> int:
@@ -98,3 +101,36 @@ def test_progress_callback_counts_finished_tasks(backend):
             pool[i] = i
         [pool[i] for i in range(6)]
     assert sorted(counts) == [1, 2, 3, 4, 5, 6]
+
+
+def die(i: int) -> int:
+    os._exit(7)
+
+
+def test_worker_death_is_a_worker_error_and_the_pool_goes_on(process_backend):
+    with ParPool(die, backend=process_backend) as pool:
+        pool["x"] = 1
+        with pytest.raises(WorkerError, match="handle 'x'"):
+            pool.get_newest()
+        assert "x" not in pool and len(pool) == 0
+        assert pool.get_newest() is None  # nothing left to wait for: no hang
+
+
+def test_get_newest_never_returns_a_stale_handle(backend):
+    with ParPool(time.sleep, backend=backend) as pool:
+        pool["a"] = 0
+        assert pool["a"] is None
+        pool["a"] = 1.0  # the handle is reused for a slow task
+        pool["b"] = 0
+        handle, _ = pool.get_newest()
+        if backend != "serial":  # serial ran "a" to the end at submit time
+            assert handle == "b"
+        assert {handle, pool.get_newest()[0]} == {"a", "b"}
+
+
+def test_one_worker_still_runs_asynchronously():
+    with ParPool(power, n_processes=1) as pool:
+        assert pool.backend.name != "serial"
+        assert pool.backend.n_workers == 1
+        pool[0] = 3
+        assert pool[0] == 9

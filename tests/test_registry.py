@@ -155,3 +155,30 @@ def test_a_broken_installed_plugin_warns_and_the_others_work(tmp_path, monkeypat
     assert {"loky", "serial", "threads"} <= set(names)
     assert "broken" not in names
     assert "no_such_module_for_parfor" not in sys.modules
+
+
+class InProcessWireBackend(Backend):
+    """Runs the process protocol (dump, execute, load) on threads of this very process."""
+
+    name = "in-process-wire"
+    crosses_process = True
+
+    def __init__(self, n_workers: int) -> None:
+        super().__init__(n_workers)
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._executor = ThreadPoolExecutor(n_workers)
+
+    def submit(self, task: Task) -> Future[Result]:
+        from parfor_core import dump_task, execute_dumped, load_result, then
+
+        return then(self._executor.submit(execute_dumped, dump_task(task)), load_result)
+
+
+def test_running_the_wire_protocol_in_process_does_not_make_the_caller_a_worker():
+    from parfor_core import inside_worker
+
+    backend = InProcessWireBackend(2)
+    assert pmap(lambda x: -x, range(5), backend=backend, bar=False) == [0, -1, -2, -3, -4]
+    assert not inside_worker()
+    assert registry.select(None, serial=None, total=100, n_workers=2).name == registry.auto().name
