@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import textwrap
 import time
 
 import psutil
+import pytest
 
 SCRIPT = textwrap.dedent("""
     import sys, time
@@ -35,22 +37,36 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def start(tmp_path, backend: str, mode: str) -> subprocess.Popen:
-    script = tmp_path / "long_run.py"
-    script.write_text(SCRIPT)
-    process = subprocess.Popen([sys.executable, str(script), backend, mode], cwd=tmp_path,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)  # its own process group, as in a shell
-    assert process.stdout.readline().strip() == "started"
-    time.sleep(0.3)  # let every worker pick up work
-    return process
+@pytest.fixture
+def start(tmp_path):
+    """Start the long run in its own process group; kill the group after the test, whatever
+    happened, so a failing test leaves nothing running."""
+    processes = []
+
+    def start(backend: str, mode: str) -> subprocess.Popen:
+        script = tmp_path / "long_run.py"
+        script.write_text(SCRIPT)
+        process = subprocess.Popen([sys.executable, str(script), backend, mode], cwd=tmp_path,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True)  # its own group, as in a shell
+        processes.append(process)
+        assert process.stdout.readline().strip() == "started"
+        time.sleep(0.3)  # let every worker pick up work
+        return process
+
+    yield start
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        process.stdout.close()
+        process.stderr.close()
 
 
 def finish(process: subprocess.Popen) -> tuple[str, str]:
     """Wait for the end; read what is left (readline may have buffered part of it already)."""
     process.wait(timeout=30)
-    with process.stdout, process.stderr:
-        return process.stdout.read(), process.stderr.read()
+    return process.stdout.read(), process.stderr.read()
 
 
 def ctrl_c(process: subprocess.Popen) -> float:
@@ -59,8 +75,8 @@ def ctrl_c(process: subprocess.Popen) -> float:
     return time.monotonic()
 
 
-def test_ctrl_c_stops_promptly_and_the_next_call_works(backend, tmp_path):
-    process = start(tmp_path, backend, "once")
+def test_ctrl_c_stops_promptly_and_the_next_call_works(backend, start):
+    process = start(backend, "once")
     children = psutil.Process(process.pid).children(recursive=True)
     sent = ctrl_c(process)
     assert process.stdout.readline().strip() == "interrupted"
@@ -72,8 +88,8 @@ def test_ctrl_c_stops_promptly_and_the_next_call_works(backend, tmp_path):
     assert alive == []
 
 
-def test_uncaught_ctrl_c_exits_with_keyboard_interrupt_and_no_leftovers(backend, tmp_path):
-    process = start(tmp_path, backend, "again")
+def test_uncaught_ctrl_c_exits_with_keyboard_interrupt_and_no_leftovers(backend, start):
+    process = start(backend, "again")
     ctrl_c(process)
     assert process.stdout.readline().strip() == "interrupted"
     assert process.stdout.readline().strip() == "[3, 2, 1]"
