@@ -46,32 +46,46 @@ def gmap(
     The input is read lazily, a bounded number of chunks ahead of the results, so an endless
     generator works in constant memory. Closing the generator early cancels the rest.
     """
+    return _flatten(_batches(fun, iterable, args, kwargs, total, desc, bar, serial, length,
+                             n_processes, yield_ordered, yield_index, backend, bar_kwargs))
+
+
+def _batches(fun: Callable[..., Any], iterable: Iterable[Any], args: Sequence[Any] | None,
+             kwargs: Mapping[str, Any] | None, total: int | None, desc: str | None,
+             bar: bool | Callable[[int], object] | None, serial: bool | None,
+             length: int | None, n_processes: int | None, ordered: bool, with_index: bool,
+             backend: str | Backend | None, bar_kwargs: Mapping[str, Any]) -> Iterator[list[Any]]:
+    """Check every argument now, then return a generator of lists of results, one per chunk."""
     call = make_call(fun, args, kwargs)
     expected = total_of(iterable, total, length)
     workers = n_workers(n_processes)
     check_bar(bar, bar_kwargs)
     selected = registry.select(backend, serial=serial, total=expected, n_workers=workers)
     shown = show_bar(bar, nested=inside_worker())
-    progress = ProgressSpec(shown, expected, desc, bar_kwargs)
-    return _generate(selected, call, iterable, expected, yield_ordered, yield_index, progress)
+    spec = ProgressSpec(shown, expected, desc, bar_kwargs)
+    return _run(selected, call, iterable, expected, ordered, with_index, spec)
 
 
-def _generate(selected: Backend | Selection, call: Call, iterable: Iterable[Any],
-              total: int | None, ordered: bool, with_index: bool,
-              bar: ProgressSpec) -> Iterator[Any]:
+def _run(selected: Backend | Selection, call: Call, iterable: Iterable[Any], total: int | None,
+         ordered: bool, with_index: bool, bar: ProgressSpec) -> Iterator[list[Any]]:
     progress = Progress(*bar)
     try:
         with registry.lease(selected) as backend:
-            results = dispatch(backend, call, iterable, ChunkSizer(backend.n_workers, total),
+            batches = dispatch(backend, call, iterable, ChunkSizer(backend.n_workers, total),
                                ordered=ordered, on_done=progress.update)
-            if with_index:
-                yield from results
-            else:
-                for _, value in results:
-                    yield value
+            for indices, values in batches:
+                yield list(zip(indices, values, strict=True)) if with_index else values
     finally:
         call.release()
         progress.close()
+
+
+def _flatten(batches: Iterator[list[Any]]) -> Iterator[Any]:
+    try:
+        for batch in batches:
+            yield from batch
+    finally:
+        batches.close()  # type: ignore[attr-defined]
 
 
 def pmap(
@@ -118,8 +132,11 @@ def pmap(
         Exception: what ``fun`` raised, of its original type, with the worker's traceback
             chained and the failing item's index in a note.
     """
-    return list(gmap(fun, iterable, args, kwargs, total, desc, bar, serial, length,
-                     n_processes, yield_ordered, yield_index, backend, **bar_kwargs))
+    results: list[Any] = []
+    for batch in _batches(fun, iterable, args, kwargs, total, desc, bar, serial, length,
+                          n_processes, yield_ordered, yield_index, backend, bar_kwargs):
+        results.extend(batch)
+    return results
 
 
 def parfor(*args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], list[Any]]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from itertools import islice
 from typing import Any
@@ -25,13 +25,14 @@ def dispatch(
     *,
     ordered: bool = True,
     on_done: Callable[[int], object],
-) -> Iterator[tuple[int, Any]]:
-    """Yield ``(input index, value)`` for every item, re-raising the first failure in the caller.
+) -> Iterator[tuple[Sequence[int], list[Any]]]:
+    """Yield ``(input indices, values)`` batches covering every item; re-raise the first failure.
 
-    With ``ordered`` results come in input order (a failure is raised when its turn comes);
-    otherwise as soon as they are done. Closing the generator cancels what has not run.
+    With ``ordered`` results come in input order (a failure is raised when its turn comes, after
+    the values before it); otherwise as soon as they are done. Closing the generator cancels
+    what has not run.
     """
-    source = enumerate(items)
+    source = iter(items)
     window = CHUNKS_PER_WORKER * max(1, backend.n_workers)
     in_flight: dict[Future[Result], tuple[int, Task]] = {}
     finished: dict[int, tuple[Task, Result]] = {}
@@ -45,9 +46,8 @@ def dispatch(
                     exhausted = True
                     break
                 sizer.taken(len(chunk))
+                task = Task(call, range(read, read + len(chunk)), chunk)
                 read += len(chunk)
-                indices, values = zip(*chunk, strict=True)
-                task = Task(call, indices, values)
                 in_flight[backend.submit(task)] = (submitted, task)
                 submitted += 1
             if not in_flight:
@@ -75,8 +75,8 @@ def dispatch(
             future.cancel()
 
 
-def _take(source: Iterator[tuple[int, Any]], n: int, read: int) -> list[tuple[int, Any]]:
-    chunk: list[tuple[int, Any]] = []
+def _take(source: Iterator[Any], n: int, read: int) -> list[Any]:
+    chunk: list[Any] = []
     try:
         chunk.extend(islice(source, n))
     except Exception as exc:
@@ -107,8 +107,8 @@ def _items_label(indices: list[int]) -> str:
     return f"input items {shown}{', ...' if len(indices) > 8 else ''} ({len(indices)} items)"
 
 
-def _emit(task: Task, result: Result) -> Iterator[tuple[int, Any]]:
-    yield from zip(task.indices, result.values, strict=False)  # fewer values on failure
+def _emit(task: Task, result: Result) -> Iterator[tuple[Sequence[int], list[Any]]]:
+    yield task.indices[:len(result.values)], result.values
     failure = result.failure
     if failure is not None:
         failure.reraise(f"item {failure.index} ({failure.item_repr})")

@@ -150,21 +150,38 @@ def describe_worker() -> str:
 def run_task(task: Task) -> Result:
     """Run every item of a task where this is called; exceptions are returned, never raised."""
     call = task.call
-    fun, args, kwargs = call.fun, call.args, call.kwargs
     values: list[Any] = []
     token = _inside_worker.set(True)
     start = perf_counter()
     try:
-        for index, item in zip(task.indices, task.items, strict=True):
-            if call.cancelled:
-                break
-            try:
-                if call.unpack:
-                    values.append(fun(*item, *args, **kwargs))
-                else:
-                    values.append(fun(item, *args, **kwargs))
-            except Exception as exc:
-                return Result(values, perf_counter() - start, Failure.capture(index, item, exc))
+        _apply(call, task.items, values)
+    except Exception as exc:
+        position = len(values)
+        failure = Failure.capture(task.indices[position], task.items[position], exc)
+        return Result(values, perf_counter() - start, failure)
     finally:
         _inside_worker.reset(token)
     return Result(values, perf_counter() - start)
+
+
+def _apply(call: Call, items: Sequence[Any], values: list[Any]) -> None:
+    """Append ``fun``'s value for each item: the hot loop, so one specialised loop per form.
+
+    On an exception ``values`` holds the values before the failing item.
+    """
+    fun, args, kwargs, append = call.fun, call.args, call.kwargs, values.append
+    if call.unpack:
+        for item in items:
+            if call.cancelled:
+                return
+            append(fun(*item, *args, **kwargs))
+    elif args or kwargs:
+        for item in items:
+            if call.cancelled:
+                return
+            append(fun(item, *args, **kwargs))
+    else:
+        for item in items:
+            if call.cancelled:
+                return
+            append(fun(item))

@@ -1,4 +1,4 @@
-"""Serialization with dill for backends whose workers are other processes.
+"""The task protocol for backends whose workers are other processes.
 
 The parent turns a Task into bytes with ``dump_task``; the worker runs ``execute_dumped`` on them
 and answers bytes that ``load_result`` turns back into a Result. A call's function and extra
@@ -15,6 +15,7 @@ import weakref
 from collections import OrderedDict
 from typing import Any
 
+from ._pickling import dumps, loads
 from ._task import Call, Failure, Result, Task, run_task
 from .errors import ParforError, SerializationError, rebuild_exception
 
@@ -26,23 +27,11 @@ CACHED_CALLS = 4
 _worker_calls: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
 
 
-def _dumps(obj: object) -> bytes:
-    import dill
-
-    return dill.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL, recurse=True)
-
-
-def _loads(data: bytes) -> Any:
-    import dill
-
-    return dill.loads(data)
-
-
 def _first_unserializable(named: list[tuple[str, object]], cause: Exception) -> SerializationError:
     """Find which of several objects cannot be serialized, to name it in the error."""
     for what, obj in named:
         try:
-            _dumps(obj)
+            dumps(obj)
         except Exception as exc:
             return SerializationError(what, obj, exc)
     return SerializationError("the combination of " + ", ".join(w for w, _ in named),
@@ -54,7 +43,7 @@ def _call_wire(call: Call) -> tuple[str, bytes | None, str | None]:
     if call._wire is None:
         state = (call.fun, call.args, call.kwargs, call.unpack)
         try:
-            data = _dumps(state)
+            data = dumps(state)
         except Exception as exc:
             named = [("the function", call.fun)]
             named += [(f"extra argument args[{i}]", a) for i, a in enumerate(call.args)]
@@ -89,7 +78,7 @@ def dump_task(task: Task) -> bytes:
     """The bytes a worker process needs to run ``task``; raises SerializationError naming what."""
     wire = _call_wire(task.call)
     try:
-        items = _dumps(list(task.items))
+        items = dumps(list(task.items))
     except Exception as exc:
         pairs = zip(task.indices, task.items, strict=True)
         named = [(f"input item {index}", item) for index, item in pairs]
@@ -104,7 +93,7 @@ def _worker_call(wire: tuple[str, bytes | None, str | None]) -> Call:
         if data is None:
             with open(path, "rb") as file:
                 data = file.read()
-        fun, args, kwargs, unpack = _loads(data)
+        fun, args, kwargs, unpack = loads(data)
         call = _worker_calls[call_id] = Call(fun, args, kwargs, unpack)
         while len(_worker_calls) > CACHED_CALLS:
             _worker_calls.popitem(last=False)
@@ -120,14 +109,14 @@ def execute_dumped(payload: bytes) -> bytes:
     initializer), so that nested calls there run serially.
     """
     wire, indices, items = pickle.loads(payload)
-    items = _loads(items)
+    items = loads(items)
     result = run_task(Task(_worker_call(wire), indices, items))
     if result.failure is not None:
         _make_portable(result.failure)
     try:
-        return _dumps(result)
+        return dumps(result, to_caller=True)
     except Exception as exc:
-        return _dumps(_sendable(result, indices, items, exc))
+        return dumps(_sendable(result, indices, items, exc), to_caller=True)
 
 
 class _Rebuilt:
@@ -147,7 +136,7 @@ def _make_portable(failure: Failure) -> None:
     original = failure.exception
     for candidate in (original, _Rebuilt(original)):
         try:
-            _loads(_dumps(candidate))
+            loads(dumps(candidate, to_caller=True))
         except Exception as exc:
             problem = exc
         else:
@@ -164,7 +153,7 @@ def _sendable(result: Result, indices: list[int], items: list[Any], cause: Excep
     """Replace what cannot be sent back to the parent by a Failure that names it."""
     for position, value in enumerate(result.values):
         try:
-            _dumps(value)
+            dumps(value, to_caller=True)
         except Exception as exc:
             error = SerializationError(f"the result of input item {indices[position]}", value, exc)
             failure = Failure.capture(indices[position], items[position], error)
@@ -178,4 +167,4 @@ def _sendable(result: Result, indices: list[int], items: list[Any], cause: Excep
 
 def load_result(data: bytes) -> Result:
     """Parent side: the Result a worker sent."""
-    return _loads(data)
+    return loads(data)
