@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import glob
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -66,3 +68,61 @@ def test_large_arguments_travel_once_and_leave_no_file(process_backend, tmp_path
     pids = [name.split("-")[0] for name in os.listdir(tmp_path)]
     assert len(pids) == len(set(pids))  # ... read once per worker
     assert shm_files() == before  # ... and removed after the call
+
+
+MAIN_SCRIPT = """
+import sys
+from parfor import pmap
+
+class Point:
+    def __init__(self, x):
+        self.x = x
+
+class TwoArg(Exception):
+    def __init__(self, a, b):
+        super().__init__(f"{a}/{b}")
+        self.a = a
+
+def helper(i):
+    return Point(i)
+
+def make(i):
+    return helper(i)
+
+def fail(i):
+    if i == 2:
+        raise TwoArg(i, "x")
+    return i
+
+if __name__ == "__main__":
+    backend = sys.argv[1]
+    points = pmap(make, range(4), backend=backend, bar=False)
+    print(all(type(p) is Point for p in points), [p.x for p in points])
+    print(pmap(lambda p: p.x * 2, [Point(3), Point(4)], backend=backend, bar=False))
+    try:
+        pmap(fail, range(4), backend=backend, bar=False)
+    except TwoArg as error:
+        print("TwoArg", error.a, error)
+"""
+
+
+def test_classes_of_the_main_script_survive_the_round_trip(backend, tmp_path):
+    script = tmp_path / "main_classes.py"
+    script.write_text(MAIN_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), backend], capture_output=True,
+                            text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["True [0, 1, 2, 3]", "[6, 8]", "TwoArg 2 2/x"]
+
+
+def test_local_functions_and_classes_travel_by_value(process_backend):
+    class Local:
+        def __init__(self, x):
+            self.x = x
+
+    def double(point):
+        return Local(point.x * 2)
+
+    results = pmap(double, [Local(1), Local(2)], backend=process_backend, bar=False)
+    assert [type(r).__name__ for r in results] == ["Local", "Local"]
+    assert [r.x for r in results] == [2, 4]
