@@ -19,7 +19,15 @@ from ._task import (
     mark_worker_process,
     run_task,
 )
-from ._wire import dump_task, execute_dumped, load_result
+from ._wire import (
+    dump_call,
+    dump_items,
+    dump_task,
+    execute_dumped,
+    load_call,
+    load_result,
+    run_items,
+)
 from .backend import Backend, then
 from .errors import (
     BackendUnavailableError,
@@ -50,17 +58,21 @@ __all__ = [
     "UnknownBackendError",
     "WorkerError",
     "available_cpus",
+    "dump_call",
+    "dump_items",
     "dump_task",
     "execute_dumped",
     "gil_enabled",
     "gmap",
     "hookimpl",
     "inside_worker",
+    "load_call",
     "load_result",
     "mark_worker_process",
     "parfor",
     "pmap",
     "registry",
+    "run_items",
     "run_task",
     "then",
 ]

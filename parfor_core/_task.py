@@ -147,10 +147,13 @@ def describe_worker() -> str:
     return f"thread {threading.current_thread().name!r} of process {os.getpid()}"
 
 
-def run_task(task: Task) -> Result:
-    """Run every item of a task where this is called; exceptions are returned, never raised."""
+def run_task(task: Task, values: list[Any] | None = None) -> Result:
+    """Run every item of a task where this is called; exceptions are returned, never raised.
+
+    The values are appended to ``values`` (a new list if not given) as they come.
+    """
     call = task.call
-    values: list[Any] = []
+    values = [] if values is None else values
     token = _inside_worker.set(True)
     start = perf_counter()
     try:

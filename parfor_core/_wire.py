@@ -1,9 +1,11 @@
 """The task protocol for backends whose workers are other processes.
 
-The parent turns a Task into bytes with ``dump_task``; the worker runs ``execute_dumped`` on them
-and answers bytes that ``load_result`` turns back into a Result. A call's function and extra
-arguments are serialized once per call; large ones travel through a private file that each worker
-reads once, so a big argument is not copied per task.
+Two ways to use it. Executors that pick the worker themselves (loky's) send ``dump_task(task)``
+and the worker answers ``execute_dumped(payload)``; the call rides along with each task and is
+deserialized once per worker. Backends that address their workers send ``dump_call(call)`` to
+each worker once (``load_call`` there) and then only ``dump_items(task)`` (``run_items`` there).
+Either way ``load_result`` reads the answer. A call's function and extra arguments are serialized
+once per call; large ones travel through a private file that each worker reads once.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ LARGE_CALL_BYTES = 1 << 20
 #: How many calls a worker keeps deserialized, for callers that interleave several calls.
 CACHED_CALLS = 4
 
-_worker_calls: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
+_worker_calls: OrderedDict[str, Call] = OrderedDict()
 
 
 def _first_unserializable(named: list[tuple[str, object]], cause: Exception) -> SerializationError:
@@ -38,8 +40,11 @@ def _first_unserializable(named: list[tuple[str, object]], cause: Exception) -> 
                               tuple(o for _, o in named), cause)
 
 
-def _call_wire(call: Call) -> tuple[str, bytes | None, str | None]:
-    """(id, inline bytes or None, file path or None) of a call, made once per call."""
+def dump_call(call: Call) -> bytes:
+    """The bytes that define ``call`` in a worker (`load_call`); made once per call.
+
+    Raises SerializationError naming the function or extra argument that cannot be sent.
+    """
     if call._wire is None:
         state = (call.fun, call.args, call.kwargs, call.unpack)
         try:
@@ -49,12 +54,24 @@ def _call_wire(call: Call) -> tuple[str, bytes | None, str | None]:
             named += [(f"extra argument args[{i}]", a) for i, a in enumerate(call.args)]
             named += [(f"extra argument kwargs[{k!r}]", v) for k, v in call.kwargs.items()]
             raise _first_unserializable(named, exc) from exc
-        if len(data) < LARGE_CALL_BYTES:
-            call._wire = (call.id, data, None)
-        else:
-            call._wire = (call.id, None, _write_private_file(data))
-            call.releasers.append(weakref.finalize(call, _remove_quietly, call._wire[2]))
+        path = None
+        if len(data) >= LARGE_CALL_BYTES:
+            path, data = _write_private_file(data), None
+            call.releasers.append(weakref.finalize(call, _remove_quietly, path))
+        call._wire = pickle.dumps((call.id, data, path), protocol=pickle.HIGHEST_PROTOCOL)
     return call._wire
+
+
+def load_call(data: bytes) -> Call:
+    """Worker side: the Call that `dump_call` made ``data`` from."""
+    call_id, inline, path = pickle.loads(data)
+    if inline is None:
+        with open(path, "rb") as file:
+            inline = file.read()
+    fun, args, kwargs, unpack = loads(inline)
+    call = Call(fun, args, kwargs, unpack)
+    call.id = call_id
+    return call
 
 
 def _write_private_file(data: bytes) -> str:
@@ -74,49 +91,59 @@ def _remove_quietly(path: str) -> None:
         pass
 
 
-def dump_task(task: Task) -> bytes:
-    """The bytes a worker process needs to run ``task``; raises SerializationError naming what."""
-    wire = _call_wire(task.call)
+def dump_items(task: Task) -> bytes:
+    """The items of ``task`` with their input indices, for `run_items` in a worker."""
     try:
         items = dumps(list(task.items))
     except Exception as exc:
         pairs = zip(task.indices, task.items, strict=True)
         named = [(f"input item {index}", item) for index, item in pairs]
         raise _first_unserializable(named, exc) from exc
-    return pickle.dumps((wire, list(task.indices), items), protocol=pickle.HIGHEST_PROTOCOL)
+    return pickle.dumps((task.indices, items), protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _worker_call(wire: tuple[str, bytes | None, str | None]) -> Call:
-    call_id, data, path = wire
-    call = _worker_calls.get(call_id)
-    if call is None:
-        if data is None:
-            with open(path, "rb") as file:
-                data = file.read()
-        fun, args, kwargs, unpack = loads(data)
-        call = _worker_calls[call_id] = Call(fun, args, kwargs, unpack)
-        while len(_worker_calls) > CACHED_CALLS:
-            _worker_calls.popitem(last=False)
-    else:
-        _worker_calls.move_to_end(call_id)
-    return call
+def run_items(call: Call, data: bytes, values: list[Any] | None = None) -> bytes:
+    """Worker side: run the items `dump_items` made ``data`` from; answer the dumped Result.
 
-
-def execute_dumped(payload: bytes) -> bytes:
-    """Worker side: run a dumped task and answer the dumped Result.
-
-    Call ``parfor_core.mark_worker_process`` once in each worker process (an executor's
-    initializer), so that nested calls there run serially.
+    ``values``, if given, is the list the values are appended to as they come (a backend may
+    watch its length to report progress during a long task).
     """
-    wire, indices, items = pickle.loads(payload)
+    indices, items = pickle.loads(data)
     items = loads(items)
-    result = run_task(Task(_worker_call(wire), indices, items))
+    result = run_task(Task(call, indices, items), values)
     if result.failure is not None:
         _make_portable(result.failure)
     try:
         return dumps(result, to_caller=True)
     except Exception as exc:
         return dumps(_sendable(result, indices, items, exc), to_caller=True)
+
+
+def dump_task(task: Task) -> bytes:
+    """All a worker process needs to run ``task`` with `execute_dumped`, in one message.
+
+    For executors that pick the worker themselves; the call travels with every task, and each
+    worker deserializes it once. Raises SerializationError naming what cannot be sent.
+    """
+    return pickle.dumps((task.call.id, dump_call(task.call), dump_items(task)),
+                        protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def execute_dumped(payload: bytes) -> bytes:
+    """Worker side: run a task `dump_task` made and answer the dumped Result.
+
+    Call ``parfor_core.mark_worker_process`` once in each worker process (an executor's
+    initializer), so that nested calls there run serially.
+    """
+    call_id, call_data, items = pickle.loads(payload)
+    call = _worker_calls.get(call_id)
+    if call is None:
+        call = _worker_calls[call_id] = load_call(call_data)
+        while len(_worker_calls) > CACHED_CALLS:
+            _worker_calls.popitem(last=False)
+    else:
+        _worker_calls.move_to_end(call_id)
+    return run_items(call, items)
 
 
 class _Rebuilt:
