@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from itertools import islice
@@ -38,6 +39,7 @@ def dispatch(
     finished: dict[int, tuple[Task, Result]] = {}
     submitted = yielded = read = 0
     exhausted = False
+    progress = _Progress(on_done)
     try:
         while True:
             while not exhausted and len(in_flight) + len(finished) < window:
@@ -46,7 +48,8 @@ def dispatch(
                     exhausted = True
                     break
                 sizer.taken(len(chunk))
-                task = Task(call, range(read, read + len(chunk)), chunk)
+                task = Task(call, range(read, read + len(chunk)), chunk,
+                            progress.reporter(submitted))
                 read += len(chunk)
                 in_flight[backend.submit(task)] = (submitted, task)
                 submitted += 1
@@ -57,7 +60,7 @@ def dispatch(
                 number, task = in_flight.pop(future)
                 result = _result(future, task, backend, in_flight)
                 sizer.record(len(result.values) + (result.failure is not None), result.elapsed)
-                on_done(len(result.values))
+                progress.finish(number, len(result.values))
                 if ordered:
                     finished[number] = (task, result)
                 else:
@@ -73,6 +76,31 @@ def dispatch(
         call.cancelled = True
         for future in in_flight:
             future.cancel()
+
+
+class _Progress:
+    """Turns the backends' reports of items done within running tasks into progress steps."""
+
+    def __init__(self, on_done: Callable[[int], object]) -> None:
+        self.on_done = on_done
+        self.reported: dict[int, int] = {}
+        self.lock = threading.Lock()
+
+    def reporter(self, number: int) -> Callable[[int], None]:
+        return lambda done: self._advance(number, done)
+
+    def _advance(self, number: int, done: int) -> None:
+        with self.lock:  # backends report from their own threads
+            step = done - self.reported.get(number, 0)
+            if step <= 0:
+                return
+            self.reported[number] = done
+        self.on_done(step)
+
+    def finish(self, number: int, done: int) -> None:
+        with self.lock:
+            step = done - self.reported.pop(number, 0)
+        self.on_done(step)
 
 
 def _take(source: Iterator[Any], n: int, read: int) -> list[Any]:

@@ -85,11 +85,17 @@ class Call:
 
 @dataclass(frozen=True)
 class Task:
-    """A chunk of items of one call, each with its index in the input."""
+    """A chunk of items of one call, each with its index in the input.
+
+    A backend that can tell how far a running task has got may call ``report(n)`` with the
+    number of its items done so far, so the progress bar moves during long tasks; it must do
+    so before the task's future resolves.
+    """
 
     call: Call
     indices: Sequence[int]
     items: Sequence[Any]
+    report: Callable[[int], object] | None = field(default=None, compare=False, repr=False)
 
 
 class RemoteTraceback(Exception):
