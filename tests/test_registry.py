@@ -111,7 +111,7 @@ def test_two_backends_with_one_name_is_an_error_naming_both(register):
 
 
 def test_automatic_choice_follows_the_gil():
-    expected = "loky" if gil_enabled() else "threads"
+    expected = "processes" if gil_enabled() else "threads"
     choice = registry.auto()
     assert choice.name == expected
     assert ("enabled" if gil_enabled() else "disabled") in choice.reason

@@ -1,0 +1,34 @@
+"""Length-prefixed messages over pipes, shared by the processes backend and its workers."""
+
+from __future__ import annotations
+
+import struct
+from typing import BinaryIO
+
+_LENGTH = struct.Struct("!Q")
+COUNT = struct.Struct("!Q")
+
+
+def write_frame(stream: BinaryIO, kind: bytes, body: bytes = b"") -> None:
+    """Write one message: its kind (one byte) and body; the caller serializes writers."""
+    stream.write(_LENGTH.pack(len(body) + 1) + kind)
+    stream.write(body)
+    stream.flush()
+
+
+def read_frame(stream: BinaryIO) -> tuple[bytes, bytes] | None:
+    """The next ``(kind, body)``, or None when the other side closed the pipe (or died)."""
+    header = _read_exactly(stream, _LENGTH.size)
+    if header is None:
+        return None
+    message = _read_exactly(stream, _LENGTH.unpack(header)[0])
+    if message is None:
+        return None
+    return message[:1], message[1:]
+
+
+def _read_exactly(stream: BinaryIO, size: int) -> bytes | None:
+    data = stream.read(size)
+    if data is None or len(data) < size:  # a buffered reader only comes up short at EOF
+        return None
+    return data

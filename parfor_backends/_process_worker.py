@@ -1,0 +1,102 @@
+"""A worker process of the processes backend: runs tasks from its parent, and only its parent.
+
+Started as ``python -m parfor_backends._process_worker LIFELINE RESULTS``. Tasks arrive on
+stdin, results leave on the RESULTS pipe; both are pipes the parent made for this worker alone.
+The worker exits when stdin closes, and at once when the parent dies (the LIFELINE pipe, whose
+other end only the parent holds, reaches EOF). Ctrl-C is the parent's to handle.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+import threading
+from typing import Any
+
+from parfor_backends._framing import COUNT, read_frame, write_frame
+
+#: How often a running task's progress is sent to the parent, in seconds.
+PROGRESS_INTERVAL = 0.2
+
+
+def main(lifeline: int, results_fd: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(lifeline,), daemon=True).start()
+    tasks = os.fdopen(os.dup(0), "rb")
+    _stdin_from_devnull()  # user code calling input() must not read the task stream
+    results = os.fdopen(results_fd, "wb")
+    send_lock = threading.Lock()
+
+    def send(kind: bytes, body: bytes = b"") -> None:
+        with send_lock:
+            write_frame(results, kind, body)
+
+    from parfor_core import load_call, mark_worker_process, run_items
+
+    mark_worker_process()
+    reporter = _ProgressReporter(send)
+    calls: dict[str, Any] = {}
+    while (frame := read_frame(tasks)) is not None:
+        kind, body = frame
+        if kind == b"T":
+            call_id, items = body[:32].decode(), body[32:]
+            values: list[Any] = []
+            reporter.watch(values)
+            result = run_items(calls[call_id], items, values)
+            reporter.watch(None)
+            send(b"R", result)
+        elif kind == b"C":
+            call = load_call(body)
+            calls[call.id] = call
+        elif kind == b"F":
+            calls.pop(body.decode(), None)
+        elif kind == b"I":
+            sys.path[:] = pickle.loads(body)
+
+
+def _exit_with_parent(lifeline: int) -> None:
+    while os.read(lifeline, 1):  # the parent never writes: this returns only at its death
+        pass
+    os._exit(1)
+
+
+def _stdin_from_devnull() -> None:
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+
+
+class _ProgressReporter:
+    """A thread that sends how many items of the running task are done, a few times a second."""
+
+    def __init__(self, send: Any) -> None:
+        self._send = send
+        self._values: list[Any] | None = None
+        self._changed = threading.Condition()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def watch(self, values: list[Any] | None) -> None:
+        """Follow this task's list of values (None between tasks); no report follows None."""
+        with self._changed:
+            self._values = values
+            self._changed.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._values is not None)
+                values, sent = self._values, 0
+            while True:
+                with self._changed:
+                    if self._changed.wait_for(lambda v=values: self._values is not v,
+                                              timeout=PROGRESS_INTERVAL):
+                        break
+                    if len(values) != sent:  # sent under the lock: never after the result
+                        sent = len(values)
+                        self._send(b"P", COUNT.pack(sent))
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]))

@@ -1,0 +1,347 @@
+"""The processes backend: parfor's own pool of worker processes, fed over private pipes.
+
+Workers start on first need and are reused by later calls; each gets a call's function and
+arguments once. A worker that dies is replaced, and the items it held are retried one by one,
+so that an item that kills its worker is found, and fails with an error naming it. What a
+worker prints is shown in the caller, line by line, above any progress bar.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from parfor_backends._framing import COUNT, read_frame, write_frame
+from parfor_core import (
+    Backend,
+    Failure,
+    Result,
+    Task,
+    WorkerError,
+    dump_call,
+    dump_items,
+    hookimpl,
+    load_result,
+)
+
+#: Seconds a pool with nothing to do keeps its workers.
+IDLE_TIMEOUT = 600.0
+#: How often an item that killed its worker is run again, alone, before it fails.
+RETRIES = 1
+
+
+class WorkerDiedError(WorkerError):
+    """A worker process died while running an item, each time that item was tried."""
+
+
+class ProcessesBackend(Backend):
+    """A pool of ``n_workers`` worker processes that parfor starts, watches and reuses."""
+
+    name = "processes"
+    crosses_process = True
+
+    def __init__(self, n_workers: int, *, idle_timeout: float = IDLE_TIMEOUT,
+                 retries: int = RETRIES, worker_output: bool = True) -> None:
+        super().__init__(n_workers)
+        self.idle_timeout = idle_timeout
+        self.retries = retries
+        self.worker_output = worker_output
+        self._lock = threading.RLock()
+        self._workers: list[_Worker] = []
+        self._pending: deque[_Job] = deque()
+        self._idle_timer: threading.Timer | None = None
+
+    @classmethod
+    def auto_priority(cls) -> int | None:
+        return 20
+
+    def submit(self, task: Task) -> Future[Result]:
+        dump_call(task.call)  # serialized here, so that what cannot be sent fails the caller
+        job = _Job(task, Future(), dump_items(task))
+        with self._lock:
+            self._pending.append(job)
+            self._pump()
+        return job.future
+
+    def interrupt(self) -> None:
+        self._stop(kill=True)
+
+    def shutdown(self) -> None:
+        self._stop(kill=False)
+
+    # -- scheduling (all with self._lock held) -------------------------------------------------
+
+    def _pump(self) -> None:
+        """Hand pending jobs to idle workers, starting workers up to ``n_workers``."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        while self._pending:
+            job = self._pending[0]
+            if job.future.cancelled():
+                self._pending.popleft()
+                continue
+            worker = next((w for w in self._workers if w.job is None), None)
+            if worker is None:
+                if len(self._workers) >= self.n_workers:
+                    return
+                worker = _Worker.start(self)
+                self._workers.append(worker)
+            self._pending.popleft()
+            worker.run(job)
+        if not any(w.job for w in self._workers) and self._workers:
+            self._idle_timer = threading.Timer(self.idle_timeout, self._stop_if_idle)
+            self._idle_timer.daemon = True
+            self._idle_timer.start()
+
+    def _stop_if_idle(self) -> None:
+        with self._lock:
+            if self._pending or any(w.job for w in self._workers):
+                return
+        self._stop(kill=False)
+
+    def _stop(self, kill: bool) -> None:
+        with self._lock:
+            workers, self._workers = self._workers, []
+            jobs = [w.job for w in workers if w.job] + list(self._pending)
+            self._pending.clear()
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+                self._idle_timer = None
+        for job in jobs:
+            job.future.cancel()
+        for worker in workers:
+            worker.stop(kill)
+
+    # -- events from the workers' reader threads -----------------------------------------------
+
+    def _finished(self, worker: _Worker, result: Result) -> None:
+        with self._lock:
+            job, worker.job = worker.job, None
+            if job is not None:
+                follow_up = job.finish(result)
+                if follow_up is not None:
+                    self._pending.appendleft(follow_up)
+            self._pump()
+
+    def _died(self, worker: _Worker) -> None:
+        """A worker's result pipe closed: it exited or was killed. Retry or fail its job."""
+        how = worker.exit_description()
+        with self._lock:
+            if worker not in self._workers:  # stopped on purpose
+                return
+            self._workers.remove(worker)
+            worker.release()
+            job, worker.job = worker.job, None
+            if job is not None and not job.future.cancelled():
+                retry = job.after_death(worker.pid, how, self.retries, self.name)
+                if retry is not None:
+                    self._pending.appendleft(retry)
+            self._pump()
+
+
+@dataclass
+class _Job:
+    """A task on its way through the pool; after a worker death, its items one at a time."""
+
+    task: Task
+    future: Future[Result]
+    items: bytes  # the task's items, serialized
+    done: list[Any] = field(default_factory=list)  # values of items finished before a split
+    rest: list[tuple[int, Any]] = field(default_factory=list)  # items still to run, one by one
+    elapsed: float = 0.0
+    deaths: int = 0
+
+    def finish(self, result: Result) -> _Job | None:
+        """Resolve the future with ``result``, or return the job for the next lone item."""
+        values = self.done + result.values
+        elapsed = self.elapsed + result.elapsed
+        if result.failure is None and self.rest:
+            return self._next(values, elapsed)
+        if not self.future.cancelled():
+            self.future.set_result(Result(values, elapsed, result.failure))
+        return None
+
+    def after_death(self, pid: int, how: str, retries: int, backend: str) -> _Job | None:
+        """The job to run after its worker died: its items alone, or this item again; or
+        None when the item has killed workers too often, and the future holds the failure."""
+        task = self.task
+        if len(task.items) > 1:  # isolate the item that kills: one at a time from now on
+            self.rest = list(zip(task.indices, task.items, strict=True)) + self.rest
+            return self._next(self.done, self.elapsed)
+        self.deaths += 1
+        if self.deaths <= retries:
+            return self
+        index, item = task.indices[0], task.items[0]
+        error = WorkerDiedError(
+            f"The worker process running input item {index} died {self.deaths} times in a "
+            f"row: {how}. {_meaning(how)}",
+            backend=backend, indices=[index],
+        )
+        failure = Failure.capture(index, item, error)
+        failure.worker = f"worker process {pid}"
+        self.future.set_result(Result(self.done, self.elapsed, failure))
+        return None
+
+    def _next(self, values: list[Any], elapsed: float) -> _Job:
+        (index, item), *rest = self.rest
+        task = Task(self.task.call, (index,), (item,))
+        return _Job(task, self.future, dump_items(task), values, rest, elapsed)
+
+
+def _meaning(how: str) -> str:
+    if "SIGKILL" in how:
+        return ("SIGKILL often means the out-of-memory killer stopped it: the item may need "
+                "more memory than is free.")
+    if "SIGSEGV" in how or "SIGBUS" in how:
+        return "That is a crash in native code (a C extension, ctypes, a broken library)."
+    return "It ended itself (os._exit, or a fatal error in native code)."
+
+
+class _Worker:
+    """One worker process, the pipes to it, and the threads that read what it sends."""
+
+    def __init__(self, backend: ProcessesBackend, process: subprocess.Popen[bytes],
+                 lifeline: int | None, results: IO[bytes]) -> None:
+        self.backend = backend
+        self.process = process
+        self.pid = process.pid
+        self.job: _Job | None = None
+        self.known_calls: set[str] = set()
+        self._lifeline = lifeline
+        self._results = results
+        self._readers = [threading.Thread(target=self._read_results, daemon=True)]
+        if backend.worker_output:
+            for stream, target in ((process.stdout, "stdout"), (process.stderr, "stderr")):
+                self._readers.append(threading.Thread(target=_relay_lines,
+                                                      args=(stream, target), daemon=True))
+        for reader in self._readers:
+            reader.start()
+
+    @classmethod
+    def start(cls, backend: ProcessesBackend) -> _Worker:
+        lifeline_read, lifeline_write = os.pipe()
+        results_read, results_write = os.pipe()
+        output = subprocess.PIPE if backend.worker_output else subprocess.DEVNULL
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [package_root,
+                                                           os.environ.get("PYTHONPATH")]))}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "parfor_backends._process_worker",
+             str(lifeline_read), str(results_write)],
+            stdin=subprocess.PIPE, stdout=output, stderr=output,
+            pass_fds=(lifeline_read, results_write), env=env,
+        )
+        os.close(lifeline_read)
+        os.close(results_write)
+        worker = cls(backend, process, lifeline_write, os.fdopen(results_read, "rb"))
+        worker._send(b"I", pickle.dumps(sys.path))
+        return worker
+
+    def run(self, job: _Job) -> None:
+        """Send ``job`` to this idle worker, and the call first if the worker lacks it."""
+        self.job = job
+        call = job.task.call
+        try:
+            if call.id not in self.known_calls:
+                self._send(b"C", dump_call(call))
+                self.known_calls.add(call.id)
+                call.releasers.append(lambda: self._forget(call.id))
+            self._send(b"T", call.id.encode() + job.items)
+        except BrokenPipeError:
+            pass  # it died: its reader thread reports that, and the job is run again
+
+    def _forget(self, call_id: str) -> None:
+        with self.backend._lock:
+            if call_id in self.known_calls:
+                self.known_calls.discard(call_id)
+                try:
+                    self._send(b"F", call_id.encode())
+                except (BrokenPipeError, ValueError):
+                    pass
+
+    def _send(self, kind: bytes, body: bytes) -> None:
+        write_frame(self.process.stdin, kind, body)
+
+    def _read_results(self) -> None:
+        while (frame := read_frame(self._results)) is not None:
+            kind, body = frame
+            if kind == b"R":
+                try:
+                    result = load_result(body)
+                except Exception as exc:
+                    with self.backend._lock:
+                        job, self.job = self.job, None
+                    if job is not None:
+                        job.future.set_exception(exc)
+                    continue
+                self.backend._finished(self, result)
+            elif kind == b"P":
+                job = self.job
+                if job is not None and job.task.report is not None:
+                    job.task.report(COUNT.unpack(body)[0])
+        self._results.close()
+        self.backend._died(self)
+
+    def exit_description(self) -> str:
+        try:
+            code = self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        if code < 0:
+            try:
+                return f"killed by signal {-code} ({signal.Signals(-code).name})"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exit code {code}"
+
+    def stop(self, kill: bool) -> None:
+        """End the process: at once (``kill``), or by closing its task stream."""
+        if kill:
+            self.process.kill()
+        else:
+            try:
+                self.process.stdin.close()
+            except OSError:
+                pass
+        try:
+            self.process.wait(timeout=None if kill else 2)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.release()
+
+    def release(self) -> None:
+        """Close this side of the pipes to a worker that has ended (the reader threads close
+        the pipes from it when they reach their end)."""
+        if self._lifeline is not None:
+            os.close(self._lifeline)
+            self._lifeline = None
+        try:
+            self.process.stdin.close()
+        except OSError:
+            pass
+
+
+def _relay_lines(stream: IO[bytes], target: str) -> None:
+    """Show each line a worker writes, above the progress bars (tqdm.write)."""
+    from tqdm import tqdm
+
+    with stream:
+        for line in iter(stream.readline, b""):
+            tqdm.write(line.decode(errors="replace").rstrip("\n"), file=getattr(sys, target))
+
+
+@hookimpl
+def parfor_register_backends() -> list[type[Backend]]:
+    return [ProcessesBackend]
