@@ -48,8 +48,8 @@ def main(lifeline: int, results_fd: int) -> None:
             reporter.watch(None)
             send(b"R", result)
         elif kind == b"C":
-            call = load_call(body)
-            calls[call.id] = call
+            call_id = body[:32].decode()
+            calls[call_id] = load_call(call_id, body[32:])
         elif kind == b"F":
             calls.pop(body.decode(), None)
         elif kind == b"I":

@@ -253,7 +253,7 @@ class _Worker:
         call = job.task.call
         try:
             if call.id not in self.known_calls:
-                self._send(b"C", dump_call(call))
+                self._send(b"C", call.id.encode() + dump_call(call))
                 self.known_calls.add(call.id)
                 call.releasers.append(lambda: self._forget(call.id))
             self._send(b"T", call.id.encode() + job.items)

@@ -56,14 +56,15 @@ class _Pickler(pickle.Pickler):
         qualname = getattr(obj, "__qualname__", "")
         local = "<locals>" in qualname or "<lambda>" in qualname
         from_main = getattr(obj, "__module__", None) == "__main__"
-        if from_main and not local and self.to_caller:
-            return _from_main, (qualname,)
-        if from_main or local:
-            import dill
+        if not (from_main or local):
+            return NotImplemented
+        if self.to_caller and _arrived_from_main.get(qualname) is obj:
+            return _from_main, (qualname,)  # the caller's own object: back by name
+        import dill
 
-            data = dill.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL, recurse=True)
-            return _by_value, (data, qualname if from_main and not local else None)
-        return NotImplemented
+        data = dill.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL, recurse=True)
+        named = from_main and not local and _main_attribute(qualname) is obj
+        return _by_value, (data, qualname if named else None)
 
 
 def _by_value(data: bytes, main_name: str | None) -> Any:
@@ -75,22 +76,31 @@ def _by_value(data: bytes, main_name: str | None) -> Any:
     return obj
 
 
-def _remember_main(obj: Any) -> None:
-    """Note a ``__main__`` object that arrived by value, and those its globals brought along,
-    so that what the worker sends back can refer to them by name."""
-    if getattr(obj, "__module__", None) != "__main__" or obj.__qualname__ in _arrived_from_main:
+def _remember_main(obj: Any, seen: set[int] | None = None) -> None:
+    """Note a ``__main__`` object of the caller that arrived by value (the latest under its
+    name), and those its globals brought along, so that the worker can send them back by name."""
+    seen = set() if seen is None else seen
+    if getattr(obj, "__module__", None) != "__main__" or id(obj) in seen:
         return
+    seen.add(id(obj))
     _arrived_from_main[obj.__qualname__] = obj
-    for value in getattr(obj, "__globals__", {}).values():
-        if isinstance(value, (types.FunctionType, type)):
-            _remember_main(value)
+    for name, value in getattr(obj, "__globals__", {}).items():
+        if isinstance(value, (types.FunctionType, type)) and value.__qualname__ == name:
+            _remember_main(value, seen)
+
+
+def _main_attribute(qualname: str) -> Any:
+    try:
+        return functools.reduce(getattr, qualname.split("."), sys.modules["__main__"])
+    except AttributeError:
+        return None
 
 
 def _from_main(qualname: str) -> Any:
     """The caller's own ``__main__`` object of that name (in a worker: the copy it received)."""
-    try:
-        return functools.reduce(getattr, qualname.split("."), sys.modules["__main__"])
-    except AttributeError:
-        if qualname in _arrived_from_main:
-            return _arrived_from_main[qualname]
-        raise
+    found = _main_attribute(qualname)
+    if found is None:
+        found = _arrived_from_main.get(qualname)
+    if found is None:
+        raise AttributeError(f"__main__ has no attribute {qualname!r}")
+    return found

@@ -7,6 +7,7 @@ import os
 import sys
 import threading
 import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -79,6 +80,8 @@ class Registry:
         self._entry_points: list[EntryPoint] = []
         self._instances: dict[str, Backend] = {}
         self._leases: dict[int, int] = {}  # id(backend) -> calls running on it
+        self._retired: weakref.WeakSet[Backend] = weakref.WeakSet()  # replaced, maybe leased
+        self._closed = False
         self._exit_registered = False
 
     @property
@@ -222,12 +225,15 @@ class Registry:
         with self._lock:
             backend = self._instances.get(selection.name)
             if backend is None or backend.n_workers != selection.n_workers:
-                if backend is not None and not self._leases.get(id(backend)):
-                    retired = backend
+                if backend is not None:
+                    if self._leases.get(id(backend)):
+                        self._retired.add(backend)
+                    else:
+                        retired = backend
                 backend = self._usable_class(selection.name)(selection.n_workers)
                 self._instances[selection.name] = backend
                 if not self._exit_registered:
-                    atexit.register(self.shutdown)
+                    atexit.register(self._exit)
                     self._exit_registered = True
             self._leases[id(backend)] = self._leases.get(id(backend), 0) + 1
         if retired is not None:
@@ -240,16 +246,25 @@ class Registry:
             if self._leases[id(backend)] > 0:
                 return
             del self._leases[id(backend)]
-            if self._instances.get(backend.name) is backend:
-                return  # still the pooled one: kept for the next call
+            if self._instances.get(backend.name) is backend or self._closed:
+                return  # still the pooled one, kept for the next call; or shut down at exit
         backend.shutdown()
 
     def shutdown(self) -> None:
-        """Shut every pooled backend down (at interpreter exit)."""
+        """Shut every backend instance down, pooled or still leased (at interpreter exit)."""
         with self._lock:
-            instances, self._instances = list(self._instances.values()), {}
+            instances = list(self._instances.values()) + [
+                backend for backend in self._retired if id(backend) in self._leases]
+            self._instances = {}
         for backend in instances:
             backend.shutdown()
+
+    def _exit(self) -> None:
+        """At interpreter exit: shut everything down; calls still open (an abandoned gmap)
+        release their backend later, during teardown, and must not shut it down again."""
+        with self._lock:
+            self._closed = True
+        self.shutdown()
 
 
 def _dist_label(ep: EntryPoint) -> str:

@@ -56,7 +56,7 @@ class Call:
     """
 
     __slots__ = ("fun", "args", "kwargs", "unpack", "id", "cancelled", "releasers", "_wire",
-                 "__weakref__")
+                 "_reference", "__weakref__")
 
     def __init__(
         self,
@@ -72,7 +72,8 @@ class Call:
         self.id = uuid.uuid4().hex
         self.cancelled = False  # set by the caller; in-process workers stop between items
         self.releasers: list[Callable[[], object]] = []  # free what serializing it made
-        self._wire: Any = None  # the serialized form, made by _wire on first need
+        self._wire: bytes | None = None  # serialized by _wire on first need
+        self._reference: bytes | None = None  # how dump_task refers to it (inline or a file)
 
     def release(self) -> None:
         """Free resources made for this call (a file holding large arguments, say); idempotent."""

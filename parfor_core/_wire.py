@@ -1,11 +1,12 @@
 """The task protocol for backends whose workers are other processes.
 
 Two ways to use it. Executors that pick the worker themselves (loky's) send ``dump_task(task)``
-and the worker answers ``execute_dumped(payload)``; the call rides along with each task and is
-deserialized once per worker. Backends that address their workers send ``dump_call(call)`` to
-each worker once (``load_call`` there) and then only ``dump_items(task)`` (``run_items`` there).
-Either way ``load_result`` reads the answer. A call's function and extra arguments are serialized
-once per call; large ones travel through a private file that each worker reads once.
+and the worker answers ``execute_dumped(payload)``; the call rides along with each task (large
+ones as the path of a private file) and is deserialized once per worker. Backends that address
+their workers send ``dump_call(call)`` to each worker once (``load_call`` there) and then only
+``dump_items(task)`` (``run_items`` there), so nothing is left behind in files if the caller
+is killed. Either way ``load_result`` reads the answer, and a call's function and extra
+arguments are serialized once per call.
 """
 
 from __future__ import annotations
@@ -41,37 +42,41 @@ def _first_unserializable(named: list[tuple[str, object]], cause: Exception) -> 
 
 
 def dump_call(call: Call) -> bytes:
-    """The bytes that define ``call`` in a worker (`load_call`); made once per call.
+    """The function and extra arguments of ``call``, serialized once per call; a worker makes
+    the call again with ``load_call(call.id, data)``.
 
     Raises SerializationError naming the function or extra argument that cannot be sent.
     """
     if call._wire is None:
-        state = (call.fun, call.args, call.kwargs, call.unpack)
         try:
-            data = dumps(state)
+            call._wire = dumps((call.fun, call.args, call.kwargs, call.unpack))
         except Exception as exc:
             named = [("the function", call.fun)]
             named += [(f"extra argument args[{i}]", a) for i, a in enumerate(call.args)]
             named += [(f"extra argument kwargs[{k!r}]", v) for k, v in call.kwargs.items()]
             raise _first_unserializable(named, exc) from exc
+    return call._wire
+
+
+def load_call(call_id: str, data: bytes) -> Call:
+    """Worker side: the Call that `dump_call` made ``data`` from."""
+    fun, args, kwargs, unpack = loads(data)
+    call = Call(fun, args, kwargs, unpack)
+    call.id = call_id
+    return call
+
+
+def _call_reference(call: Call) -> bytes:
+    """The call as `dump_task` sends it with every task: inline when small, else the path of a
+    private file holding it, written once per call (so a big argument is not sent per task)."""
+    if call._reference is None:
+        data: bytes | None = dump_call(call)
         path = None
         if len(data) >= LARGE_CALL_BYTES:
             path, data = _write_private_file(data), None
             call.releasers.append(weakref.finalize(call, _remove_quietly, path))
-        call._wire = pickle.dumps((call.id, data, path), protocol=pickle.HIGHEST_PROTOCOL)
-    return call._wire
-
-
-def load_call(data: bytes) -> Call:
-    """Worker side: the Call that `dump_call` made ``data`` from."""
-    call_id, inline, path = pickle.loads(data)
-    if inline is None:
-        with open(path, "rb") as file:
-            inline = file.read()
-    fun, args, kwargs, unpack = loads(inline)
-    call = Call(fun, args, kwargs, unpack)
-    call.id = call_id
-    return call
+        call._reference = pickle.dumps((data, path), protocol=pickle.HIGHEST_PROTOCOL)
+    return call._reference
 
 
 def _write_private_file(data: bytes) -> str:
@@ -125,7 +130,7 @@ def dump_task(task: Task) -> bytes:
     For executors that pick the worker themselves; the call travels with every task, and each
     worker deserializes it once. Raises SerializationError naming what cannot be sent.
     """
-    return pickle.dumps((task.call.id, dump_call(task.call), dump_items(task)),
+    return pickle.dumps((task.call.id, _call_reference(task.call), dump_items(task)),
                         protocol=pickle.HIGHEST_PROTOCOL)
 
 
@@ -135,10 +140,14 @@ def execute_dumped(payload: bytes) -> bytes:
     Call ``parfor_core.mark_worker_process`` once in each worker process (an executor's
     initializer), so that nested calls there run serially.
     """
-    call_id, call_data, items = pickle.loads(payload)
+    call_id, reference, items = pickle.loads(payload)
     call = _worker_calls.get(call_id)
     if call is None:
-        call = _worker_calls[call_id] = load_call(call_data)
+        data, path = pickle.loads(reference)
+        if data is None:
+            with open(path, "rb") as file:
+                data = file.read()
+        call = _worker_calls[call_id] = load_call(call_id, data)
         while len(_worker_calls) > CACHED_CALLS:
             _worker_calls.popitem(last=False)
     else:
@@ -161,7 +170,10 @@ class _Rebuilt:
 def _make_portable(failure: Failure) -> None:
     """Make sure the caller can rebuild the exception, of its own type where at all possible."""
     original = failure.exception
-    for candidate in (original, _Rebuilt(original)):
+    candidates: tuple[Any, ...] = (original, _Rebuilt(original))
+    if type(original).__init__ is not BaseException.__init__:  # it may reword its arguments
+        candidates = candidates[::-1]
+    for candidate in candidates:
         try:
             loads(dumps(candidate, to_caller=True))
         except Exception as exc:

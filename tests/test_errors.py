@@ -231,3 +231,20 @@ def test_length_warning_points_at_the_callers_line(entry):
         else:
             parfor([1, 2], length=2, bar=False, backend="serial")(abs)
     assert record[0].filename == __file__
+
+
+class RewordingError(Exception):
+    """Its __init__ rewords its arguments: calling it again with .args would garble them."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+
+
+def raise_rewording(i: int) -> None:
+    raise RewordingError(i, "bad")
+
+
+def test_exception_message_is_not_garbled_by_the_round_trip(backend):
+    with pytest.raises(RewordingError) as caught:
+        pmap(raise_rewording, [7, 8], backend=backend, bar=False)
+    assert str(caught.value) == "7: bad"
