@@ -1,0 +1,191 @@
+"""Fault injection on the processes backend: workers really die, and nothing is lost or hung."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from parfor import ParPool, pmap
+from parfor_backends.processes import ProcessesBackend, WorkerDiedError
+from parfor_core import Call, Task
+
+
+def sigkill_once(i: int, marker_dir: str) -> int:
+    """Item 5 kills its worker the first time it runs, as the OOM killer would."""
+    marker = Path(marker_dir, "killed")
+    if i == 5 and not marker.exists():
+        marker.touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return i * 10
+
+
+def always_sigkill(i: int) -> int:
+    if i == 137:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return i
+
+
+def segfault(i: int) -> int:
+    if i == 3:
+        ctypes.string_at(0)  # reads address 0: SIGSEGV
+    return i
+
+
+def exit_three(i: int) -> int:
+    if i == 2:
+        os._exit(3)
+    return i
+
+
+def test_a_killed_worker_is_replaced_and_its_items_retried(tmp_path):
+    assert pmap(sigkill_once, range(40), (str(tmp_path),), backend="processes",
+                bar=False) == [i * 10 for i in range(40)]
+    assert (tmp_path / "killed").exists()
+
+
+def test_an_item_that_keeps_killing_workers_fails_naming_it():
+    with pytest.raises(WorkerDiedError) as caught:
+        pmap(always_sigkill, range(300), backend="processes", bar=False)
+    message = str(caught.value)
+    assert "input item 137" in message and "SIGKILL" in message and "out-of-memory" in message
+    assert caught.value.indices == [137]
+    assert any("raised by item 137 (137)" in note for note in caught.value.__notes__)
+    assert pmap(abs, [-1, -2], backend="processes", bar=False) == [1, 2]
+
+
+def test_segfault_is_named():
+    with pytest.raises(WorkerDiedError, match=r"input item 3 .*SIGSEGV.*native code"):
+        pmap(segfault, range(8), backend="processes", bar=False)
+
+
+def test_os_exit_is_named_with_its_exit_code():
+    with pytest.raises(WorkerDiedError, match=r"input item 2 .*exit code 3"):
+        pmap(exit_three, range(8), backend="processes", bar=False)
+
+
+def test_retries_are_configurable_and_bounded(tmp_path):
+    backend = ProcessesBackend(2, retries=0)
+    try:
+        with pytest.raises(WorkerDiedError, match="died 1 times"):
+            pmap(sigkill_once, range(10), (str(tmp_path),), backend=backend, bar=False)
+    finally:
+        backend.shutdown()
+
+
+def test_parpool_task_that_kills_fails_alone(tmp_path):
+    with ParPool(sigkill_once, (str(tmp_path),), backend="processes") as pool:
+        pool[5] = 5
+        pool[6] = 6
+        assert pool[5] == 50  # retried after the first death
+        assert pool[6] == 60
+
+
+def test_worker_output_is_shown_in_the_caller(tmp_path):
+    script = tmp_path / "talk.py"
+    script.write_text(textwrap.dedent("""
+        import logging, sys
+        from parfor import pmap
+        from parfor_backends.processes import ProcessesBackend
+
+        def talk(i):
+            print(f"hello from item {i}")
+            logging.warning("warning from item %d", i)
+            return i
+
+        if __name__ == "__main__":
+            quiet = sys.argv[1] == "quiet"
+            backend = ProcessesBackend(2, worker_output=not quiet)
+            print(pmap(talk, range(4), backend=backend, bar=False))
+    """))
+    for mode in ("loud", "quiet"):
+        result = subprocess.run([sys.executable, str(script), mode], capture_output=True,
+                                text=True, timeout=60, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert lines[-1] == "[0, 1, 2, 3]"
+        hello = {f"hello from item {i}" for i in range(4)}
+        warned = {f"WARNING:root:warning from item {i}" for i in range(4)}
+        if mode == "loud":
+            assert hello <= set(lines)
+            assert warned <= set(result.stderr.splitlines())
+        else:
+            assert not hello & set(lines) and "warning from item" not in result.stderr
+
+
+def sleepy(i: float) -> float:
+    time.sleep(i)
+    return i
+
+
+def test_progress_is_reported_during_a_long_task():
+    backend = ProcessesBackend(1)
+    reports: list[int] = []
+    try:
+        task = Task(Call(sleepy), range(10), [0.1] * 10, reports.append)
+        result = backend.submit(task).result(timeout=60)
+    finally:
+        backend.shutdown()
+    assert result.values == [0.1] * 10
+    assert reports == sorted(reports) and any(0 < n < 10 for n in reports), reports
+
+
+def test_idle_workers_exit_after_the_timeout():
+    backend = ProcessesBackend(2, idle_timeout=0.5)
+    assert pmap(abs, range(-4, 4), backend=backend, bar=False, serial=False) == [
+        4, 3, 2, 1, 0, 1, 2, 3]
+    workers = psutil.Process().children()
+    pids = {worker.pid for worker in backend._workers}
+    assert pids and pids <= {worker.pid for worker in workers}
+    _, alive = psutil.wait_procs([w for w in workers if w.pid in pids], timeout=10)
+    assert alive == []
+    assert pmap(abs, [-1, -2], backend=backend, bar=False) == [1, 2]  # restarts on demand
+    backend.shutdown()
+
+
+def test_a_new_worker_count_replaces_the_pool_and_stops_the_old_one():
+    pmap(abs, range(20), backend="processes", bar=False, n_processes=3)
+    before = {p.pid: p for p in psutil.Process().children()}
+    pmap(abs, range(20), backend="processes", bar=False, n_processes=2)
+    after = {p.pid for p in psutil.Process().children()}
+    old = [p for pid, p in before.items() if pid not in after]
+    _, alive = psutil.wait_procs(old, timeout=10)
+    assert alive == []
+
+
+def test_workers_do_not_outlive_a_killed_parent(tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent("""
+        import time
+        from parfor import pmap
+
+        def started(n):
+            if n == 1:
+                print("started", flush=True)
+
+        if __name__ == "__main__":
+            pmap(time.sleep, [0.2] * 10_000, backend="processes", bar=started)
+    """))
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                               cwd=tmp_path, text=True)
+    try:
+        assert process.stdout.readline().strip() == "started"
+        workers = psutil.Process(process.pid).children(recursive=True)
+        assert workers
+        process.kill()  # SIGKILL: no clean-up code runs in the parent
+        process.wait(timeout=10)
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert alive == []
+    finally:
+        process.kill()
+        process.wait()
+        process.stdout.close()
+
