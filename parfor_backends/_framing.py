@@ -9,22 +9,27 @@ _LENGTH = struct.Struct("!Q")
 COUNT = struct.Struct("!Q")
 
 
-def write_frame(stream: BinaryIO, kind: bytes, body: bytes = b"") -> None:
-    """Write one message: its kind (one byte) and body; the caller serializes writers."""
-    stream.write(_LENGTH.pack(len(body) + 1) + kind)
-    stream.write(body)
+def write_frame(stream: BinaryIO, kind: bytes, *body: bytes) -> None:
+    """Write one message: its kind (one byte) and its body, given in parts so that large ones
+    are not copied to be joined; the caller serializes writers."""
+    stream.write(_LENGTH.pack(1 + sum(len(part) for part in body)) + kind)
+    for part in body:
+        stream.write(part)
     stream.flush()
 
 
-def read_frame(stream: BinaryIO) -> tuple[bytes, bytes] | None:
-    """The next ``(kind, body)``, or None when the other side closed the pipe (or died)."""
+def read_frame(stream: BinaryIO) -> tuple[bytes, memoryview] | None:
+    """The next ``(kind, body)``, or None when the other side closed the pipe (or died).
+
+    The body is a view, not a copy: a large message is held in memory once.
+    """
     header = _read_exactly(stream, _LENGTH.size)
     if header is None:
         return None
     message = _read_exactly(stream, _LENGTH.unpack(header)[0])
     if message is None:
         return None
-    return message[:1], message[1:]
+    return message[:1], memoryview(message)[1:]
 
 
 def _read_exactly(stream: BinaryIO, size: int) -> bytes | None:

@@ -41,17 +41,17 @@ def main(lifeline: int, results_fd: int) -> None:
     while (frame := read_frame(tasks)) is not None:
         kind, body = frame
         if kind == b"T":
-            call_id, items = body[:32].decode(), body[32:]
+            call_id, items = bytes(body[:32]).decode(), body[32:]
             values: list[Any] = []
             reporter.watch(values)
             result = run_items(calls[call_id], items, values)
             reporter.watch(None)
             send(b"R", result)
         elif kind == b"C":
-            call_id = body[:32].decode()
+            call_id = bytes(body[:32]).decode()
             calls[call_id] = load_call(call_id, body[32:])
         elif kind == b"F":
-            calls.pop(body.decode(), None)
+            calls.pop(bytes(body).decode(), None)
         elif kind == b"I":
             sys.path[:] = pickle.loads(body)
 

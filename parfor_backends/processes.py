@@ -25,7 +25,7 @@ from parfor_core import (
     Failure,
     Result,
     Task,
-    WorkerError,
+    WorkerDiedError,
     dump_call,
     dump_items,
     hookimpl,
@@ -36,10 +36,6 @@ from parfor_core import (
 IDLE_TIMEOUT = 600.0
 #: How often an item that killed its worker is run again, alone, before it fails.
 RETRIES = 1
-
-
-class WorkerDiedError(WorkerError):
-    """A worker process died while running an item, each time that item was tried."""
 
 
 class ProcessesBackend(Backend):
@@ -253,10 +249,10 @@ class _Worker:
         call = job.task.call
         try:
             if call.id not in self.known_calls:
-                self._send(b"C", call.id.encode() + dump_call(call))
+                self._send(b"C", call.id.encode(), dump_call(call))
                 self.known_calls.add(call.id)
                 call.releasers.append(lambda: self._forget(call.id))
-            self._send(b"T", call.id.encode() + job.items)
+            self._send(b"T", call.id.encode(), job.items)
         except BrokenPipeError:
             pass  # it died: its reader thread reports that, and the job is run again
 
@@ -269,8 +265,8 @@ class _Worker:
                 except (BrokenPipeError, ValueError):
                     pass
 
-    def _send(self, kind: bytes, body: bytes) -> None:
-        write_frame(self.process.stdin, kind, body)
+    def _send(self, kind: bytes, *body: bytes) -> None:
+        write_frame(self.process.stdin, kind, *body)
 
     def _read_results(self) -> None:
         while (frame := read_frame(self._results)) is not None:

@@ -35,6 +35,7 @@ from .errors import (
     PluginError,
     SerializationError,
     UnknownBackendError,
+    WorkerDiedError,
     WorkerError,
 )
 from .hookspecs import hookimpl
@@ -56,6 +57,7 @@ __all__ = [
     "SerializationError",
     "Task",
     "UnknownBackendError",
+    "WorkerDiedError",
     "WorkerError",
     "available_cpus",
     "dump_call",

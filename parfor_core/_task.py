@@ -27,7 +27,7 @@ def inside_worker() -> bool:
 
 
 def mark_worker_process() -> None:
-    """Called once in a worker process, so every later call there knows it is nested."""
+    """Call once in each worker process, so that every call made there runs serially."""
     global _in_worker_process
     _in_worker_process = True
 

@@ -78,3 +78,7 @@ class WorkerError(ParforError):
         """The error for a task whose future failed: ``what`` says which work was running."""
         return cls(f"Backend {backend!r} failed while running {what}, outside the function "
                    f"itself: {type(cause).__name__}: {cause}", backend=backend, indices=indices)
+
+
+class WorkerDiedError(WorkerError):
+    """A worker process died while running an item, each time that item was tried."""

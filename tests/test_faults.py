@@ -14,8 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from parfor import ParPool, pmap
-from parfor_backends.processes import ProcessesBackend, WorkerDiedError
+from parfor import ParPool, WorkerDiedError, pmap
+from parfor_backends.processes import ProcessesBackend
 from parfor_core import Call, Task
 
 
@@ -189,3 +189,15 @@ def test_workers_do_not_outlive_a_killed_parent(tmp_path):
         process.wait()
         process.stdout.close()
 
+
+
+def test_workers_talk_over_pipes_only():
+    backend = ProcessesBackend(2)
+    try:
+        assert pmap(abs, range(-3, 3), backend=backend, bar=False) == [3, 2, 1, 0, 1, 2]
+        workers = [psutil.Process(worker.pid) for worker in backend._workers]
+        assert workers
+        for process in [psutil.Process(), *workers]:
+            assert process.net_connections(kind="inet") == []  # no socket, no listening port
+    finally:
+        backend.shutdown()

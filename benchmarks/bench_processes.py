@@ -1,0 +1,231 @@
+"""The processes backend against its peers, measured side by side in one run.
+
+    python benchmarks/bench_processes.py            # the full run (a few minutes)
+    python benchmarks/bench_processes.py --quick    # a smoke run (seconds), as CI does
+
+Every figure is a median of repeated, interleaved runs, given as a ratio to a plain serial loop
+measured in the same run (lower is better, except speedup). Memory is the extra proportional
+set size (PSS) of the whole process tree at its peak, sampled while the work runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import multiprocessing
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+
+from parfor import gmap, pmap
+
+CONTENDERS = ["processes", "loky", "serial", "multiprocessing.Pool", "concurrent.futures"]
+
+
+def trivial(x: int) -> int:
+    return x * x
+
+
+def cpu_bound(seed: int, work: int) -> int:
+    x = seed
+    for _ in range(work):
+        x = (x * 1103515245 + 12345) & 0x7FFFFFFF
+    return x
+
+
+def array_sum(i: int, array: Any) -> float:
+    return float(array.sum()) + i
+
+
+class Peers:
+    """The non-parfor contenders, with pools started once and reused, as a user would."""
+
+    def __init__(self, n_workers: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.pool = context.Pool(n_workers)
+        self.executor = concurrent.futures.ProcessPoolExecutor(n_workers, mp_context=context)
+        self.n_workers = n_workers
+
+    def map(self, name: str, fun: Callable[..., Any], items: list[Any], *args: Any) -> list[Any]:
+        chunksize = max(1, len(items) // (4 * self.n_workers))
+        if args:
+            fun = _Bound(fun, args)
+        if name == "multiprocessing.Pool":
+            return self.pool.map(fun, items, chunksize=chunksize)
+        return list(self.executor.map(fun, items, chunksize=chunksize))
+
+    def close(self) -> None:
+        self.pool.terminate()
+        self.executor.shutdown(cancel_futures=True)
+
+
+class _Bound:
+    """fun with extra arguments, picklable for the standard library's pools."""
+
+    def __init__(self, fun: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.fun, self.args = fun, args
+
+    def __call__(self, item: Any) -> Any:
+        return self.fun(item, *self.args)
+
+
+def run(name: str, peers: Peers, fun: Callable[..., Any], items: list[Any], *args: Any) -> Any:
+    if name in ("multiprocessing.Pool", "concurrent.futures"):
+        return peers.map(name, fun, items, *args)
+    return pmap(fun, items, args, backend=name, bar=False, serial=False if name != "serial"
+                else None)
+
+
+def timed(action: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
+
+
+class PeakMemory:
+    """Samples the PSS of this process and all its children while a block runs."""
+
+    def __enter__(self) -> PeakMemory:
+        self.baseline = _tree_pss()
+        self.peak = self.baseline
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, _tree_pss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _tree_pss())
+
+    @property
+    def extra_mb(self) -> float:
+        return (self.peak - self.baseline) / 2**20
+
+
+def _tree_pss() -> int:
+    total = 0
+    me = psutil.Process()
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            total += process.memory_full_info().pss
+        except (psutil.Error, AttributeError):
+            pass
+    return total
+
+
+def median_ratios(names: list[str], actions: dict[str, Callable[[], Any]],
+                  baseline: Callable[[], Any], repeats: int) -> tuple[float, dict[str, float]]:
+    """Median time of the serial loop, and each contender's median time as a ratio to it."""
+    times: dict[str, list[float]] = {name: [] for name in names}
+    base: list[float] = []
+    for _ in range(repeats):  # interleaved, so that noise hits every contender alike
+        base.append(timed(baseline))
+        for name in names:
+            times[name].append(timed(actions[name]))
+    serial = statistics.median(base)
+    return serial, {name: statistics.median(t) / serial for name, t in times.items()}
+
+
+def cold_start(name: str) -> float:
+    """Seconds from a fresh interpreter to the first result of a 4-item map."""
+    if name in ("multiprocessing.Pool", "concurrent.futures"):
+        code = ("import concurrent.futures, multiprocessing as mp, time\n"
+                "t = time.perf_counter()\n"
+                + ("with mp.get_context('spawn').Pool(2) as p: p.map(abs, range(4))\n"
+                   if name == "multiprocessing.Pool" else
+                   "with concurrent.futures.ProcessPoolExecutor(2) as e: list(e.map(abs, "
+                   "range(4)))\n")
+                + "print(time.perf_counter() - t)")
+    else:
+        code = ("import time; t = time.perf_counter()\n"
+                "from parfor import pmap\n"
+                f"pmap(abs, range(4), backend={name!r}, bar=False, serial=False if {name!r} != "
+                "'serial' else None)\nprint(time.perf_counter() - t)")
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run with tiny sizes")
+    quick = parser.parse_args().quick
+    n_workers = os.cpu_count() or 1
+    repeats = 1 if quick else 5
+    print(f"# parfor benchmark: {platform.python_implementation()} {platform.python_version()}, "
+          f"{platform.machine()}, {n_workers} CPUs, {psutil.virtual_memory().total / 2**30:.0f} "
+          f"GiB; {'quick smoke run' if quick else f'medians of {repeats} interleaved runs'}")
+    peers = Peers(n_workers)
+    for name in CONTENDERS:  # warm every pool first
+        run(name, peers, trivial, list(range(100)))
+    try:
+        rows: dict[str, dict[str, str]] = {name: {} for name in CONTENDERS}
+
+        items = list(range(2_000 if quick else 100_000))
+        serial, ratios = median_ratios(
+            CONTENDERS, {n: (lambda n=n: run(n, peers, trivial, items)) for n in CONTENDERS},
+            lambda: [trivial(x) for x in items], repeats)
+        for name, ratio in ratios.items():
+            rows[name]["W1 100k trivial items (x serial)"] = f"{ratio:.1f}x"
+
+        work = 20_000 if quick else 600_000
+        jobs = list(range(4 if quick else 32))
+        serial, ratios = median_ratios(
+            CONTENDERS, {n: (lambda n=n: run(n, peers, cpu_bound, jobs, work))
+                         for n in CONTENDERS},
+            lambda: [cpu_bound(x, work) for x in jobs], repeats)
+        for name, ratio in ratios.items():
+            rows[name]["W2 CPU-bound (speedup)"] = f"{1 / ratio:.2f}"
+
+        import numpy
+
+        array = numpy.ones((2 if quick else 200) * 2**20 // 8)
+        tasks = list(range(4 if quick else 32))
+        for name in CONTENDERS:
+            with PeakMemory() as memory:
+                seconds = statistics.median(
+                    timed(lambda n=name: run(n, peers, array_sum, tasks, array))
+                    for _ in range(repeats))
+            base = timed(lambda: [array_sum(i, array) for i in tasks])
+            rows[name]["W3 big argument (x serial)"] = f"{seconds / base:.1f}x"
+            rows[name]["W3 extra memory"] = f"{memory.extra_mb:+.0f} MB"
+
+        for name in CONTENDERS:
+            cold = statistics.median(cold_start(name) for _ in range(repeats))
+            rows[name]["W4a cold start (s)"] = f"{cold:.2f}"
+            warm = statistics.median(timed(lambda n=name: run(n, peers, abs, [1, 2, 3, 4]))
+                                     for _ in range(max(3, repeats)))
+            rows[name]["W4b warm 4 items (ms)"] = f"{warm * 1000:.1f}"
+
+        n_stream = 10_000 if quick else 1_000_000
+        for name in ("processes", "loky", "serial"):
+            with PeakMemory() as memory:
+                total = sum(gmap(trivial, (i for i in range(n_stream)), backend=name,
+                                 bar=False))
+            assert total == sum(i * i for i in range(n_stream))
+            rows[name]["W5 stream 1M generator: extra memory"] = f"{memory.extra_mb:+.0f} MB"
+    finally:
+        peers.close()
+
+    columns = list(dict.fromkeys(key for row in rows.values() for key in row))
+    print("| contender | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for name, row in rows.items():
+        print(f"| {name} | " + " | ".join(row.get(c, "-") for c in columns) + " |")
+
+
+if __name__ == "__main__":
+    main()
