@@ -2,12 +2,15 @@
 
 Started as ``python -m parfor_backends._process_worker LIFELINE RESULTS``. Tasks arrive on
 stdin, results leave on the RESULTS pipe; both are pipes the parent made for this worker alone.
-The worker exits when stdin closes, and at once when the parent dies (the LIFELINE pipe, whose
-other end only the parent holds, reaches EOF). Ctrl-C is the parent's to handle.
+What the tasks print to sys.stdout and sys.stderr travels on the RESULTS pipe too, line by line,
+so the parent shows it before the result it came with. The worker exits when stdin closes, and
+at once when the parent dies (the LIFELINE pipe, whose other end only the parent holds, reaches
+EOF). Ctrl-C is the parent's to handle.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import signal
@@ -33,27 +36,42 @@ def main(lifeline: int, results_fd: int) -> None:
         with send_lock:
             write_frame(results, kind, body)
 
-    from parfor_core import load_call, mark_worker_process, run_items
+    from parfor_core import load_call, mark_worker_process, run_items, unloadable
 
     mark_worker_process()
     reporter = _ProgressReporter(send)
+    outputs: list[_Output] = []
     calls: dict[str, Any] = {}
     while (frame := read_frame(tasks)) is not None:
         kind, body = frame
         if kind == b"T":
             call_id, items = bytes(body[:32]).decode(), body[32:]
+            call = calls[call_id]
+            if isinstance(call, Exception):
+                send(b"R", unloadable(items, "the function or its extra arguments", call))
+                continue
             values: list[Any] = []
             reporter.watch(values)
-            result = run_items(calls[call_id], items, values)
+            result = run_items(call, items, values)
             reporter.watch(None)
+            for output in outputs:
+                output.flush()
             send(b"R", result)
         elif kind == b"C":
             call_id = bytes(body[:32]).decode()
-            calls[call_id] = load_call(call_id, body[32:])
+            try:
+                calls[call_id] = load_call(call_id, body[32:])
+            except Exception as exc:  # reported with each task of that call, not a crash
+                calls[call_id] = exc
         elif kind == b"F":
             calls.pop(bytes(body).decode(), None)
         elif kind == b"I":
-            sys.path[:] = pickle.loads(body)
+            sys.path[:], show_output = pickle.loads(body)
+            if show_output:
+                outputs[:] = [_Output(send, b"O"), _Output(send, b"E")]
+                sys.stdout, sys.stderr = outputs
+            else:
+                sys.stdout = sys.stderr = open(os.devnull, "w")
 
 
 def _exit_with_parent(lifeline: int) -> None:
@@ -66,6 +84,36 @@ def _stdin_from_devnull() -> None:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
+
+
+class _Output(io.TextIOBase):
+    """sys.stdout or sys.stderr of a worker: sends whole lines to the parent as they come."""
+
+    def __init__(self, send: Any, kind: bytes) -> None:
+        self._send = send
+        self._kind = kind
+        self._pending = ""
+        self._lock = threading.Lock()
+
+    @property
+    def encoding(self) -> str:
+        return "utf-8"
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            lines, newline, self._pending = (self._pending + text).rpartition("\n")
+            if newline:
+                self._send(self._kind, lines.encode(errors="replace"))
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._pending:
+                self._send(self._kind, self._pending.encode(errors="replace"))
+                self._pending = ""
 
 
 class _ProgressReporter:

@@ -214,19 +214,15 @@ class _Worker:
         self.known_calls: set[str] = set()
         self._lifeline = lifeline
         self._results = results
-        self._readers = [threading.Thread(target=self._read_results, daemon=True)]
-        if backend.worker_output:
-            for stream, target in ((process.stdout, "stdout"), (process.stderr, "stderr")):
-                self._readers.append(threading.Thread(target=_relay_lines,
-                                                      args=(stream, target), daemon=True))
-        for reader in self._readers:
-            reader.start()
+        threading.Thread(target=self._read_results, daemon=True).start()
 
     @classmethod
     def start(cls, backend: ProcessesBackend) -> _Worker:
         lifeline_read, lifeline_write = os.pipe()
         results_read, results_write = os.pipe()
-        output = subprocess.PIPE if backend.worker_output else subprocess.DEVNULL
+        # Python-level output comes over the results pipe; what native code writes to the file
+        # descriptors goes straight to ours.
+        output = None if backend.worker_output else subprocess.DEVNULL
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = {**os.environ, "PYTHONUNBUFFERED": "1",
                "PYTHONPATH": os.pathsep.join(filter(None, [package_root,
@@ -240,7 +236,7 @@ class _Worker:
         os.close(lifeline_read)
         os.close(results_write)
         worker = cls(backend, process, lifeline_write, os.fdopen(results_read, "rb"))
-        worker._send(b"I", pickle.dumps(sys.path))
+        worker._send(b"I", pickle.dumps((sys.path, backend.worker_output)))
         return worker
 
     def run(self, job: _Job) -> None:
@@ -285,6 +281,9 @@ class _Worker:
                 job = self.job
                 if job is not None and job.task.report is not None:
                     job.task.report(COUNT.unpack(body)[0])
+            else:  # b"O" or b"E": lines the worker printed
+                _show(bytes(body).decode(errors="replace"), sys.stdout if kind == b"O"
+                      else sys.stderr)
         self._results.close()
         self.backend._died(self)
 
@@ -318,8 +317,8 @@ class _Worker:
         self.release()
 
     def release(self) -> None:
-        """Close this side of the pipes to a worker that has ended (the reader threads close
-        the pipes from it when they reach their end)."""
+        """Close this side of the pipes to a worker that has ended (its reader thread closes
+        the one from it when it reaches its end)."""
         if self._lifeline is not None:
             os.close(self._lifeline)
             self._lifeline = None
@@ -329,13 +328,11 @@ class _Worker:
             pass
 
 
-def _relay_lines(stream: IO[bytes], target: str) -> None:
-    """Show each line a worker writes, above the progress bars (tqdm.write)."""
+def _show(lines: str, file: IO[str]) -> None:
+    """Show lines a worker printed, above any progress bar."""
     from tqdm import tqdm
 
-    with stream:
-        for line in iter(stream.readline, b""):
-            tqdm.write(line.decode(errors="replace").rstrip("\n"), file=getattr(sys, target))
+    tqdm.write(lines, file=file)
 
 
 @hookimpl

@@ -27,6 +27,7 @@ from ._wire import (
     load_call,
     load_result,
     run_items,
+    unloadable,
 )
 from .backend import Backend, then
 from .errors import (
@@ -77,4 +78,5 @@ __all__ = [
     "run_items",
     "run_task",
     "then",
+    "unloadable",
 ]

@@ -14,12 +14,13 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import traceback
 import weakref
 from collections import OrderedDict
 from typing import Any
 
 from ._pickling import dumps, loads
-from ._task import Call, Failure, Result, Task, run_task
+from ._task import Call, Failure, Result, Task, describe_worker, run_task
 from .errors import ParforError, SerializationError, rebuild_exception
 
 #: Serialized calls above this size are written to a file instead of riding along with each task.
@@ -114,14 +115,28 @@ def run_items(call: Call, data: bytes, values: list[Any] | None = None) -> bytes
     watch its length to report progress during a long task).
     """
     indices, items = pickle.loads(data)
-    items = loads(items)
+    try:
+        items = loads(items)
+    except Exception as exc:
+        return unloadable(data, "the items", exc)
     result = run_task(Task(call, indices, items), values)
     if result.failure is not None:
         _make_portable(result.failure)
     try:
-        return dumps(result, to_caller=True)
+        return dumps(result)
     except Exception as exc:
-        return dumps(_sendable(result, indices, items, exc), to_caller=True)
+        return dumps(_sendable(result, indices, items, exc))
+
+
+def unloadable(data: bytes, what: str, cause: BaseException) -> bytes:
+    """Worker side: the dumped Result of a task (``data`` from `dump_items`) that cannot run
+    because ``what`` (its items, or its call) cannot be deserialized here."""
+    indices, _ = pickle.loads(data)
+    error = ParforError(f"{what} cannot be deserialized in worker process {os.getpid()}: "
+                        f"{type(cause).__name__}: {cause}")
+    failure = Failure(indices[0], "not deserialized", error,
+                      "".join(traceback.format_exception(cause)), describe_worker())
+    return dumps(Result([], 0.0, failure))
 
 
 def dump_task(task: Task) -> bytes:
@@ -144,10 +159,13 @@ def execute_dumped(payload: bytes) -> bytes:
     call = _worker_calls.get(call_id)
     if call is None:
         data, path = pickle.loads(reference)
-        if data is None:
-            with open(path, "rb") as file:
-                data = file.read()
-        call = _worker_calls[call_id] = load_call(call_id, data)
+        try:
+            if data is None:
+                with open(path, "rb") as file:
+                    data = file.read()
+            call = _worker_calls[call_id] = load_call(call_id, data)
+        except Exception as exc:
+            return unloadable(items, "the function or its extra arguments", exc)
         while len(_worker_calls) > CACHED_CALLS:
             _worker_calls.popitem(last=False)
     else:
@@ -175,7 +193,7 @@ def _make_portable(failure: Failure) -> None:
         candidates = candidates[::-1]
     for candidate in candidates:
         try:
-            loads(dumps(candidate, to_caller=True))
+            loads(dumps(candidate))
         except Exception as exc:
             problem = exc
         else:
@@ -192,7 +210,7 @@ def _sendable(result: Result, indices: list[int], items: list[Any], cause: Excep
     """Replace what cannot be sent back to the parent by a Failure that names it."""
     for position, value in enumerate(result.values):
         try:
-            dumps(value, to_caller=True)
+            dumps(value)
         except Exception as exc:
             error = SerializationError(f"the result of input item {indices[position]}", value, exc)
             failure = Failure.capture(indices[position], items[position], error)

@@ -57,7 +57,7 @@ class SerializationError(ParforError, TypeError):
         self.what = what
         self.type_name = f"{type(obj).__module__}.{type(obj).__qualname__}"
         super().__init__(
-            f"Cannot serialize {what} (type {self.type_name}) with dill: "
+            f"Cannot serialize {what} (type {self.type_name}) with cloudpickle or dill: "
             f"{type(cause).__name__}: {cause}. Make it picklable (define it at module level, "
             "or give it __reduce__ / __getstate__), create it inside the function instead, "
             "or use backend='threads' so nothing has to cross a process boundary."

@@ -201,3 +201,19 @@ def test_workers_talk_over_pipes_only():
             assert process.net_connections(kind="inet") == []  # no socket, no listening port
     finally:
         backend.shutdown()
+
+
+def test_items_a_worker_cannot_load_fail_with_a_clear_error(tmp_path, monkeypatch):
+    (tmp_path / "only_in_parent.py").write_text("class Shape:\n    side = 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import only_in_parent
+
+    item = only_in_parent.Shape()
+    monkeypatch.undo()  # the module stays imported here, but new workers cannot find it
+    backend = ProcessesBackend(2)
+    try:
+        with pytest.raises(Exception, match="items cannot be deserialized in worker process"):
+            pmap(lambda shape: shape.side, [item, item], backend=backend, bar=False)
+        assert pmap(abs, [-1, -2], backend=backend, bar=False) == [1, 2]  # no worker died
+    finally:
+        backend.shutdown()

@@ -72,8 +72,25 @@ def test_large_arguments_travel_once_and_leave_no_file(process_backend, tmp_path
 
 
 MAIN_SCRIPT = """
+import enum
 import sys
+from typing import Generic, TypeVar
 from parfor import pmap
+
+class Color(enum.Enum):
+    RED = 1
+    BLUE = 2
+
+T = TypeVar("T")
+
+class Box(Generic[T]):
+    def __init__(self, value):
+        self.value = value
+
+class Node:
+    pass
+
+Node.default = Node()
 
 class Point:
     def __init__(self, x):
@@ -95,6 +112,18 @@ def fail(i):
         raise TwoArg(i, "x")
     return i
 
+def is_point(p):
+    return isinstance(p, Point)
+
+def is_red(color):
+    return color is Color.RED
+
+def unbox(box):
+    return box.value
+
+def is_default(node):
+    return node is Node.default
+
 if __name__ == "__main__":
     backend = sys.argv[1]
     points = pmap(make, range(4), backend=backend, bar=False)
@@ -104,6 +133,13 @@ if __name__ == "__main__":
         pmap(fail, range(4), backend=backend, bar=False)
     except TwoArg as error:
         print("TwoArg", error.a, error)
+    print(pmap(is_point, [Point(1), 2], backend=backend, bar=False))
+    print(pmap(is_red, [Color.RED, Color.BLUE], backend=backend, bar=False))
+    colors = pmap(lambda c: c, [Color.BLUE, Color.RED], backend=backend, bar=False)
+    print(colors == [Color.BLUE, Color.RED], pmap(unbox, [Box(5), Box(5)], backend=backend,
+                                                  bar=False)[:1])
+    print(pmap(lambda n: isinstance(n, Node), [Node(), Node.default], backend=backend,
+               bar=False))
 """
 
 
@@ -113,7 +149,9 @@ def test_classes_of_the_main_script_survive_the_round_trip(backend, tmp_path):
     result = subprocess.run([sys.executable, str(script), backend], capture_output=True,
                             text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["True [0, 1, 2, 3]", "[6, 8]", "TwoArg 2 2/x"]
+    assert result.stdout.splitlines() == ["True [0, 1, 2, 3]", "[6, 8]", "TwoArg 2 2/x",
+                                          "[True, False]", "[True, False]", "True [5]",
+                                          "[True, True]"]
 
 
 def test_local_functions_and_classes_travel_by_value(process_backend):
