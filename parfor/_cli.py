@@ -6,7 +6,7 @@ from time import perf_counter
 from typing import TextIO
 
 from parfor_core import available_cpus, pmap, registry
-from parfor_core._arguments import n_workers
+from parfor_core._arguments import settings_for
 
 
 def list_backends(out: TextIO) -> int:
@@ -44,7 +44,7 @@ def demo(out: TextIO, items: int, work: int, backend: str | None,
     import tqdm.auto  # noqa: F401 - imported before timing, so neither run pays for it
 
     selected = registry.select(backend, serial=None, total=items,
-                               n_workers=n_workers(n_processes))
+                               settings=settings_for(backend, n_processes, None))
     start = perf_counter()
     expected = pmap(burn, range(items), (work,), serial=True, desc="serial  ")
     serial_seconds = perf_counter() - start

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
 
-from ._arguments import make_call, n_workers, show_bar, total_of
+from ._arguments import make_call, settings_for, show_bar, total_of
 from ._chunking import ChunkSizer
 from ._dispatch import dispatch
 from ._progress import Progress, check_bar
@@ -58,10 +58,10 @@ def _batches(fun: Callable[..., Any], iterable: Iterable[Any], args: Sequence[An
     """Check every argument now, then return a generator of lists of results, one per chunk."""
     call = make_call(fun, args, kwargs)
     expected = total_of(iterable, total, length)
-    workers = n_workers(n_processes)
     check_bar(bar, bar_kwargs)
-    selected = registry.select(backend, serial=serial, total=expected, n_workers=workers)
-    shown = show_bar(bar, nested=inside_worker())
+    settings = settings_for(backend, n_processes, bar)
+    selected = registry.select(backend, serial=serial, total=expected, settings=settings)
+    shown = show_bar(settings["bar"], nested=inside_worker())
     spec = ProgressSpec(shown, expected, desc, bar_kwargs)
     return _run(selected, call, iterable, expected, ordered, with_index, spec)
 

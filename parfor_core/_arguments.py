@@ -7,7 +7,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ._registry import available_cpus
+from ._config import Configuration, current
 from ._task import Call
 
 
@@ -35,11 +35,12 @@ def check_count(name: str, value: object, minimum: int) -> int:
     return value
 
 
-def n_workers(n_processes: object) -> int:
-    """The number of workers asked for, or every available CPU."""
-    if n_processes is None:
-        return available_cpus()
-    return check_count("n_processes", n_processes, 1)
+def settings_for(backend: object, n_processes: object, bar: object) -> Configuration:
+    """The settings of one call: its own arguments (checked here) over the configuration."""
+    if n_processes is not None:
+        check_count("n_processes", n_processes, 1)
+    return current(backend=backend if isinstance(backend, str) else None,
+                   n_processes=n_processes, bar=bar)
 
 
 def _outside_parfor() -> int:

@@ -9,7 +9,7 @@ from concurrent.futures import Future, wait
 from contextlib import ExitStack
 from typing import Any
 
-from ._arguments import make_call, n_workers, show_bar
+from ._arguments import make_call, settings_for, show_bar
 from ._progress import Progress, check_bar
 from ._registry import registry
 from ._task import Call, Result, Task, inside_worker
@@ -39,11 +39,12 @@ class ParPool:
         self._default = make_call(fun, args, kwargs) if fun is not None else None
         check_bar(bar, {})
         # No serial fallback for one worker: a pool must accept work now and run it later.
+        settings = settings_for(backend, n_processes, bar)
         selected = registry.select(backend, serial=False if backend is None else None,
-                                   total=None, n_workers=n_workers(n_processes))
+                                   total=None, settings=settings)
         self._resources = ExitStack()
         self._backend = self._resources.enter_context(registry.lease(selected))
-        shown = show_bar(False if bar is None else bar, nested=inside_worker())
+        shown = show_bar(bool(settings["bar"]) if bar is None else bar, nested=inside_worker())
         self._progress = Progress(shown, total=0)
         self._futures: dict[Hashable, Future[Result]] = {}
         self._finished: queue.SimpleQueue[tuple[Hashable, Future[Result]]] = queue.SimpleQueue()

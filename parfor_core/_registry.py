@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import inspect
 import os
 import sys
 import threading
@@ -11,11 +12,12 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pluggy
 
 from . import hookspecs
+from ._config import Configuration, ConfigWarning
 from ._task import inside_worker
 from .backend import Backend
 from .errors import BackendUnavailableError, PluginError, UnknownBackendError
@@ -61,6 +63,7 @@ class Selection(NamedTuple):
 
     name: str
     n_workers: int
+    options: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ class Registry:
         self._lock = threading.RLock()
         self._pm: pluggy.PluginManager | None = None
         self._entry_points: list[EntryPoint] = []
-        self._instances: dict[str, Backend] = {}
+        self._instances: dict[str, tuple[Backend, Selection]] = {}
         self._leases: dict[int, int] = {}  # id(backend) -> calls running on it
         self._retired: weakref.WeakSet[Backend] = weakref.WeakSet()  # replaced, maybe leased
         self._closed = False
@@ -171,9 +174,10 @@ class Registry:
         return Choice(best[1], f"the GIL is {gil} and {best[1]!r} has the highest automatic "
                                f"priority ({best[0]}) of the available backends")
 
-    def select(self, backend: str | Backend | None, *, serial: bool | None,
-               total: int | None, n_workers: int) -> Backend | Selection:
-        """Which backend one call runs on, from its arguments; checked now, made by `lease`.
+    def select(self, backend: str | Backend | None, *, serial: bool | None, total: int | None,
+               settings: Configuration) -> Backend | Selection:
+        """Which backend one call runs on, from its arguments and settings; checked now, made
+        by `lease`.
 
         Nested calls (inside a worker) always run serially, whatever was asked: the outer call
         already keeps every worker busy, and waiting on the same pool could deadlock.
@@ -189,18 +193,22 @@ class Registry:
             raise ValueError(f"serial=True conflicts with backend={backend!r}")
         if serial is False and backend == SERIAL:
             raise ValueError("serial=False conflicts with backend='serial'")
-        if backend is not None:
-            self._usable_class(backend)
+        name = settings["backend"]
+        origin = "backend=" if backend is not None else settings.source("backend")
+        cls = self._usable_class(name, origin) if name is not None else None
         if inside_worker() or serial is True:
             return Selection(SERIAL, 1)
-        if backend is None:
+        n_workers = settings["n_processes"] or available_cpus()
+        if cls is None:
             if serial is None and ((total is not None and total < 2) or n_workers < 2):
                 return Selection(SERIAL, 1)
-            backend = self.auto().name
-        return Selection(backend, 1 if backend == SERIAL else n_workers)
+            cls = self._usable_class(self.auto().name)
+        if cls.name == SERIAL:
+            return Selection(SERIAL, 1)
+        return Selection(cls.name, n_workers, _options(cls, settings))
 
-    def _usable_class(self, name: str) -> type[Backend]:
-        cls = self.get_class(name)
+    def _usable_class(self, name: str, origin: str = "backend=") -> type[Backend]:
+        cls = self.get_class(name, origin)
         reason = cls.unavailable_reason()
         if reason is not None:
             raise BackendUnavailableError(name, reason)
@@ -223,15 +231,16 @@ class Registry:
     def _acquire(self, selection: Selection) -> Backend:
         retired = None
         with self._lock:
-            backend = self._instances.get(selection.name)
-            if backend is None or backend.n_workers != selection.n_workers:
+            backend, made_for = self._instances.get(selection.name, (None, None))
+            if backend is None or made_for != selection:
                 if backend is not None:
                     if self._leases.get(id(backend)):
                         self._retired.add(backend)
                     else:
                         retired = backend
-                backend = self._usable_class(selection.name)(selection.n_workers)
-                self._instances[selection.name] = backend
+                cls = self._usable_class(selection.name)
+                backend = cls(selection.n_workers, **dict(selection.options))
+                self._instances[selection.name] = (backend, selection)
                 if not self._exit_registered:
                     atexit.register(self._exit)
                     self._exit_registered = True
@@ -246,14 +255,14 @@ class Registry:
             if self._leases[id(backend)] > 0:
                 return
             del self._leases[id(backend)]
-            if self._instances.get(backend.name) is backend or self._closed:
+            if self._instances.get(backend.name, (None,))[0] is backend or self._closed:
                 return  # still the pooled one, kept for the next call; or shut down at exit
         backend.shutdown()
 
     def shutdown(self) -> None:
         """Shut every backend instance down, pooled or still leased (at interpreter exit)."""
         with self._lock:
-            instances = list(self._instances.values()) + [
+            instances = [backend for backend, _ in self._instances.values()] + [
                 backend for backend in self._retired if id(backend) in self._leases]
             self._instances = {}
         for backend in instances:
@@ -265,6 +274,21 @@ class Registry:
         with self._lock:
             self._closed = True
         self.shutdown()
+
+
+def _options(cls: type[Backend], settings: Configuration) -> tuple[tuple[str, Any], ...]:
+    """The settings a backend takes as keyword arguments: the general ones it accepts
+    (idle_timeout, retries, worker_output) and its own table; unknown own options warn."""
+    parameters = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    own = settings["backends"].get(cls.name, {})
+    for key in own:
+        if key not in parameters and not takes_any:
+            warnings.warn(f"{settings.source('backends')}: backend {cls.name!r} has no option "
+                          f"{key!r}; it is ignored", ConfigWarning, stacklevel=5)
+    options = settings.backend_options(cls.name)
+    return tuple(sorted((key, value) for key, value in options.items()
+                        if (key in parameters or takes_any) and key != "n_workers"))
 
 
 def _dist_label(ep: EntryPoint) -> str:

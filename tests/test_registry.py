@@ -11,6 +11,7 @@ import pytest
 
 from parfor import BackendUnavailableError, PluginError, UnknownBackendError, pmap
 from parfor_core import Backend, Result, Task, gil_enabled, hookimpl, registry, run_task
+from parfor_core._config import current
 from parfor_core._registry import PluginWarning, Registry
 
 
@@ -181,4 +182,6 @@ def test_running_the_wire_protocol_in_process_does_not_make_the_caller_a_worker(
     backend = InProcessWireBackend(2)
     assert pmap(lambda x: -x, range(5), backend=backend, bar=False) == [0, -1, -2, -3, -4]
     assert not inside_worker()
-    assert registry.select(None, serial=None, total=100, n_workers=2).name == registry.auto().name
+    settings = current(n_processes=2)
+    assert registry.select(None, serial=None, total=100, settings=settings).name == (
+        registry.auto().name)

@@ -1,0 +1,281 @@
+"""Settings, and where each comes from. The first that sets one wins:
+
+1. the call's own argument;
+2. a ``with parfor.config(...):`` block (scoped with contextvars: other threads and async tasks
+   do not see it);
+3. an environment variable (``PARFOR_BACKEND``, ``PARFOR_N_PROCESSES``, ...);
+4. the project file: ``[tool.parfor]`` in the nearest ``pyproject.toml`` that has it, or a
+   ``parfor.toml``, looking from the working directory upwards;
+5. the user file: ``config.toml`` in the platform's config folder (``PARFOR_CONFIG`` names
+   another);
+6. the default.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+from .errors import ParforError
+
+
+class ConfigError(ParforError, ValueError):
+    """A setting has a value parfor cannot use; the message names where it was set."""
+
+
+class ConfigWarning(UserWarning):
+    """A configuration file has a key parfor does not know; it is ignored."""
+
+
+def _boolean(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _WORDS:
+        return _WORDS[value.strip().lower()]
+    raise ValueError("must be true or false (1/0, yes/no, on/off)")
+
+
+_WORDS = {"1": True, "true": True, "yes": True, "on": True,
+          "0": False, "false": False, "no": False, "off": False}
+
+
+def _whole(minimum: int) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        if isinstance(value, str):
+            value = value.strip()
+            if value.lstrip("-").isdigit():
+                value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"must be a whole number of at least {minimum}")
+        return value
+    return parse
+
+
+def _seconds(value: object) -> float:
+    try:
+        seconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if isinstance(value, bool) or not seconds > 0:
+        raise ValueError("must be a number of seconds above 0")
+    return seconds
+
+
+def _name(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a backend name (see `parfor backends`)")
+    return value.strip()
+
+
+def _names(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(name.strip() for name in value.split(",") if name.strip())
+    if isinstance(value, (list, tuple)) and all(isinstance(name, str) for name in value):
+        return tuple(value)
+    raise ValueError("must be a list of plugin names (or, in the environment, a comma-separated "
+                     "string)")
+
+
+def _tables(value: object) -> dict[str, dict[str, Any]]:
+    if isinstance(value, Mapping) and all(isinstance(v, Mapping) for v in value.values()):
+        return {str(name): dict(options) for name, options in value.items()}
+    raise ValueError("must be a table of tables: [tool.parfor.backends.NAME] with options")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: how to read it, its environment variable, its default and what it does."""
+
+    name: str
+    parse: Callable[[object], Any]
+    default: Any
+    help: str
+
+    @property
+    def env(self) -> str:
+        return f"PARFOR_{self.name.upper()}"
+
+
+SETTINGS: dict[str, Setting] = {setting.name: setting for setting in [
+    Setting("backend", _name, None, "the backend to use; default: chosen automatically"),
+    Setting("n_processes", _whole(1), None, "the number of workers; default: every CPU"),
+    Setting("bar", _boolean, None, "show a progress bar; default: yes, except in nested calls"),
+    Setting("idle_timeout", _seconds, 600.0,
+            "seconds a pool without work keeps its worker processes"),
+    Setting("retries", _whole(0), 1, "how often an item that killed its worker is run again"),
+    Setting("worker_output", _boolean, True, "show what workers print"),
+    Setting("disable_plugins", _names, (), "backend plugins (entry-point names) not to load"),
+    Setting("backends", _tables, {}, "options for one backend: [tool.parfor.backends.NAME]"),
+]}
+
+
+class Sourced(NamedTuple):
+    value: Any
+    source: str
+
+
+class Configuration:
+    """The effective settings, each with where it came from."""
+
+    def __init__(self, values: Mapping[str, Sourced]) -> None:
+        self._values = dict(values)
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[name].value
+
+    def source(self, name: str) -> str:
+        return self._values[name].source
+
+    def backend_options(self, name: str) -> dict[str, Any]:
+        """The options of one backend: the general ones, then its own table over them."""
+        general = {key: self[key] for key in ("idle_timeout", "retries", "worker_output")}
+        return {**general, **self["backends"].get(name, {})}
+
+
+_block: ContextVar[Mapping[str, Sourced]] = ContextVar("parfor_config",
+                                                      default=MappingProxyType({}))
+
+
+@contextmanager
+def config(**settings: Any) -> Iterator[None]:
+    """Use these settings for calls made in this block (and blocks nested in it).
+
+    ``with parfor.config(backend="threads", n_processes=4): ...``. Scoped with contextvars:
+    other threads and async tasks keep their own settings.
+    """
+    parsed = {}
+    for name, value in settings.items():
+        if name not in SETTINGS:
+            raise TypeError(f"parfor.config() got an unknown setting {name!r}; known: "
+                            f"{', '.join(SETTINGS)}")
+        parsed[name] = Sourced(_check(name, value, "parfor.config()"), "a parfor.config() block")
+    token = _block.set({**_block.get(), **parsed})
+    try:
+        yield
+    finally:
+        _block.reset(token)
+
+
+def current(**arguments: Any) -> Configuration:
+    """The settings for one call: its arguments (those not None) over every other source."""
+    layers: list[dict[str, Sourced]] = [_defaults(), *_files(), _environment(), dict(_block.get())]
+    layers.append({name: Sourced(value, "the call's argument")
+                   for name, value in arguments.items() if value is not None})
+    merged: dict[str, Sourced] = {}
+    for layer in layers:
+        for name, sourced in layer.items():
+            if name == "backends" and name in merged:  # per backend, option by option
+                tables = {key: dict(value) for key, value in merged[name].value.items()}
+                for backend, options in sourced.value.items():
+                    tables.setdefault(backend, {}).update(options)
+                sourced = Sourced(tables, sourced.source)
+            merged[name] = sourced
+    return Configuration(merged)
+
+
+def _defaults() -> dict[str, Sourced]:
+    return {name: Sourced(setting.default, "the default") for name, setting in SETTINGS.items()}
+
+
+def _check(name: str, value: object, where: str) -> Any:
+    try:
+        return SETTINGS[name].parse(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {name} = {value!r} {exc}") from None
+
+
+def _environment() -> dict[str, Sourced]:
+    found = {}
+    for name, setting in SETTINGS.items():
+        text = os.environ.get(setting.env)
+        if text is not None and name != "backends":
+            found[name] = Sourced(_check(name, text, f"environment variable {setting.env}"),
+                                  f"environment variable {setting.env}")
+    return found
+
+
+def _files() -> list[dict[str, Sourced]]:
+    """The user file's settings, then the project file's (so that the project's win)."""
+    layers = []
+    for path, table in (_user_file(), _project_file()):
+        if path is None:
+            continue
+        where = f"{path} {'[tool.parfor]' if path.name == 'pyproject.toml' else ''}".rstrip()
+        layer = {}
+        for name, value in table.items():
+            if name not in SETTINGS:
+                warnings.warn(f"{where}: unknown setting {name!r} is ignored; known: "
+                              f"{', '.join(SETTINGS)}", ConfigWarning, stacklevel=4)
+                continue
+            layer[name] = Sourced(_check(name, value, where), str(where))
+        layers.append(layer)
+    return layers
+
+
+def user_config_path() -> Path:
+    """Where the user file is: ``PARFOR_CONFIG``, else the platform's config folder."""
+    named = os.environ.get("PARFOR_CONFIG")
+    if named:
+        return Path(named)
+    if sys.platform == "win32":
+        base = Path(os.environ.get("APPDATA", Path.home() / "AppData" / "Roaming"))
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "parfor" / "config.toml"
+
+
+def _user_file() -> tuple[Path | None, dict[str, Any]]:
+    path = user_config_path()
+    if not path.is_file():
+        if os.environ.get("PARFOR_CONFIG"):
+            raise ConfigError(f"PARFOR_CONFIG names {path}, which is not a file")
+        return None, {}
+    return path, _read(path)
+
+
+def _project_file() -> tuple[Path | None, dict[str, Any]]:
+    folder = Path.cwd()
+    for directory in (folder, *folder.parents):
+        own = directory / "parfor.toml"
+        if own.is_file():
+            return own, _read(own)
+        pyproject = directory / "pyproject.toml"
+        if pyproject.is_file():
+            table = _read(pyproject).get("tool", {}).get("parfor")
+            if table is not None:
+                if not isinstance(table, dict):
+                    raise ConfigError(f"{pyproject}: [tool.parfor] must be a table")
+                return pyproject, table
+    return None, {}
+
+
+_parsed: dict[Path, tuple[int, dict[str, Any]]] = {}
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """A TOML file's contents, read again only when it changes."""
+    stamp = path.stat().st_mtime_ns
+    cached = _parsed.get(path)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    try:
+        with path.open("rb") as file:
+            content = tomllib.load(file)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    _parsed[path] = (stamp, content)
+    return content
