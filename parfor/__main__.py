@@ -12,6 +12,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("backends", help="list every backend, whether it runs here, "
                                          "and which one a plain pmap would use")
+    commands.add_parser("config", help="show the effective settings and where each comes from")
     demo = commands.add_parser("demo", help="run a CPU-bound loop serially and in parallel, "
                                             "and print the speedup")
     demo.add_argument("--items", type=_at_least_two, default=32,
@@ -24,11 +25,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parser.parse_args(argv)
     from parfor_core import ParforError
 
-    from ._cli import demo, list_backends
+    from ._cli import demo, list_backends, show_config
 
     try:
         if options.command == "backends":
             return list_backends(sys.stdout)
+        if options.command == "config":
+            return show_config(sys.stdout)
         return demo(sys.stdout, options.items, options.work, options.backend,
                     options.n_processes)
     except (ParforError, ValueError) as error:

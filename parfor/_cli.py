@@ -5,8 +5,9 @@ from __future__ import annotations
 from time import perf_counter
 from typing import TextIO
 
-from parfor_core import available_cpus, pmap, registry
+from parfor_core import SETTINGS, available_cpus, pmap, registry
 from parfor_core._arguments import settings_for
+from parfor_core._config import current, project_config_path, user_config_path
 
 
 def list_backends(out: TextIO) -> int:
@@ -24,6 +25,22 @@ def list_backends(out: TextIO) -> int:
     out.write(f"\nA plain pmap here uses {choice.name!r}: {choice.reason}.\n"
               f"It runs serially instead for inputs of fewer than 2 items, with n_processes=1, "
               f"and inside a worker (nested calls). {available_cpus()} CPUs are available.\n")
+    return 0
+
+
+def show_config(out: TextIO) -> int:
+    """Print every setting's effective value and where it came from."""
+    settings = current()
+    width = max(map(len, SETTINGS))
+    for name, setting in SETTINGS.items():
+        value = settings[name]
+        shown = "(automatic)" if value is None else repr(value)
+        out.write(f"{name:<{width}}  {shown}  <- {settings.source(name)}\n"
+                  f"{'':<{width}}  {setting.help}; environment: {setting.env or 'none'}\n")
+    project = project_config_path()
+    out.write(f"\nUser file: {user_config_path()}\n"
+              f"Project file: {project or 'none found'} ([tool.parfor] in the nearest "
+              "pyproject.toml, or a parfor.toml, from the working directory up)\n")
     return 0
 
 

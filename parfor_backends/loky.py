@@ -8,6 +8,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from parfor_core import (
+    SETTINGS,
     Backend,
     Result,
     Task,
@@ -19,8 +20,8 @@ from parfor_core import (
     then,
 )
 
-#: Seconds an idle loky worker waits for work before it exits.
-IDLE_TIMEOUT = 600
+#: Seconds an idle loky worker waits for work before it exits (the configured default).
+IDLE_TIMEOUT = SETTINGS["idle_timeout"].default
 
 
 class LokyBackend(Backend):
@@ -35,8 +36,9 @@ class LokyBackend(Backend):
     name = "loky"
     crosses_process = True
 
-    def __init__(self, n_workers: int) -> None:
+    def __init__(self, n_workers: int, *, idle_timeout: float = IDLE_TIMEOUT) -> None:
         super().__init__(n_workers)
+        self.idle_timeout = idle_timeout
         self._executor: Any = None
         self._lock = threading.Lock()
 
@@ -64,7 +66,7 @@ class LokyBackend(Backend):
             if self._executor is None or self._executor is replacing:
                 from loky import ProcessPoolExecutor
 
-                self._executor = ProcessPoolExecutor(self.n_workers, timeout=IDLE_TIMEOUT,
+                self._executor = ProcessPoolExecutor(self.n_workers, timeout=self.idle_timeout,
                                                      initializer=mark_worker_process)
             return self._executor
 

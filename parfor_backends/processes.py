@@ -21,6 +21,7 @@ from typing import IO, Any
 
 from parfor_backends._framing import COUNT, read_frame, write_frame
 from parfor_core import (
+    SETTINGS,
     Backend,
     Failure,
     Result,
@@ -32,10 +33,10 @@ from parfor_core import (
     load_result,
 )
 
-#: Seconds a pool with nothing to do keeps its workers.
-IDLE_TIMEOUT = 600.0
+#: Seconds a pool with nothing to do keeps its workers (the configured default).
+IDLE_TIMEOUT = SETTINGS["idle_timeout"].default
 #: How often an item that killed its worker is run again, alone, before it fails.
-RETRIES = 1
+RETRIES = SETTINGS["retries"].default
 
 
 class ProcessesBackend(Backend):
@@ -45,7 +46,8 @@ class ProcessesBackend(Backend):
     crosses_process = True
 
     def __init__(self, n_workers: int, *, idle_timeout: float = IDLE_TIMEOUT,
-                 retries: int = RETRIES, worker_output: bool = True) -> None:
+                 retries: int = RETRIES,
+                 worker_output: bool = SETTINGS["worker_output"].default) -> None:
         super().__init__(n_workers)
         self.idle_timeout = idle_timeout
         self.retries = retries

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ._api import gmap, parfor, pmap
 from ._chunks import Chunks
+from ._config import SETTINGS, ConfigError, ConfigWarning, config
 from ._pool import ParPool
 from ._registry import BackendInfo, Choice, PluginWarning, available_cpus, gil_enabled, registry
 from ._task import (
@@ -42,12 +43,15 @@ from .errors import (
 from .hookspecs import hookimpl
 
 __all__ = [
+    "SETTINGS",
     "Backend",
     "BackendInfo",
     "BackendUnavailableError",
     "Call",
     "Choice",
     "Chunks",
+    "ConfigError",
+    "ConfigWarning",
     "Failure",
     "ParPool",
     "ParforError",
@@ -61,6 +65,7 @@ __all__ = [
     "WorkerDiedError",
     "WorkerError",
     "available_cpus",
+    "config",
     "dump_call",
     "dump_items",
     "dump_task",

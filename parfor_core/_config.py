@@ -100,8 +100,9 @@ class Setting:
     help: str
 
     @property
-    def env(self) -> str:
-        return f"PARFOR_{self.name.upper()}"
+    def env(self) -> str | None:
+        """Its environment variable; per-backend tables are set in files and blocks only."""
+        return None if self.name == "backends" else f"PARFOR_{self.name.upper()}"
 
 
 SETTINGS: dict[str, Setting] = {setting.name: setting for setting in [
@@ -195,8 +196,8 @@ def _check(name: str, value: object, where: str) -> Any:
 def _environment() -> dict[str, Sourced]:
     found = {}
     for name, setting in SETTINGS.items():
-        text = os.environ.get(setting.env)
-        if text is not None and name != "backends":
+        text = os.environ.get(setting.env) if setting.env else None
+        if text is not None:
             found[name] = Sourced(_check(name, text, f"environment variable {setting.env}"),
                                   f"environment variable {setting.env}")
     return found
@@ -241,6 +242,11 @@ def _user_file() -> tuple[Path | None, dict[str, Any]]:
             raise ConfigError(f"PARFOR_CONFIG names {path}, which is not a file")
         return None, {}
     return path, _read(path)
+
+
+def project_config_path() -> Path | None:
+    """The project file in use: the nearest parfor.toml or pyproject.toml with [tool.parfor]."""
+    return _project_file()[0]
 
 
 def _project_file() -> tuple[Path | None, dict[str, Any]]:

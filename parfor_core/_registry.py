@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import pluggy
 
 from . import hookspecs
-from ._config import Configuration, ConfigWarning
+from ._config import Configuration, ConfigWarning, current
 from ._task import inside_worker
 from .backend import Backend
 from .errors import BackendUnavailableError, PluginError, UnknownBackendError
@@ -101,6 +101,8 @@ class Registry:
     def _load_entry_points(self, pm: pluggy.PluginManager) -> None:
         from importlib.metadata import entry_points  # costs ~20 ms: only on first need
 
+        for name in current()["disable_plugins"]:
+            pm.set_blocked(name)
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             if pm.has_plugin(ep.name) or pm.is_blocked(ep.name):
                 continue
