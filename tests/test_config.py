@@ -1,0 +1,228 @@
+"""Configuration: each rung of the resolution order on its own, then their order, and errors."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from parfor import ConfigError, ConfigWarning, ParPool, UnknownBackendError, config, parfor, pmap
+from parfor_core import registry
+from parfor_core._config import current
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """No PARFOR_* variable, no user file, and a working directory without a project file."""
+    for name in list(os.environ):
+        if name.startswith("PARFOR_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    work = tmp_path / "project" / "sub"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    return tmp_path
+
+
+def where(i: int) -> tuple[int, str]:
+    return os.getpid(), threading.current_thread().name
+
+
+def ran_on() -> str:
+    """Which backend a plain pmap used, told by where its items ran."""
+    places = set(pmap(where, range(8), bar=False))
+    if places == {(os.getpid(), threading.current_thread().name)}:
+        return "serial"
+    if all(pid == os.getpid() for pid, _ in places):
+        return "threads"
+    return "processes"
+
+
+def write(path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_defaults():
+    settings = current()
+    assert settings["idle_timeout"] == 600.0 and settings.source("idle_timeout") == "the default"
+    assert settings["backend"] is None and settings["retries"] == 1
+    assert ran_on() == "processes"
+
+
+def test_user_file(isolated):
+    write(isolated / "xdg" / "parfor" / "config.toml", 'backend = "threads"\nretries = 3\n')
+    settings = current()
+    assert settings["retries"] == 3
+    assert settings.source("retries") == str(isolated / "xdg" / "parfor" / "config.toml")
+    assert ran_on() == "threads"
+
+
+def test_parfor_config_names_the_user_file(isolated, monkeypatch):
+    other = isolated / "elsewhere.toml"
+    write(other, "n_processes = 3\n")
+    monkeypatch.setenv("PARFOR_CONFIG", str(other))
+    assert current()["n_processes"] == 3
+    monkeypatch.setenv("PARFOR_CONFIG", str(isolated / "missing.toml"))
+    with pytest.raises(ConfigError, match="PARFOR_CONFIG names .*missing.toml"):
+        current()
+
+
+def test_project_pyproject_found_upwards(isolated):
+    write(isolated / "project" / "pyproject.toml", '[tool.parfor]\nbackend = "threads"\n')
+    assert current().source("backend").endswith("pyproject.toml [tool.parfor]")
+    assert ran_on() == "threads"
+
+
+def test_project_parfor_toml(isolated):
+    write(isolated / "project" / "sub" / "parfor.toml", 'backend = "serial"\n')
+    assert ran_on() == "serial"
+
+
+def test_environment():
+    os.environ["PARFOR_BACKEND"] = "threads"
+    try:
+        assert current().source("backend") == "environment variable PARFOR_BACKEND"
+        assert ran_on() == "threads"
+    finally:
+        del os.environ["PARFOR_BACKEND"]
+
+
+def test_context_manager():
+    with config(backend="threads", n_processes=3):
+        assert current()["n_processes"] == 3
+        assert ran_on() == "threads"
+    assert ran_on() == "processes"
+
+
+def test_the_order_of_the_rungs(isolated, monkeypatch):
+    write(isolated / "xdg" / "parfor" / "config.toml", 'backend = "loky"\nretries = 2\n')
+    assert current().source("backend").endswith("config.toml")
+    write(isolated / "project" / "pyproject.toml", '[tool.parfor]\nbackend = "serial"\n')
+    assert current()["backend"] == "serial" and current()["retries"] == 2  # project over user
+    monkeypatch.setenv("PARFOR_BACKEND", "processes")
+    assert current()["backend"] == "processes"  # environment over project
+    with config(backend="threads"):
+        assert current()["backend"] == "threads"  # block over environment
+        assert current(backend="serial")["backend"] == "serial"  # argument over block
+        assert pmap(where, range(4), backend="serial", bar=False) == [where(0)] * 4
+
+
+def test_blocks_do_not_leak_into_other_threads_or_tasks():
+    seen = {}
+
+    def other_thread():
+        seen["thread"] = current()["backend"]
+
+    async def task(name: str):
+        with config(backend=name):
+            await asyncio.sleep(0.01)
+            return current()["backend"]
+
+    async def both():
+        return await asyncio.gather(task("threads"), task("serial"))
+
+    with config(backend="threads"):
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+    assert seen["thread"] is None
+    assert asyncio.run(both()) == ["threads", "serial"]
+
+
+def test_parpool_and_decorator_take_their_defaults_from_the_configuration():
+    with config(backend="threads", n_processes=3):
+        with ParPool(abs) as pool:
+            assert pool.backend.name == "threads" and pool.backend.n_workers == 3
+
+        @parfor(range(4), bar=False)
+        def places(i):
+            return where(i)
+
+    assert all(pid == os.getpid() and name.startswith("parfor-worker") for pid, name in places)
+
+
+def test_backend_options_reach_the_backend(isolated):
+    write(isolated / "project" / "parfor.toml",
+          "worker_output = false\n[backends.processes]\nretries = 0\nidle_timeout = 5\n")
+    selected = registry.select(None, serial=None, total=10, settings=current())
+    with registry.lease(selected) as backend:
+        assert (backend.name, backend.retries, backend.idle_timeout) == ("processes", 0, 5)
+        assert backend.worker_output is False
+
+
+def test_unknown_backend_option_warns(isolated):
+    write(isolated / "project" / "parfor.toml", "[backends.processes]\nspeed = 11\n")
+    with pytest.warns(ConfigWarning, match="parfor.toml.*'processes' has no option 'speed'"):
+        assert pmap(abs, [-1, -2], bar=False) == [1, 2]
+
+
+def test_bad_value_names_the_file_the_key_and_the_allowed_values(isolated):
+    write(isolated / "project" / "pyproject.toml", "[tool.parfor]\nn_processes = 0\n")
+    with pytest.raises(ConfigError, match=r"pyproject.toml \[tool.parfor\]: n_processes = 0 "
+                                          r"must be a whole number of at least 1"):
+        pmap(abs, [1, 2])
+
+
+def test_unknown_backend_in_a_file_lists_the_known_ones(isolated):
+    write(isolated / "project" / "pyproject.toml", '[tool.parfor]\nbackend = "lokky"\n')
+    with pytest.raises(UnknownBackendError, match=r"'lokky' \(from .*pyproject.toml "
+                                                  r"\[tool.parfor\]\). Known: .*loky"):
+        pmap(abs, [1, 2])
+
+
+def test_unknown_key_warns_and_the_rest_works(isolated):
+    write(isolated / "project" / "parfor.toml", 'colour = "red"\nbackend = "serial"\n')
+    with pytest.warns(ConfigWarning, match="parfor.toml: unknown setting 'colour'"):
+        assert ran_on() == "serial"
+
+
+def test_toml_syntax_error_names_the_file_and_line(isolated):
+    write(isolated / "project" / "parfor.toml", 'backend = "serial"\nretries = = 2\n')
+    with pytest.raises(ConfigError, match=r"parfor.toml is not valid TOML: .*line 2"):
+        current()
+
+
+def test_bad_environment_value_names_the_variable(monkeypatch):
+    monkeypatch.setenv("PARFOR_N_PROCESSES", "many")
+    with pytest.raises(ConfigError, match="environment variable PARFOR_N_PROCESSES"):
+        pmap(abs, [1, 2])
+    monkeypatch.setenv("PARFOR_N_PROCESSES", "2")
+    monkeypatch.setenv("PARFOR_WORKER_OUTPUT", "maybe")
+    with pytest.raises(ConfigError, match="PARFOR_WORKER_OUTPUT: worker_output = 'maybe' "
+                                          "must be true or false"):
+        current()
+
+
+def test_unknown_setting_in_a_block_is_a_type_error():
+    with pytest.raises(TypeError, match="unknown setting 'backnd'"), config(backnd="threads"):
+        pass
+
+
+def test_parfor_config_command_shows_values_and_sources(isolated):
+    write(isolated / "project" / "pyproject.toml", "[tool.parfor]\nretries = 4\n")
+    env = {**os.environ, "PARFOR_N_PROCESSES": "3"}
+    result = subprocess.run([sys.executable, "-m", "parfor", "config"], capture_output=True,
+                            text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "n_processes      3  <- environment variable PARFOR_N_PROCESSES" in lines
+    assert any(line.startswith("retries          4  <- ") and "pyproject.toml" in line
+               for line in lines)
+    assert "idle_timeout     600.0  <- the default" in lines
+
+
+def test_disabled_plugins_are_not_loaded(isolated):
+    env = {**os.environ, "PARFOR_DISABLE_PLUGINS": "loky"}
+    listing = subprocess.run([sys.executable, "-m", "parfor", "backends"], capture_output=True,
+                             text=True, timeout=60, env=env)
+    assert listing.returncode == 0 and "loky" not in listing.stdout
+    assert "processes" in listing.stdout
+    named = subprocess.run([sys.executable, "-c", "from parfor import pmap; "
+                            "pmap(abs, [1, 2], backend='loky')"], capture_output=True,
+                           text=True, timeout=60, env=env)
+    assert "No backend named 'loky'" in named.stderr
