@@ -119,8 +119,25 @@ class Registry:
             self._entry_points.append(ep)
 
     def _candidates(self) -> dict[str, list[type[Backend]]]:
+        """Every registered backend class by name, asking each plugin on its own, so that one
+        that fails to register (it raises, or returns no Backend classes) is skipped with a
+        warning and the others keep working."""
         found: dict[str, list[type[Backend]]] = {}
-        for classes in self.plugin_manager.hook.parfor_register_backends():
+        hook = self.plugin_manager.hook.parfor_register_backends
+        for implementation in hook.get_hookimpls():
+            try:
+                classes = list(implementation.function())
+                bad = [c for c in classes if not (isinstance(c, type)
+                                                  and issubclass(c, Backend)
+                                                  and isinstance(getattr(c, "name", None), str))]
+                if bad:
+                    raise TypeError(f"it returned {bad!r}, not Backend subclasses with a name")
+            except Exception as exc:
+                warnings.warn(f"parfor: skipping the backend plugin "
+                              f"{implementation.plugin_name!r}: parfor_register_backends "
+                              f"failed: {type(exc).__name__}: {exc}", PluginWarning,
+                              stacklevel=4)
+                continue
             for cls in classes:
                 same = found.setdefault(cls.name, [])
                 if cls not in same:

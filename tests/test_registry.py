@@ -185,3 +185,25 @@ def test_running_the_wire_protocol_in_process_does_not_make_the_caller_a_worker(
     settings = current(n_processes=2)
     assert registry.select(None, serial=None, total=100, settings=settings).name == (
         registry.auto().name)
+
+
+class BrokenPlugin:
+    @hookimpl
+    def parfor_register_backends(self) -> list[type[Backend]]:
+        raise RuntimeError("the plugin's own bug")
+
+
+class ConfusedPlugin:
+    @hookimpl
+    def parfor_register_backends(self) -> list[object]:
+        return ["not a class"]
+
+
+@pytest.mark.parametrize("plugin", [BrokenPlugin(), ConfusedPlugin()])
+def test_a_plugin_that_fails_to_register_warns_and_the_others_work(plugin):
+    registry.plugin_manager.register(plugin, name="faulty")
+    try:
+        with pytest.warns(PluginWarning, match="skipping the backend plugin 'faulty'"):
+            assert pmap(abs, [-1, -2], backend="threads", bar=False) == [1, 2]
+    finally:
+        registry.plugin_manager.unregister(plugin)
