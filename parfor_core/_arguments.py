@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._config import Configuration, current
 from ._task import Call
+from .errors import warn
 
 
 def make_call(fun: object, args: object, kwargs: object) -> Call:
@@ -43,21 +42,12 @@ def settings_for(backend: object, n_processes: object, bar: object) -> Configura
                    n_processes=n_processes, bar=bar)
 
 
-def _outside_parfor() -> int:
-    """The stacklevel of the first frame outside parfor_core: where a warning belongs."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").startswith("parfor_core"):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
 def total_of(iterable: object, total: object, length: object) -> int | None:
     """How many items to expect: ``total``, the deprecated ``length``, or ``len(iterable)``."""
     if not (hasattr(type(iterable), "__iter__") or hasattr(type(iterable), "__getitem__")):
         raise TypeError(f"iterable must be iterable, got {type(iterable).__name__} {iterable!r}")
     if length is not None:
-        warnings.warn("parfor: 'length' is deprecated, use 'total' instead",
-                      DeprecationWarning, stacklevel=_outside_parfor())
+        warn("parfor: 'length' is deprecated, use 'total' instead", DeprecationWarning)
         if total is None:
             total = length
     if total is not None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -24,7 +23,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from .errors import ParforError
+from .errors import ParforError, warn_once
 
 
 class ConfigError(ParforError, ValueError):
@@ -158,7 +157,13 @@ def config(**settings: Any) -> Iterator[None]:
             raise TypeError(f"parfor.config() got an unknown setting {name!r}; known: "
                             f"{', '.join(SETTINGS)}")
         parsed[name] = Sourced(_check(name, value, "parfor.config()"), "a parfor.config() block")
-    token = _block.set({**_block.get(), **parsed})
+    outer = _block.get()
+    if "backends" in parsed and "backends" in outer:  # nested blocks merge option by option
+        tables = {name: dict(options) for name, options in outer["backends"].value.items()}
+        for backend, options in parsed["backends"].value.items():
+            tables.setdefault(backend, {}).update(options)
+        parsed["backends"] = Sourced(tables, parsed["backends"].source)
+    token = _block.set({**outer, **parsed})
     try:
         yield
     finally:
@@ -213,8 +218,8 @@ def _files() -> list[dict[str, Sourced]]:
         layer = {}
         for name, value in table.items():
             if name not in SETTINGS:
-                warnings.warn(f"{where}: unknown setting {name!r} is ignored; known: "
-                              f"{', '.join(SETTINGS)}", ConfigWarning, stacklevel=4)
+                warn_once(f"{where}: unknown setting {name!r} is ignored; known: "
+                          f"{', '.join(SETTINGS)}", ConfigWarning)
                 continue
             layer[name] = Sourced(_check(name, value, where), str(where))
         layers.append(layer)

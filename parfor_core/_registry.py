@@ -7,7 +7,6 @@ import inspect
 import os
 import sys
 import threading
-import warnings
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +19,7 @@ from . import hookspecs
 from ._config import Configuration, ConfigWarning, current
 from ._task import inside_worker
 from .backend import Backend
-from .errors import BackendUnavailableError, PluginError, UnknownBackendError
+from .errors import BackendUnavailableError, PluginError, UnknownBackendError, warn_once
 
 if TYPE_CHECKING:
     from importlib.metadata import EntryPoint
@@ -109,11 +108,10 @@ class Registry:
             try:
                 pm.register(ep.load(), name=ep.name)
             except Exception as exc:
-                warnings.warn(
+                warn_once(
                     f"parfor: skipping the backend plugin {ep.name!r} ({ep.value}, from "
                     f"{_dist_label(ep)}): it failed to load: {type(exc).__name__}: {exc}",
                     PluginWarning,
-                    stacklevel=4,
                 )
                 continue
             self._entry_points.append(ep)
@@ -133,10 +131,9 @@ class Registry:
                 if bad:
                     raise TypeError(f"it returned {bad!r}, not Backend subclasses with a name")
             except Exception as exc:
-                warnings.warn(f"parfor: skipping the backend plugin "
-                              f"{implementation.plugin_name!r}: parfor_register_backends "
-                              f"failed: {type(exc).__name__}: {exc}", PluginWarning,
-                              stacklevel=4)
+                warn_once(f"parfor: skipping the backend plugin {implementation.plugin_name!r}:"
+                          f" parfor_register_backends failed: {type(exc).__name__}: {exc}",
+                          PluginWarning)
                 continue
             for cls in classes:
                 same = found.setdefault(cls.name, [])
@@ -163,7 +160,8 @@ class Registry:
                 f"Two backends are registered under the name {name!r}: "
                 + " and ".join(f"{c.__module__}.{c.__qualname__} from {self.source(c)}"
                                for c in classes)
-                + ". Uninstall one of them, or block one with the plugin manager."
+                + ". Uninstall one of them, or keep one from loading with PARFOR_DISABLE_PLUGINS"
+                " (or the disable_plugins setting) set to its entry-point name."
             )
         return classes[0]
 
@@ -303,8 +301,8 @@ def _options(cls: type[Backend], settings: Configuration) -> tuple[tuple[str, An
     own = settings["backends"].get(cls.name, {})
     for key in own:
         if key not in parameters and not takes_any:
-            warnings.warn(f"{settings.source('backends')}: backend {cls.name!r} has no option "
-                          f"{key!r}; it is ignored", ConfigWarning, stacklevel=5)
+            warn_once(f"{settings.source('backends')}: backend {cls.name!r} has no option "
+                      f"{key!r}; it is ignored", ConfigWarning)
     options = settings.backend_options(cls.name)
     return tuple(sorted((key, value) for key, value in options.items()
                         if (key in parameters or takes_any) and key != "n_workers"))

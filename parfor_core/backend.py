@@ -43,7 +43,7 @@ class Backend(ABC):
         """How eagerly the automatic choice picks this backend here; None: only when named.
 
         The available backend with the highest number wins. Built-ins: threads 100 when the GIL
-        is disabled, loky 10.
+        is disabled, processes 20, loky 10.
         """
         return None
 

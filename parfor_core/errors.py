@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
 from collections.abc import Sequence
 
 
@@ -82,3 +84,22 @@ class WorkerError(ParforError):
 
 class WorkerDiedError(WorkerError):
     """A worker process died while running an item, each time that item was tried."""
+
+
+_seen: set[tuple[type[Warning], str]] = set()
+
+
+def warn_once(message: str, category: type[Warning]) -> None:
+    """`warn`, but once per message: settings and plugins are looked up on every call."""
+    if (category, message) not in _seen:
+        _seen.add((category, message))
+        warn(message, category)
+
+
+def warn(message: str, category: type[Warning]) -> None:
+    """Warn, pointing at the user's line: the first frame outside parfor's packages."""
+    frame, level = sys._getframe(1), 2  # level 1 would be this function
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in (
+            "parfor", "parfor_core", "parfor_backends"):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

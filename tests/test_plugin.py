@@ -122,3 +122,21 @@ def test_passes_the_conformance_suite(installed, clean_env, tmp_path):
                             timeout=300, env=clean_env, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "11 passed" in result.stdout
+
+
+def test_recovers_after_a_worker_dies(installed, clean_env, tmp_path):
+    out = run("""
+        import os
+        from parfor import WorkerError, pmap
+
+        def die(i):
+            os._exit(1)
+
+        if __name__ == "__main__":
+            try:
+                pmap(die, range(4), backend="example", bar=False)
+            except WorkerError as error:
+                print("WorkerError", error.backend)
+            print(pmap(abs, [-1, -2], backend="example", bar=False))
+    """.replace('if __name__ == "__main__":', "if True:"), clean_env, tmp_path)
+    assert out.splitlines() == ["WorkerError example", "[1, 2]"]

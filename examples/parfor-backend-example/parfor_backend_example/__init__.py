@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 from parfor_core import (
     Backend,
@@ -54,7 +55,13 @@ class StdlibProcessesBackend(Backend):
 
     def submit(self, task: Task) -> Future[Result]:
         # dump_task raises SerializationError, naming what cannot be sent, in the caller.
-        return then(self._executor.submit(execute_dumped, dump_task(task)), load_result)
+        payload = dump_task(task)
+        try:
+            future = self._executor.submit(execute_dumped, payload)
+        except BrokenProcessPool:  # a worker died in an earlier call: start a fresh pool
+            self._executor = self._new_executor()
+            future = self._executor.submit(execute_dumped, payload)
+        return then(future, load_result)
 
     def interrupt(self) -> None:
         # Ctrl-C: drop what has not started and give the next call a fresh pool. (Tasks
