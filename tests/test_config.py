@@ -226,3 +226,10 @@ def test_disabled_plugins_are_not_loaded(isolated):
                             "pmap(abs, [1, 2], backend='loky')"], capture_output=True,
                            text=True, timeout=60, env=env)
     assert "No backend named 'loky'" in named.stderr
+
+
+def test_nested_blocks_merge_backend_options():
+    with config(backends={"processes": {"retries": 0}}):
+        with config(backends={"processes": {"idle_timeout": 5}}):
+            assert current()["backends"] == {"processes": {"retries": 0, "idle_timeout": 5}}
+        assert current()["backends"] == {"processes": {"retries": 0}}
