@@ -143,15 +143,20 @@ if __name__ == "__main__":
 """
 
 
-def test_classes_of_the_main_script_survive_the_round_trip(backend, tmp_path):
-    script = tmp_path / "main_classes.py"
-    script.write_text(MAIN_SCRIPT)
+def run_as_main(tmp_path, code: str, backend: str) -> list[str]:
+    """Run ``code`` as a script (so that its definitions live in __main__); its output lines."""
+    script = tmp_path / "script.py"
+    script.write_text(code)
     result = subprocess.run([sys.executable, str(script), backend], capture_output=True,
                             text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["True [0, 1, 2, 3]", "[6, 8]", "TwoArg 2 2/x",
-                                          "[True, False]", "[True, False]", "True [5]",
-                                          "[True, True]"]
+    return result.stdout.splitlines()
+
+
+def test_classes_of_the_main_script_survive_the_round_trip(backend, tmp_path):
+    assert run_as_main(tmp_path, MAIN_SCRIPT, backend) == [
+        "True [0, 1, 2, 3]", "[6, 8]", "TwoArg 2 2/x", "[True, False]", "[True, False]",
+        "True [5]", "[True, True]"]
 
 
 def test_local_functions_and_classes_travel_by_value(process_backend):
@@ -189,10 +194,5 @@ if __name__ == "__main__":
 
 
 def test_classes_made_in_fun_or_under_another_name_come_back_by_value(backend, tmp_path):
-    script = tmp_path / "made_in_fun.py"
-    script.write_text(CLASSES_MADE_IN_FUN)
-    result = subprocess.run([sys.executable, str(script), backend], capture_output=True,
-                            text=True, timeout=120, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["[Pair(a=0, b=0), Pair(a=1, b=-1)]",
-                                          "[PointNT(x=0, y=0), PointNT(x=1, y=1)]"]
+    assert run_as_main(tmp_path, CLASSES_MADE_IN_FUN, backend) == [
+        "[Pair(a=0, b=0), Pair(a=1, b=-1)]", "[PointNT(x=0, y=0), PointNT(x=1, y=1)]"]
