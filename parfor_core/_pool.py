@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import queue
+import threading
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Future, wait
 from contextlib import ExitStack
@@ -15,6 +16,8 @@ from ._registry import registry
 from ._task import Call, Result, Task, inside_worker
 from .backend import Backend
 from .errors import WorkerError
+
+_WAKE = object()  # queued when a task is fetched, so that waiting get_newest() calls look again
 
 
 class ParPool:
@@ -50,6 +53,7 @@ class ParPool:
         self._finished: queue.SimpleQueue[tuple[Hashable, Future[Result]]] = queue.SimpleQueue()
         self._handles = itertools.count()
         self._closed = False
+        self._lock = threading.Lock()
 
     @property
     def backend(self) -> Backend:
@@ -86,14 +90,15 @@ class ParPool:
         return self._default
 
     def _submit(self, call: Call, item: Any, handle: Hashable | None) -> Hashable:
-        if self._closed:
-            raise RuntimeError("this ParPool is closed")
-        if handle is None:
-            handle = next(h for h in self._handles if h not in self._futures)
-        elif handle in self._futures:
-            raise ValueError(f"handle {handle!r} is already in use in this ParPool")
-        future = self._backend.submit(Task(call, (0,), (item,)))
-        self._futures[handle] = future
+        with self._lock:  # one handle, one task, also when several threads add work
+            if self._closed:
+                raise RuntimeError("this ParPool is closed")
+            if handle is None:
+                handle = next(h for h in self._handles if h not in self._futures)
+            elif handle in self._futures:
+                raise ValueError(f"handle {handle!r} is already in use in this ParPool")
+            future = self._backend.submit(Task(call, (0,), (item,)))
+            self._futures[handle] = future
         self._progress.add_total(1)
         future.add_done_callback(lambda done, h=handle: self._on_done(h, done))
         return handle
@@ -104,11 +109,15 @@ class ParPool:
 
     def __getitem__(self, handle: Hashable) -> Any:
         """Wait for the result of ``handle``, forget the task, and return (or raise) it."""
-        if handle not in self._futures:
+        future = self._futures.get(handle)
+        if future is None:
             raise KeyError(f"no task with handle {handle!r} in this ParPool")
-        future = self._futures[handle]
         wait([future])  # interrupted here, the task stays in the pool
-        del self._futures[handle]
+        self._forget(handle, future)
+        return self._outcome(handle, future)
+
+    def _outcome(self, handle: Hashable, future: Future[Result]) -> Any:
+        """The value of a finished task, or its exception raised."""
         what = f"the task with handle {handle!r}"
         try:
             result = future.result()
@@ -128,7 +137,16 @@ class ParPool:
 
     def __delitem__(self, handle: Hashable) -> None:
         """Forget a task, cancelling it if it has not started."""
-        self._futures.pop(handle).cancel()
+        future = self._futures[handle]
+        self._forget(handle, future)
+        future.cancel()
+
+    def _forget(self, handle: Hashable, future: Future[Result]) -> None:
+        with self._lock:
+            if self._futures.get(handle) is not future:
+                raise KeyError(f"no task with handle {handle!r} in this ParPool (any more)")
+            del self._futures[handle]
+        self._finished.put((_WAKE, None))  # get_newest() waiting elsewhere looks again
 
     def get_newest(self) -> tuple[Hashable, Any] | None:
         """Wait for any unfetched task to finish; return its ``(handle, result)``.
@@ -137,18 +155,25 @@ class ParPool:
         """
         while self._futures:
             handle, future = self._finished.get()
-            if self._futures.get(handle) is future:  # not fetched, nor a reused handle's
-                return handle, self[handle]
+            if handle is _WAKE:
+                continue
+            try:
+                self._forget(handle, future)
+            except KeyError:  # fetched already (maybe by another thread), or a reused handle's
+                continue
+            return handle, self._outcome(handle, future)
         return None
 
     def close(self) -> None:
         """Cancel the tasks that have not started, and release the pool's resources."""
-        if self._closed:
-            return
-        self._closed = True
-        for future in self._futures.values():
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            futures = list(self._futures.values())
+            self._futures.clear()
+        for future in futures:
             future.cancel()
-        self._futures.clear()
         if self._default is not None:  # add_task's calls are released when collected
             self._default.cancelled = True
             self._default.release()

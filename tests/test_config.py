@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from parfor import ConfigError, ConfigWarning, ParPool, UnknownBackendError, config, parfor, pmap
-from parfor_core import registry
+from parfor_core import gil_enabled, registry
 from parfor_core._config import current
 
 
@@ -42,6 +42,10 @@ def ran_on() -> str:
     return "processes"
 
 
+#: What a plain pmap runs on here: threads where the GIL is disabled, worker processes elsewhere.
+DEFAULT = "processes" if gil_enabled() else "threads"
+
+
 def write(path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -51,7 +55,7 @@ def test_defaults():
     settings = current()
     assert settings["idle_timeout"] == 600.0 and settings.source("idle_timeout") == "the default"
     assert settings["backend"] is None and settings["retries"] == 1
-    assert ran_on() == "processes"
+    assert ran_on() == DEFAULT
 
 
 def test_user_file(isolated):
@@ -96,7 +100,7 @@ def test_context_manager():
     with config(backend="threads", n_processes=3):
         assert current()["n_processes"] == 3
         assert ran_on() == "threads"
-    assert ran_on() == "processes"
+    assert ran_on() == DEFAULT
 
 
 def test_the_order_of_the_rungs(isolated, monkeypatch):
@@ -148,7 +152,8 @@ def test_parpool_and_decorator_take_their_defaults_from_the_configuration():
 
 def test_backend_options_reach_the_backend(isolated):
     write(isolated / "project" / "parfor.toml",
-          "worker_output = false\n[backends.processes]\nretries = 0\nidle_timeout = 5\n")
+          'backend = "processes"\nworker_output = false\n'
+          "[backends.processes]\nretries = 0\nidle_timeout = 5\n")
     selected = registry.select(None, serial=None, total=10, settings=current())
     with registry.lease(selected) as backend:
         assert (backend.name, backend.retries, backend.idle_timeout) == ("processes", 0, 5)
@@ -156,7 +161,8 @@ def test_backend_options_reach_the_backend(isolated):
 
 
 def test_unknown_backend_option_warns(isolated):
-    write(isolated / "project" / "parfor.toml", "[backends.processes]\nspeed = 11\n")
+    write(isolated / "project" / "parfor.toml",
+          'backend = "processes"\n[backends.processes]\nspeed = 11\n')
     with pytest.warns(ConfigWarning, match="parfor.toml.*'processes' has no option 'speed'"):
         assert pmap(abs, [-1, -2], bar=False) == [1, 2]
 

@@ -1,0 +1,107 @@
+"""The core under real parallelism: calls, pools, progress bars, the registry and the settings
+used from many threads at once. On a free-threaded Python these threads truly run together."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from parfor import ParPool, config, pmap
+from parfor_core import registry
+from parfor_core._config import current
+
+THREADS = 8
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def together(job, n: int = THREADS) -> list:
+    """Run ``job(i)`` for i in range(n) on n threads released at the same moment."""
+    start = threading.Barrier(n)
+
+    def run(i):
+        start.wait()
+        return job(i)
+
+    with ThreadPoolExecutor(n) as threads:
+        return list(threads.map(run, range(n)))
+
+
+def test_concurrent_calls_each_get_their_own_results(backend):
+    def job(i):
+        size = 300 + 37 * i
+        ordered = i % 2 == 0
+        got = pmap(square, range(size), backend=backend, bar=False, yield_ordered=ordered,
+                   n_processes=1 + i % 3, serial=False if backend != "serial" else None)
+        return got if ordered else sorted(got)
+
+    assert together(job) == [[x * x for x in range(300 + 37 * i)] for i in range(THREADS)]
+
+
+def test_progress_callbacks_of_concurrent_calls_do_not_mix(backend):
+    def job(i):
+        counts = []
+        pmap(square, range(100 + i), backend=backend, bar=counts.append)
+        return counts[-1], counts == sorted(counts)
+
+    assert together(job) == [(100 + i, True) for i in range(THREADS)]
+
+
+def test_a_parpool_per_thread(backend):
+    def job(i):
+        with ParPool(square, backend=backend) as pool:
+            for x in range(40):
+                pool[x] = x + i
+            return [pool[x] for x in range(40)]
+
+    assert together(job) == [[(x + i) ** 2 for x in range(40)] for i in range(THREADS)]
+
+
+def test_one_parpool_shared_by_threads(backend):
+    with ParPool(square, backend=backend) as pool:
+        handles = together(lambda i: [pool(i * 1000 + x) for x in range(50)])
+        assert len({h for batch in handles for h in batch}) == THREADS * 50  # no handle twice
+        fetched = together(lambda i: [pool.get_newest() for _ in range(50)])
+        results = sorted(result for batch in fetched for _, result in batch)
+        assert results == sorted((i * 1000 + x) ** 2 for i in range(THREADS) for x in range(50))
+        assert len(pool) == 0 and pool.get_newest() is None
+
+
+def test_registry_leases_balance_under_concurrency():
+    def job(i):
+        settings = current(backend="threads", n_processes=1 + i % 3)
+        for _ in range(20):
+            with registry.lease(registry.select(None, serial=None, total=10,
+                                                settings=settings)) as backend:
+                assert backend.n_workers == 1 + i % 3
+                assert pmap(square, range(5), backend=backend, bar=False) == [0, 1, 4, 9, 16]
+        return True
+
+    assert all(together(job))
+    assert registry._leases == {}
+
+
+def test_config_blocks_stay_in_their_thread():
+    def job(i):
+        with config(n_processes=i + 1, backend="threads"):
+            seen = set()
+            for _ in range(200):
+                seen.add(current()["n_processes"])
+            return seen
+
+    assert together(job) == [{i + 1} for i in range(THREADS)]
+
+
+@pytest.mark.parametrize("backend_name", ["threads"])
+def test_nested_calls_do_not_multiply_threads(backend_name):
+    before = threading.active_count()
+
+    def outer(i):
+        return pmap(square, range(20), backend=backend_name, bar=False)
+
+    pmap(outer, range(16), backend=backend_name, bar=False, n_processes=4)
+    assert threading.active_count() - before <= 4 + 1  # the outer pool, nothing per item
