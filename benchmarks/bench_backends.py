@@ -1,7 +1,7 @@
-"""The processes backend against its peers, measured side by side in one run.
+"""parfor's backends against their peers, measured side by side in one run.
 
-    python benchmarks/bench_processes.py            # the full run (a few minutes)
-    python benchmarks/bench_processes.py --quick    # a smoke run (seconds), as CI does
+    python benchmarks/bench_backends.py            # the full run (a few minutes)
+    python benchmarks/bench_backends.py --quick    # a smoke run (seconds), as CI does
 
 Every figure is a median of repeated, interleaved runs, given as a ratio to a plain serial loop
 measured in the same run (lower is better, except speedup). Memory is the extra proportional
@@ -27,7 +27,8 @@ import psutil
 
 from parfor import gmap, pmap
 
-CONTENDERS = ["processes", "loky", "serial", "multiprocessing.Pool", "concurrent.futures"]
+CONTENDERS = ["processes", "threads", "loky", "serial", "multiprocessing.Pool",
+              "concurrent.futures"]
 
 
 def trivial(x: int) -> int:
