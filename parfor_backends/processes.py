@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -121,18 +121,25 @@ class ProcessesBackend(Backend):
 
     # -- events from the workers' reader threads -----------------------------------------------
 
+    # Futures are resolved after the lock is released: resolving runs the caller's callbacks,
+    # which may take locks of their own (a ParPool's) while the caller holds those and submits.
+
     def _finished(self, worker: _Worker, result: Result) -> None:
+        outcome = None
         with self._lock:
             job, worker.job = worker.job, None
             if job is not None:
-                follow_up = job.finish(result)
-                if follow_up is not None:
-                    self._pending.appendleft(follow_up)
+                outcome = job.finish(result)
+                if isinstance(outcome, _Job):
+                    self._pending.appendleft(outcome)
             self._pump()
+        if job is not None and isinstance(outcome, Result):
+            _resolve(job.future, outcome)
 
     def _died(self, worker: _Worker) -> None:
         """A worker's result pipe closed: it exited or was killed. Retry or fail its job."""
         how = worker.exit_description()
+        outcome = None
         with self._lock:
             if worker not in self._workers:  # stopped on purpose
                 return
@@ -140,10 +147,20 @@ class ProcessesBackend(Backend):
             worker.release()
             job, worker.job = worker.job, None
             if job is not None and not job.future.cancelled():
-                retry = job.after_death(worker.pid, how, self.retries, self.name)
-                if retry is not None:
-                    self._pending.appendleft(retry)
+                outcome = job.after_death(worker.pid, how, self.retries, self.name)
+                if isinstance(outcome, _Job):
+                    self._pending.appendleft(outcome)
             self._pump()
+        if job is not None and isinstance(outcome, Result):
+            _resolve(job.future, outcome)
+
+
+def _resolve(future: Future[Result], result: Result) -> None:
+    if not future.cancelled():
+        try:
+            future.set_result(result)
+        except InvalidStateError:  # cancelled meanwhile: nobody waits for it
+            pass
 
 
 @dataclass
@@ -158,19 +175,17 @@ class _Job:
     elapsed: float = 0.0
     deaths: int = 0
 
-    def finish(self, result: Result) -> _Job | None:
-        """Resolve the future with ``result``, or return the job for the next lone item."""
+    def finish(self, result: Result) -> _Job | Result:
+        """The Result for the future, or the job for the next lone item."""
         values = self.done + result.values
         elapsed = self.elapsed + result.elapsed
         if result.failure is None and self.rest:
             return self._next(values, elapsed)
-        if not self.future.cancelled():
-            self.future.set_result(Result(values, elapsed, result.failure))
-        return None
+        return Result(values, elapsed, result.failure)
 
-    def after_death(self, pid: int, how: str, retries: int, backend: str) -> _Job | None:
-        """The job to run after its worker died: its items alone, or this item again; or
-        None when the item has killed workers too often, and the future holds the failure."""
+    def after_death(self, pid: int, how: str, retries: int, backend: str) -> _Job | Result:
+        """The job to run after its worker died: its items alone, or this item again; or,
+        when the item has killed workers too often, the Result that fails it."""
         task = self.task
         if len(task.items) > 1:  # isolate the item that kills: one at a time from now on
             self.rest = list(zip(task.indices, task.items, strict=True)) + self.rest
@@ -186,8 +201,7 @@ class _Job:
         )
         failure = Failure.capture(index, item, error)
         failure.worker = f"worker process {pid}"
-        self.future.set_result(Result(self.done, self.elapsed, failure))
-        return None
+        return Result(self.done, self.elapsed, failure)
 
     def _next(self, values: list[Any], elapsed: float) -> _Job:
         (index, item), *rest = self.rest

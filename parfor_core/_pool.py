@@ -54,6 +54,7 @@ class ParPool:
         self._handles = itertools.count()
         self._closed = False
         self._lock = threading.Lock()
+        self._counted: set[Future[Result]] = set()  # finished, counted once, not yet twice
 
     @property
     def backend(self) -> Backend:
@@ -105,6 +106,16 @@ class ParPool:
 
     def _on_done(self, handle: Hashable, future: Future[Result]) -> None:
         self._finished.put((handle, future))
+        self._count(future)
+
+    def _count(self, future: Future[Result]) -> None:
+        """Advance the progress bar for a finished task, once: from its done-callback, or, if
+        the caller fetched it before that callback ran (it runs in the worker's thread), now."""
+        with self._lock:
+            if future in self._counted:
+                self._counted.discard(future)
+                return
+            self._counted.add(future)
         self._progress.update(1)
 
     def __getitem__(self, handle: Hashable) -> Any:
@@ -118,6 +129,7 @@ class ParPool:
 
     def _outcome(self, handle: Hashable, future: Future[Result]) -> Any:
         """The value of a finished task, or its exception raised."""
+        self._count(future)
         what = f"the task with handle {handle!r}"
         try:
             result = future.result()

@@ -98,7 +98,7 @@ def test_its_own_options_come_from_the_configuration(installed, clean_env, tmp_p
 
 
 def test_takes_part_in_the_automatic_choice_by_priority(installed, clean_env, tmp_path):
-    clean_env["PARFOR_EXAMPLE_PRIORITY"] = "50"
+    clean_env["PARFOR_EXAMPLE_PRIORITY"] = "500"  # above every built-in, threads included
     out = run("from parfor.__main__ import main; main(['backends'])", clean_env, tmp_path)
     assert "* example" in out
     assert "A plain pmap here uses 'example'" in out
