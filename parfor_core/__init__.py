@@ -1,6 +1,7 @@
 """parfor's core: the public API, the backend contract and the plugin machinery.
 
-Importing it is cheap: plugins are discovered, and dill, tqdm and loky imported, on first need.
+Importing it is cheap: plugins are discovered, and cloudpickle, dill, tqdm and loky imported,
+on first need.
 """
 
 from __future__ import annotations
