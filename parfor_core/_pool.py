@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import itertools
-import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Future, wait
 from contextlib import ExitStack
@@ -16,8 +16,6 @@ from ._registry import registry
 from ._task import Call, Result, Task, inside_worker
 from .backend import Backend
 from .errors import WorkerError
-
-_WAKE = object()  # queued when a task is fetched, so that waiting get_newest() calls look again
 
 
 class ParPool:
@@ -50,10 +48,12 @@ class ParPool:
         shown = show_bar(bool(settings["bar"]) if bar is None else bar, nested=inside_worker())
         self._progress = Progress(shown, total=0)
         self._futures: dict[Hashable, Future[Result]] = {}
-        self._finished: queue.SimpleQueue[tuple[Hashable, Future[Result]]] = queue.SimpleQueue()
+        self._finished: deque[tuple[Hashable, Future[Result]]] = deque()
         self._handles = itertools.count()
         self._closed = False
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a task finished, was taken, or closed
+        self._reserved: set[Hashable] = set()  # handles of tasks being submitted
         self._counted: set[Future[Result]] = set()  # finished, counted once, not yet twice
 
     @property
@@ -95,17 +95,26 @@ class ParPool:
             if self._closed:
                 raise RuntimeError("this ParPool is closed")
             if handle is None:
-                handle = next(h for h in self._handles if h not in self._futures)
-            elif handle in self._futures:
+                handle = next(h for h in self._handles
+                              if h not in self._futures and h not in self._reserved)
+            elif handle in self._futures or handle in self._reserved:
                 raise ValueError(f"handle {handle!r} is already in use in this ParPool")
+            self._reserved.add(handle)
+        try:  # not under the lock: a serial backend runs the task right here, and it may add work
             future = self._backend.submit(Task(call, (0,), (item,)))
+        finally:
+            with self._lock:
+                self._reserved.discard(handle)
+        with self._lock:
             self._futures[handle] = future
         self._progress.add_total(1)
         future.add_done_callback(lambda done, h=handle: self._on_done(h, done))
         return handle
 
     def _on_done(self, handle: Hashable, future: Future[Result]) -> None:
-        self._finished.put((handle, future))
+        with self._changed:
+            self._finished.append((handle, future))
+            self._changed.notify_all()
         self._count(future)
 
     def _count(self, future: Future[Result]) -> None:
@@ -154,36 +163,44 @@ class ParPool:
         future.cancel()
 
     def _forget(self, handle: Hashable, future: Future[Result]) -> None:
-        with self._lock:
+        with self._changed:
             if self._futures.get(handle) is not future:
                 raise KeyError(f"no task with handle {handle!r} in this ParPool (any more)")
             del self._futures[handle]
-        self._finished.put((_WAKE, None))  # get_newest() waiting elsewhere looks again
+            self._changed.notify_all()  # get_newest() waiting elsewhere looks again
 
     def get_newest(self) -> tuple[Hashable, Any] | None:
         """Wait for any unfetched task to finish; return its ``(handle, result)``.
 
-        None when the pool holds no tasks.
+        None when the pool holds no tasks (or is closed), also while waiting: another thread
+        may take the last one.
         """
-        while self._futures:
-            handle, future = self._finished.get()
-            if handle is _WAKE:
-                continue
-            try:
-                self._forget(handle, future)
-            except KeyError:  # fetched already (maybe by another thread), or a reused handle's
-                continue
-            return handle, self._outcome(handle, future)
+        with self._changed:
+            while (taken := self._take_finished()) is None:
+                if not self._futures or self._closed:
+                    return None
+                self._changed.wait()
+        return taken[0], self._outcome(*taken)
+
+    def _take_finished(self) -> tuple[Hashable, Future[Result]] | None:
+        """Take the first finished task not fetched yet (nor a reused handle's); lock held."""
+        while self._finished:
+            handle, future = self._finished.popleft()
+            if self._futures.get(handle) is future:
+                del self._futures[handle]
+                self._changed.notify_all()
+                return handle, future
         return None
 
     def close(self) -> None:
         """Cancel the tasks that have not started, and release the pool's resources."""
-        with self._lock:
+        with self._changed:
             if self._closed:
                 return
             self._closed = True
             futures = list(self._futures.values())
             self._futures.clear()
+            self._changed.notify_all()
         for future in futures:
             future.cancel()
         if self._default is not None:  # add_task's calls are released when collected

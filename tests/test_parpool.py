@@ -134,3 +134,30 @@ def test_one_worker_still_runs_asynchronously():
         assert pool.backend.n_workers == 1
         pool[0] = 3
         assert pool[0] == 9
+
+
+def test_get_newest_waiters_are_released_when_the_work_runs_out(backend):
+    import threading
+
+    with ParPool(time.sleep, backend=backend) as pool:
+        pool["only"] = 0.2
+        got = []
+        waiters = [threading.Thread(target=lambda: got.append(pool.get_newest()))
+                   for _ in range(3)]
+        for waiter in waiters:
+            waiter.start()
+        for waiter in waiters:
+            waiter.join(timeout=30)
+        assert not any(waiter.is_alive() for waiter in waiters)
+        assert sorted(got, key=repr) == sorted([("only", None), None, None], key=repr)
+
+
+@pytest.mark.parametrize("backend", ["serial", "threads"])  # in-process: tasks see the pool
+def test_a_task_may_add_work_to_its_own_pool(backend):
+    pool = ParPool(backend=backend)
+    try:
+        handle = pool.add_task(lambda: pool.add_task(power, (3,), handle="inner"))
+        assert pool[handle] == "inner"
+        assert pool["inner"] == 9
+    finally:
+        pool.close()
