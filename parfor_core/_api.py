@@ -61,7 +61,7 @@ def _batches(fun: Callable[..., Any], iterable: Iterable[Any], args: Sequence[An
     check_bar(bar, bar_kwargs)
     settings = settings_for(backend, n_processes, bar)
     selected = registry.select(backend, serial=serial, total=expected, settings=settings)
-    shown = show_bar(settings["bar"], nested=inside_worker())
+    shown = show_bar(bar, settings["bar"], nested=inside_worker())
     spec = ProgressSpec(shown, expected, desc, bar_kwargs)
     return _run(selected, call, iterable, expected, ordered, with_index, spec)
 

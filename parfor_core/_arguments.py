@@ -58,8 +58,11 @@ def total_of(iterable: object, total: object, length: object) -> int | None:
         return None
 
 
-def show_bar(
-    bar: bool | Callable[[int], object] | None, nested: bool
-) -> bool | Callable[[int], Any]:
-    """``bar=None`` means a bar, except in nested calls, whose bars would fight the outer one."""
-    return (not nested) if bar is None else bar
+def show_bar(argument: object, configured: object, nested: bool) -> bool | Callable[[int], Any]:
+    """The call's ``bar`` if it gave one; else none in a nested call (it would fight the outer
+    call's bar); else the configured one, and a bar when nothing is configured."""
+    if argument is not None:
+        return argument  # type: ignore[return-value]
+    if nested:
+        return False
+    return True if configured is None else configured  # type: ignore[return-value]

@@ -83,10 +83,22 @@ def _names(value: object) -> tuple[str, ...]:
                      "string)")
 
 
+GENERAL_OPTIONS = ("idle_timeout", "retries", "worker_output")
+
+
 def _tables(value: object) -> dict[str, dict[str, Any]]:
-    if isinstance(value, Mapping) and all(isinstance(v, Mapping) for v in value.values()):
-        return {str(name): dict(options) for name, options in value.items()}
-    raise ValueError("must be a table of tables: [tool.parfor.backends.NAME] with options")
+    if not (isinstance(value, Mapping) and all(isinstance(v, Mapping) for v in value.values())):
+        raise ValueError("must be a table of tables: [tool.parfor.backends.NAME] with options")
+    tables = {str(name): dict(options) for name, options in value.items()}
+    for name, options in tables.items():  # a general setting given for one backend: check it
+        for key in GENERAL_OPTIONS:
+            if key in options:
+                try:
+                    options[key] = SETTINGS[key].parse(options[key])
+                except ValueError as exc:
+                    raise ValueError(f"(in backends.{name}: {key} = {options[key]!r} {exc})"
+                                     ) from None
+    return tables
 
 
 @dataclass(frozen=True)
@@ -136,7 +148,7 @@ class Configuration:
 
     def backend_options(self, name: str) -> dict[str, Any]:
         """The options of one backend: the general ones, then its own table over them."""
-        general = {key: self[key] for key in ("idle_timeout", "retries", "worker_output")}
+        general = {key: self[key] for key in GENERAL_OPTIONS}
         return {**general, **self["backends"].get(name, {})}
 
 
@@ -262,7 +274,12 @@ def _project_file() -> tuple[Path | None, dict[str, Any]]:
             return own, _read(own)
         pyproject = directory / "pyproject.toml"
         if pyproject.is_file():
-            table = _read(pyproject).get("tool", {}).get("parfor")
+            try:
+                tool = _read(pyproject).get("tool", {})
+            except ConfigError as exc:  # perhaps not ours to read: say so, and look further up
+                warn_once(f"{exc}; its [tool.parfor], if any, is ignored", ConfigWarning)
+                continue
+            table = tool.get("parfor") if isinstance(tool, dict) else None
             if table is not None:
                 if not isinstance(table, dict):
                     raise ConfigError(f"{pyproject}: [tool.parfor] must be a table")

@@ -45,7 +45,8 @@ class ParPool:
                                    total=None, settings=settings)
         self._resources = ExitStack()
         self._backend = self._resources.enter_context(registry.lease(selected))
-        shown = show_bar(bool(settings["bar"]) if bar is None else bar, nested=inside_worker())
+        # No bar unless asked for, by argument or configuration: a pool has no known total.
+        shown = show_bar(bar, bool(settings["bar"]), nested=inside_worker())
         self._progress = Progress(shown, total=0)
         self._futures: dict[Hashable, Future[Result]] = {}
         self._finished: deque[tuple[Hashable, Future[Result]]] = deque()

@@ -210,11 +210,13 @@ class Registry:
             raise ValueError(f"serial=True conflicts with backend={backend!r}")
         if serial is False and backend == SERIAL:
             raise ValueError("serial=False conflicts with backend='serial'")
-        name = settings["backend"]
-        origin = "backend=" if backend is not None else settings.source("backend")
-        cls = self._usable_class(name, origin) if name is not None else None
         if inside_worker() or serial is True:
             return Selection(SERIAL, 1)
+        name = settings["backend"]
+        origin = "backend=" if backend is not None else settings.source("backend")
+        if serial is False and backend is None and name == SERIAL:
+            name = None  # the call's serial=False beats a configured serial backend
+        cls = self._usable_class(name, origin) if name is not None else None
         n_workers = settings["n_processes"] or available_cpus()
         if cls is None:
             if serial is None and ((total is not None and total < 2) or n_workers < 2):

@@ -239,3 +239,41 @@ def test_nested_blocks_merge_backend_options():
         with config(backends={"processes": {"idle_timeout": 5}}):
             assert current()["backends"] == {"processes": {"retries": 0, "idle_timeout": 5}}
         assert current()["backends"] == {"processes": {"retries": 0}}
+
+
+def test_general_options_in_a_backend_table_are_checked(isolated):
+    write(isolated / "project" / "parfor.toml", '[backends.processes]\nidle_timeout = "soon"\n')
+    with pytest.raises(ConfigError, match=r"parfor.toml: backends = .*backends.processes: "
+                                          r"idle_timeout = 'soon' must be a number of seconds"):
+        current()
+
+
+def nested_bar(i: int) -> int:
+    return sum(pmap(abs, range(3)))
+
+
+def test_a_configured_bar_stays_off_in_nested_calls(isolated, capsys):
+    write(isolated / "project" / "parfor.toml", "bar = true\n")
+    assert pmap(nested_bar, range(2), backend="threads", bar=False) == [3, 3]
+    assert "3/3" not in capsys.readouterr().err
+
+
+def test_serial_false_beats_a_configured_serial_backend(monkeypatch):
+    monkeypatch.setenv("PARFOR_BACKEND", "serial")
+    assert ran_on() == "serial"
+    places = set(pmap(where, range(8), bar=False, serial=False))
+    assert places != {where(0)}
+
+
+def test_serial_true_needs_no_valid_configured_backend(monkeypatch):
+    monkeypatch.setenv("PARFOR_BACKEND", "nope")
+    assert pmap(abs, [-1, -2], serial=True, bar=False) == [1, 2]
+
+
+def test_a_broken_pyproject_further_up_warns_and_is_skipped(isolated):
+    write(isolated / "project" / "pyproject.toml", "this is = = not toml\n")
+    write(isolated / "project" / "sub" / "pyproject.toml", "[tool]\nother = 1\n")
+    with pytest.warns(ConfigWarning, match="is not valid TOML"):
+        assert current()["backend"] is None
+    write(isolated / "project" / "sub" / "pyproject.toml", "tool = 3\n")
+    assert current()["backend"] is None
