@@ -192,21 +192,6 @@ def test_n_processes_is_honoured(backend):
     assert [i for i, _, _ in result] == list(range(20))
 
 
-def test_concurrent_calls_from_several_threads_with_different_sizes(backend):
-    results: dict[int, list[int]] = {}
-
-    def run(caller: int) -> None:
-        results[caller] = pmap(square, range(2000), backend=backend, bar=False,
-                               n_processes=2 + caller % 2)
-
-    callers = [threading.Thread(target=run, args=(caller,)) for caller in range(6)]
-    for caller in callers:
-        caller.start()
-    for caller in callers:
-        caller.join(timeout=60)
-    assert results == {caller: [i * i for i in range(2000)] for caller in range(6)}
-
-
 def test_nested_call_on_a_backend_instance_runs_serially_not_deadlocked():
     from parfor_backends.threads import ThreadsBackend
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
-
 from parfor import ParPool, config, pmap
 from parfor_core import registry
 from parfor_core._config import current
@@ -96,12 +94,11 @@ def test_config_blocks_stay_in_their_thread():
     assert together(job) == [{i + 1} for i in range(THREADS)]
 
 
-@pytest.mark.parametrize("backend_name", ["threads"])
-def test_nested_calls_do_not_multiply_threads(backend_name):
+def test_nested_calls_do_not_multiply_threads():
     before = threading.active_count()
 
     def outer(i):
-        return pmap(square, range(20), backend=backend_name, bar=False)
+        return pmap(square, range(20), backend="threads", bar=False)
 
-    pmap(outer, range(16), backend=backend_name, bar=False, n_processes=4)
+    pmap(outer, range(16), backend="threads", bar=False, n_processes=4)
     assert threading.active_count() - before <= 4 + 1  # the outer pool, nothing per item
