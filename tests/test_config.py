@@ -277,3 +277,12 @@ def test_a_broken_pyproject_further_up_warns_and_is_skipped(isolated):
         assert current()["backend"] is None
     write(isolated / "project" / "sub" / "pyproject.toml", "tool = 3\n")
     assert current()["backend"] is None
+
+
+def test_disable_plugins_from_a_project_file(isolated):
+    write(isolated / "project" / "parfor.toml", 'disable_plugins = ["loky"]\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PARFOR_")}
+    listing = subprocess.run([sys.executable, "-m", "parfor", "backends"], capture_output=True,
+                             text=True, timeout=60, env=env, cwd=isolated / "project" / "sub")
+    assert listing.returncode == 0, listing.stderr
+    assert "loky" not in listing.stdout and "processes" in listing.stdout
