@@ -15,20 +15,17 @@ import subprocess
 import sys
 import threading
 from collections import deque
-from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
-from typing import IO, Any
+from concurrent.futures import Future
+from typing import IO
 
 from parfor_backends._framing import COUNT, read_frame, write_frame
+from parfor_backends._retrying import Job, resolve
 from parfor_core import (
     SETTINGS,
     Backend,
-    Failure,
     Result,
     Task,
-    WorkerDiedError,
     dump_call,
-    dump_items,
     hookimpl,
     load_result,
 )
@@ -54,7 +51,7 @@ class ProcessesBackend(Backend):
         self.worker_output = worker_output
         self._lock = threading.RLock()
         self._workers: list[_Worker] = []
-        self._pending: deque[_Job] = deque()
+        self._pending: deque[Job] = deque()
         self._idle_timer: threading.Timer | None = None
 
     @classmethod
@@ -63,7 +60,7 @@ class ProcessesBackend(Backend):
 
     def submit(self, task: Task) -> Future[Result]:
         dump_call(task.call)  # serialized here, so that what cannot be sent fails the caller
-        job = _Job(task, Future(), dump_items(task))
+        job = Job.of(task)
         with self._lock:
             self._pending.append(job)
             self._pump()
@@ -130,11 +127,11 @@ class ProcessesBackend(Backend):
             job, worker.job = worker.job, None
             if job is not None:
                 outcome = job.finish(result)
-                if isinstance(outcome, _Job):
+                if isinstance(outcome, Job):
                     self._pending.appendleft(outcome)
             self._pump()
         if job is not None and isinstance(outcome, Result):
-            _resolve(job.future, outcome)
+            resolve(job.future, outcome)
 
     def _died(self, worker: _Worker) -> None:
         """A worker's result pipe closed: it exited or was killed. Retry or fail its job."""
@@ -147,66 +144,13 @@ class ProcessesBackend(Backend):
             worker.release()
             job, worker.job = worker.job, None
             if job is not None and not job.future.cancelled():
-                outcome = job.after_death(worker.pid, how, self.retries, self.name)
-                if isinstance(outcome, _Job):
+                outcome = job.after_death(f"worker process {worker.pid}", f"{how}. {_meaning(how)}",
+                                         self.retries, self.name)
+                if isinstance(outcome, Job):
                     self._pending.appendleft(outcome)
             self._pump()
         if job is not None and isinstance(outcome, Result):
-            _resolve(job.future, outcome)
-
-
-def _resolve(future: Future[Result], result: Result) -> None:
-    if not future.cancelled():
-        try:
-            future.set_result(result)
-        except InvalidStateError:  # cancelled meanwhile: nobody waits for it
-            pass
-
-
-@dataclass
-class _Job:
-    """A task on its way through the pool; after a worker death, its items one at a time."""
-
-    task: Task
-    future: Future[Result]
-    items: bytes  # the task's items, serialized
-    done: list[Any] = field(default_factory=list)  # values of items finished before a split
-    rest: list[tuple[int, Any]] = field(default_factory=list)  # items still to run, one by one
-    elapsed: float = 0.0
-    deaths: int = 0
-
-    def finish(self, result: Result) -> _Job | Result:
-        """The Result for the future, or the job for the next lone item."""
-        values = self.done + result.values
-        elapsed = self.elapsed + result.elapsed
-        if result.failure is None and self.rest:
-            return self._next(values, elapsed)
-        return Result(values, elapsed, result.failure)
-
-    def after_death(self, pid: int, how: str, retries: int, backend: str) -> _Job | Result:
-        """The job to run after its worker died: its items alone, or this item again; or,
-        when the item has killed workers too often, the Result that fails it."""
-        task = self.task
-        if len(task.items) > 1:  # isolate the item that kills: one at a time from now on
-            self.rest = list(zip(task.indices, task.items, strict=True)) + self.rest
-            return self._next(self.done, self.elapsed)
-        self.deaths += 1
-        if self.deaths <= retries:
-            return self
-        index, item = task.indices[0], task.items[0]
-        error = WorkerDiedError(
-            f"The worker process running input item {index} died {self.deaths} times in a "
-            f"row: {how}. {_meaning(how)}",
-            backend=backend, indices=[index],
-        )
-        failure = Failure.capture(index, item, error)
-        failure.worker = f"worker process {pid}"
-        return Result(self.done, self.elapsed, failure)
-
-    def _next(self, values: list[Any], elapsed: float) -> _Job:
-        (index, item), *rest = self.rest
-        task = Task(self.task.call, (index,), (item,))
-        return _Job(task, self.future, dump_items(task), values, rest, elapsed)
+            resolve(job.future, outcome)
 
 
 def _meaning(how: str) -> str:
@@ -226,7 +170,7 @@ class _Worker:
         self.backend = backend
         self.process = process
         self.pid = process.pid
-        self.job: _Job | None = None
+        self.job: Job | None = None
         self.known_calls: set[str] = set()
         self._lifeline = lifeline
         self._results = results
@@ -255,7 +199,7 @@ class _Worker:
         worker._send(b"I", pickle.dumps((sys.path, backend.worker_output)))
         return worker
 
-    def run(self, job: _Job) -> None:
+    def run(self, job: Job) -> None:
         """Send ``job`` to this idle worker, and the call first if the worker lacks it."""
         self.job = job
         call = job.task.call

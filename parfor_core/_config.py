@@ -3,7 +3,8 @@
 1. the call's own argument;
 2. a ``with parfor.config(...):`` block (scoped with contextvars: other threads and async tasks
    do not see it);
-3. an environment variable (``PARFOR_BACKEND``, ``PARFOR_N_PROCESSES``, ...);
+3. an environment variable (``PARFOR_BACKEND``, ``PARFOR_N_PROCESSES``, ...; a backend may
+   name variables for its own options, such as ``PARFOR_DASK_ADDRESS``);
 4. the project file: ``[tool.parfor]`` in the nearest ``pyproject.toml`` that has it, or a
    ``parfor.toml``, looking from the working directory upwards;
 5. the user file: ``config.toml`` in the platform's config folder (``PARFOR_CONFIG`` names
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -137,8 +138,12 @@ class Sourced(NamedTuple):
 class Configuration:
     """The effective settings, each with where it came from."""
 
-    def __init__(self, values: Mapping[str, Sourced]) -> None:
+    def __init__(self, values: Mapping[str, Sourced],
+                 layers: Sequence[Mapping[str, Sourced]] = (),
+                 environment_rank: int = 0) -> None:
         self._values = dict(values)
+        self._layers = list(layers)  # lowest rung first
+        self._environment_rank = environment_rank  # where the environment's layer is
 
     def __getitem__(self, name: str) -> Any:
         return self._values[name].value
@@ -146,10 +151,23 @@ class Configuration:
     def source(self, name: str) -> str:
         return self._values[name].source
 
-    def backend_options(self, name: str) -> dict[str, Any]:
-        """The options of one backend: the general ones, then its own table over them."""
+    def backend_options(self, name: str, variables: Mapping[str, str] | None = None
+                        ) -> dict[str, Any]:
+        """The options of one backend: the general ones, then its own table over them.
+
+        ``variables`` maps options to the environment variables that may set them (a backend's
+        ``environment``, such as ``PARFOR_DASK_ADDRESS``); they rank with the other variables.
+        """
+        own: dict[str, Any] = {}
+        for rank, layer in enumerate(self._layers):
+            if rank == self._environment_rank:
+                own.update({option: os.environ[variable]
+                            for option, variable in (variables or {}).items()
+                            if os.environ.get(variable)})
+            if "backends" in layer:
+                own.update(layer["backends"].value.get(name, {}))
         general = {key: self[key] for key in GENERAL_OPTIONS}
-        return {**general, **self["backends"].get(name, {})}
+        return {**general, **own}
 
 
 _block: ContextVar[Mapping[str, Sourced]] = ContextVar("parfor_config",
@@ -184,7 +202,9 @@ def config(**settings: Any) -> Iterator[None]:
 
 def current(**arguments: Any) -> Configuration:
     """The settings for one call: its arguments (those not None) over every other source."""
-    layers: list[dict[str, Sourced]] = [_defaults(), *_files(), _environment(), dict(_block.get())]
+    layers: list[dict[str, Sourced]] = [_defaults(), *_files()]
+    environment_rank = len(layers)
+    layers += [_environment(), dict(_block.get())]
     layers.append({name: Sourced(value, "the call's argument")
                    for name, value in arguments.items() if value is not None})
     merged: dict[str, Sourced] = {}
@@ -196,7 +216,7 @@ def current(**arguments: Any) -> Configuration:
                     tables.setdefault(backend, {}).update(options)
                 sourced = Sourced(tables, sourced.source)
             merged[name] = sourced
-    return Configuration(merged)
+    return Configuration(merged, layers, environment_rank)
 
 
 def _defaults() -> dict[str, Sourced]:

@@ -305,7 +305,7 @@ def _options(cls: type[Backend], settings: Configuration) -> tuple[tuple[str, An
         if key not in parameters and not takes_any:
             warn_once(f"{settings.source('backends')}: backend {cls.name!r} has no option "
                       f"{key!r}; it is ignored", ConfigWarning)
-    options = settings.backend_options(cls.name)
+    options = settings.backend_options(cls.name, cls.environment)
     return tuple(sorted((key, value) for key, value in options.items()
                         if (key in parameters or takes_any) and key != "n_workers"))
 

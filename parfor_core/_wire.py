@@ -5,8 +5,10 @@ and the worker answers ``execute_dumped(payload)``; the call rides along with ea
 ones as the path of a private file) and is deserialized once per worker. Backends that address
 their workers send ``dump_call(call)`` to each worker once (``load_call`` there) and then only
 ``dump_items(task)`` (``run_items`` there), so nothing is left behind in files if the caller
-is killed. Either way ``load_result`` reads the answer, and a call's function and extra
-arguments are serialized once per call.
+is killed. Backends on a cluster put ``dump_call(call)`` in the cluster's own store once and
+send ``dump_items(task)`` with a reference to it (``execute_call`` there). Either way
+``load_result`` reads the answer, and a call's function and extra arguments are serialized
+once per call.
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import threading
 import traceback
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from ._pickling import dumps, loads
@@ -29,6 +34,7 @@ LARGE_CALL_BYTES = 1 << 20
 CACHED_CALLS = 4
 
 _worker_calls: OrderedDict[str, Call] = OrderedDict()
+_worker_calls_lock = threading.Lock()
 
 
 def _first_unserializable(named: list[tuple[str, object]], cause: Exception) -> SerializationError:
@@ -156,20 +162,38 @@ def execute_dumped(payload: bytes) -> bytes:
     initializer), so that nested calls there run serially.
     """
     call_id, reference, items = pickle.loads(payload)
-    call = _worker_calls.get(call_id)
+    return execute_call(call_id, partial(_dereference, reference), items)
+
+
+def _dereference(reference: bytes) -> bytes:
+    data, path = pickle.loads(reference)
+    if data is None:
+        with open(path, "rb") as file:
+            data = file.read()
+    return data
+
+
+def execute_call(call_id: str, fetch: Callable[[], bytes], items: bytes) -> bytes:
+    """Worker side: run ``items`` (from `dump_items`) of the call ``call_id``; answer the
+    dumped Result.
+
+    ``fetch()`` gives the call's bytes (from `dump_call`), and is only called when this worker
+    has not loaded that call yet: for backends that ship a call once through a store of their
+    own (Dask's scatter, Ray's object store).
+    """
+    with _worker_calls_lock:
+        call = _worker_calls.get(call_id)
+        if call is not None:
+            _worker_calls.move_to_end(call_id)
     if call is None:
-        data, path = pickle.loads(reference)
         try:
-            if data is None:
-                with open(path, "rb") as file:
-                    data = file.read()
-            call = _worker_calls[call_id] = load_call(call_id, data)
+            call = load_call(call_id, fetch())
         except Exception as exc:
             return unloadable(items, "the function or its extra arguments", exc)
-        while len(_worker_calls) > CACHED_CALLS:
-            _worker_calls.popitem(last=False)
-    else:
-        _worker_calls.move_to_end(call_id)
+        with _worker_calls_lock:  # workers running tasks in threads (Dask's) share the cache
+            _worker_calls[call_id] = call
+            while len(_worker_calls) > CACHED_CALLS:
+                _worker_calls.popitem(last=False)
     return run_items(call, items)
 
 

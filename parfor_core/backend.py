@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any, ClassVar, TypeVar
 
@@ -29,6 +29,9 @@ class Backend(ABC):
     """The name users select the backend by (``backend="loky"``)."""
     crosses_process: ClassVar[bool] = False
     """True when items, functions and results must be serialized to reach the workers."""
+    environment: ClassVar[Mapping[str, str]] = {}
+    """Options an environment variable may set, e.g. ``{"address": "PARFOR_DASK_ADDRESS"}``:
+    such a variable beats the configuration files and loses to ``parfor.config`` blocks."""
 
     def __init__(self, n_workers: int) -> None:
         self.n_workers = n_workers

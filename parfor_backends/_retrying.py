@@ -1,0 +1,73 @@
+"""Retrying the items of a task whose worker died, one at a time, to find the item that kills.
+
+Shared by the backends that see their workers die (processes, dask, ray): the first death of a
+worker running a chunk reruns the chunk's items alone; an item whose worker dies more than
+``retries`` times in a row fails with a WorkerDiedError naming it, keeping the values before it.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import Any
+
+from parfor_core import Failure, Result, Task, WorkerDiedError, dump_items
+
+
+@dataclass
+class Job:
+    """A task on its way through a backend; after a worker death, its items one at a time."""
+
+    task: Task
+    future: Future[Result]
+    items: bytes  # the task's items, serialized
+    done: list[Any] = field(default_factory=list)  # values of items finished before a split
+    rest: list[tuple[int, Any]] = field(default_factory=list)  # items still to run, one by one
+    elapsed: float = 0.0
+    deaths: int = 0
+
+    @classmethod
+    def of(cls, task: Task) -> Job:
+        return cls(task, Future(), dump_items(task))
+
+    def finish(self, result: Result) -> Job | Result:
+        """The Result for the future, or the job for the next lone item."""
+        values = self.done + result.values
+        elapsed = self.elapsed + result.elapsed
+        if result.failure is None and self.rest:
+            return self._next(values, elapsed)
+        return Result(values, elapsed, result.failure)
+
+    def after_death(self, worker: str, how: str, retries: int, backend: str) -> Job | Result:
+        """The job to run after ``worker`` died (``how`` says how, and what that suggests):
+        its items alone, or this item again; or, when the item has killed workers too often,
+        the Result that fails it."""
+        task = self.task
+        if len(task.items) > 1:  # isolate the item that kills: one at a time from now on
+            self.rest = list(zip(task.indices, task.items, strict=True)) + self.rest
+            return self._next(self.done, self.elapsed)
+        self.deaths += 1
+        if self.deaths <= retries:
+            return self
+        index, item = task.indices[0], task.items[0]
+        error = WorkerDiedError(
+            f"The worker running input item {index} died {self.deaths} times in a row: {how}",
+            backend=backend, indices=[index],
+        )
+        failure = Failure.capture(index, item, error)
+        failure.worker = worker
+        return Result(self.done, self.elapsed, failure)
+
+    def _next(self, values: list[Any], elapsed: float) -> Job:
+        (index, item), *rest = self.rest
+        task = Task(self.task.call, (index,), (item,))
+        return Job(task, self.future, dump_items(task), values, rest, elapsed)
+
+
+def resolve(future: Future[Result], result: Result) -> None:
+    """Hand ``result`` to the caller, unless the caller has cancelled the future meanwhile."""
+    if not future.cancelled():
+        try:
+            future.set_result(result)
+        except InvalidStateError:  # cancelled meanwhile: nobody waits for it
+            pass
