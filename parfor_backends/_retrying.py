@@ -71,3 +71,12 @@ def resolve(future: Future[Result], result: Result) -> None:
             future.set_result(result)
         except InvalidStateError:  # cancelled meanwhile: nobody waits for it
             pass
+
+
+def fail(future: Future[Result], error: BaseException) -> None:
+    """Hand ``error`` to the caller, unless the caller has cancelled the future meanwhile."""
+    if not future.cancelled():
+        try:
+            future.set_exception(error)
+        except InvalidStateError:
+            pass

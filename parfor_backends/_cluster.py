@@ -1,0 +1,189 @@
+"""What the cluster backends (dask, ray) share: each call shipped to the cluster once, chunks run
+as remote tasks, the items of a task whose worker was lost rerun alone, cancelling on demand.
+
+A subclass connects to its engine and says how to ship bytes, run a remote task, wait for one,
+read its outcome, cancel some, and which errors mean that a worker was lost.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import threading
+from abc import abstractmethod
+from collections.abc import Callable
+from concurrent.futures import Future
+from functools import partial
+from typing import Any, ClassVar
+
+from parfor_backends._retrying import Job, fail, resolve
+from parfor_core import SETTINGS, Backend, Call, Result, Task, dump_call, load_result
+
+#: How often an item whose worker was lost is run again, alone, before it fails.
+RETRIES = SETTINGS["retries"].default
+#: Seconds to wait for a scheduler to answer, or for a cluster to have a worker.
+CONNECT_TIMEOUT = 30.0
+
+
+class ClusterBackend(Backend):
+    """A backend that runs each chunk as one task on a cluster engine.
+
+    ``address`` names a running cluster; without one the backend starts a local one with
+    ``n_workers`` worker processes, and stops it at shutdown. With an address the number of
+    workers is the cluster's.
+    """
+
+    crosses_process = True
+    module: ClassVar[str]
+    """The package the engine needs; the backend is unavailable without it."""
+    extra: ClassVar[str]
+    """The parfor extra that installs it: ``pip install "parfor[EXTRA]"``."""
+
+    def __init__(self, n_workers: int, *, address: str | None = None,
+                 retries: int = RETRIES,
+                 worker_output: bool = SETTINGS["worker_output"].default) -> None:
+        super().__init__(n_workers)
+        self.address = address.strip() if address and address.strip() else None
+        self.retries = retries
+        self.worker_output = worker_output
+        self._lock = threading.Lock()
+        self._shipped: dict[str, Any] = {}  # call id -> the engine's handle of the call
+        self._running: dict[Future[Result], Any] = {}  # the caller's future -> its remote task
+        self._connected = False
+        self._connect_once()
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if importlib.util.find_spec(cls.module) is None:
+            return (f"the {cls.module} package is not installed: "
+                    f'pip install "parfor[{cls.extra}]"')
+        return None
+
+    # -- what a subclass provides ----------------------------------------------------------------
+
+    @abstractmethod
+    def _connect(self) -> int:
+        """Connect to ``self.address``, or start a local cluster of ``self.n_workers``
+        workers; return how many tasks the cluster runs at once."""
+
+    @abstractmethod
+    def _disconnect(self, kill: bool) -> None:
+        """Close the connection, and stop a local cluster (at once when ``kill``)."""
+
+    @abstractmethod
+    def _ship(self, data: bytes) -> Any:
+        """Put ``data`` (a serialized call) on the cluster once; a handle tasks refer to."""
+
+    @abstractmethod
+    def _start_remote(self, call_id: str, shipped: Any, items: bytes) -> Any:
+        """Start a remote task answering ``execute_call(call_id, <shipped data>, items)``."""
+
+    @abstractmethod
+    def _when_done(self, remote: Any, callback: Callable[[], object]) -> None:
+        """Call ``callback()`` (in any thread) once the remote task has finished or failed."""
+
+    @abstractmethod
+    def _outcome(self, remote: Any) -> bytes:
+        """The finished remote task's answer; raises the engine's error when it failed."""
+
+    @abstractmethod
+    def _cancel(self, remotes: list[Any], hard: bool) -> None:
+        """Cancel remote tasks: those not started never run; running ones are stopped where
+        the engine can (``hard``: Ctrl-C, also by killing their workers)."""
+
+    @abstractmethod
+    def _lost_worker(self, error: BaseException) -> str | None:
+        """How the worker was lost, when ``error`` means that; None for other errors."""
+
+    # -- the Backend contract ---------------------------------------------------------------------
+
+    def submit(self, task: Task) -> Future[Result]:
+        self._connect_once()
+        job = Job.of(task)
+        job.future.add_done_callback(self._forget)
+        self._start(job)
+        return job.future
+
+    def interrupt(self) -> None:
+        """Cancel every task this backend has on the cluster."""
+        with self._lock:
+            remotes = list(self._running.values())
+            self._running.clear()
+        if remotes:
+            self._cancel(remotes, hard=True)
+
+    def shutdown(self) -> None:
+        self.interrupt()
+        with self._lock:
+            connected, self._connected = self._connected, False
+            self._shipped.clear()
+        if connected:
+            self._disconnect(kill=False)
+
+    # -- running jobs -------------------------------------------------------------------------
+
+    def _connect_once(self) -> None:
+        with self._lock:
+            if not self._connected:
+                self.n_workers = max(1, self._connect())
+                self._connected = True
+
+    def _start(self, job: Job) -> None:
+        remote = self._start_remote(job.task.call.id, self._shipment(job.task.call), job.items)
+        with self._lock:
+            cancelled = job.future.cancelled()
+            if not cancelled:
+                self._running[job.future] = remote
+        if cancelled:
+            self._cancel([remote], hard=False)
+            return
+        self._when_done(remote, partial(self._finished, job, remote))
+
+    def _finished(self, job: Job, remote: Any) -> None:
+        with self._lock:
+            if self._running.get(job.future) is not remote:
+                return  # cancelled, or interrupted: nobody waits for it
+        outcome: Job | Result
+        try:
+            outcome = job.finish(load_result(self._outcome(remote)))
+        except Exception as error:
+            how = self._lost_worker(error)
+            if how is None:
+                fail(job.future, error)
+                return
+            self._unship(job.task.call.id)  # ship it again: it may have gone with the worker
+            outcome = job.after_death(f"a {self.name} worker", how, self.retries, self.name)
+        if isinstance(outcome, Job):
+            self._start(outcome)
+        else:
+            resolve(job.future, outcome)
+
+    def _forget(self, future: Future[Result]) -> None:
+        with self._lock:
+            remote = self._running.pop(future, None)
+        if remote is not None and future.cancelled():
+            self._cancel([remote], hard=False)
+
+    def _shipment(self, call: Call) -> Any:
+        """The call's handle on the cluster: shipped with the call's first task, dropped when
+        the call is released."""
+        with self._lock:
+            shipped = self._shipped.get(call.id)
+        if shipped is None:
+            shipped = self._ship(dump_call(call))
+            with self._lock:
+                shipped = self._shipped.setdefault(call.id, shipped)
+            call.releasers.append(partial(self._unship, call.id))
+        return shipped
+
+    def _unship(self, call_id: str) -> None:
+        with self._lock:
+            self._shipped.pop(call_id, None)
+
+
+def local_python_path() -> str:
+    """This interpreter's import path as PYTHONPATH, for the workers of a local cluster: they
+    then import what the caller can (its script's folder, its own modules)."""
+    return os.pathsep.join([entry for entry in sys.path if entry] +
+                           [os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)

@@ -1,0 +1,168 @@
+"""The dask backend: chunks run as tasks on a Dask cluster (``pip install "parfor[dask]"``).
+
+Give the scheduler's address (``address`` option, ``[tool.parfor.backends.dask]``, or
+``PARFOR_DASK_ADDRESS``), or none for a local cluster of worker processes. Each call's function
+and extra arguments are scattered to the cluster once; the workers need parfor installed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import CancelledError
+from typing import IO, Any
+
+from parfor_backends._cluster import CONNECT_TIMEOUT, ClusterBackend, local_python_path
+from parfor_backends._dask_local import ADDRESS_PREFIX
+from parfor_core import Backend, ParforError, execute_call, hookimpl, mark_worker_process
+
+#: Items of a task above this size are scattered first rather than sent inside the task.
+LARGE_ITEMS_BYTES = 1 << 20
+
+
+def _execute(call_id: str, call: bytes, items: bytes) -> bytes:
+    """Runs on a Dask worker: one chunk of a call (``call``: the scattered call, which Dask
+    copies to each worker once)."""
+    mark_worker_process()
+    return execute_call(call_id, lambda: call, items)
+
+
+class DaskBackend(ClusterBackend):
+    """Runs each chunk as one task on a ``dask.distributed`` cluster."""
+
+    name = "dask"
+    module = "distributed"
+    extra = "dask"
+    environment = {"address": "PARFOR_DASK_ADDRESS"}
+
+    def _connect(self) -> int:
+        from distributed import Client
+
+        self._local: _LocalCluster | None = None
+        address = self.address
+        if address is None:
+            self._local = _LocalCluster(self.n_workers, self.worker_output)
+            address = self._local.address
+        try:
+            self._client = Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False)
+        except (OSError, TimeoutError) as exc:
+            self._stop_local(kill=True)
+            raise ParforError(f"Cannot connect to the Dask scheduler at {address!r}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        try:
+            self._client.wait_for_workers(1, timeout=CONNECT_TIMEOUT)
+        except TimeoutError:
+            self._disconnect(kill=True)
+            raise ParforError(f"The Dask scheduler at {address!r} has had no worker for "
+                              f"{CONNECT_TIMEOUT:.0f} s; start some with `dask worker "
+                              f"{address}`") from None
+        if self._local is not None:
+            return self.n_workers
+        return sum(self._client.nthreads().values())
+
+    def _disconnect(self, kill: bool) -> None:
+        self._client.close()
+        self._stop_local(kill)
+
+    def _stop_local(self, kill: bool) -> None:
+        if self._local is not None:
+            self._local.stop(kill)
+            self._local = None
+
+    def interrupt(self) -> None:
+        """Cancel this backend's tasks; a local cluster is stopped at once (its workers may be
+        deep in a long item) and a new one starts with the next task."""
+        super().interrupt()
+        if self._local is not None:
+            with self._lock:
+                self._connected = False
+                self._shipped.clear()
+            self._disconnect(kill=True)
+
+    def _ship(self, data: bytes) -> Any:
+        # On every worker: one lost worker then loses no call (scattered data has no recipe).
+        return self._client.scatter(data, hash=False, broadcast=True)
+
+    def _start_remote(self, call_id: str, shipped: Any, items: bytes) -> Any:
+        sent: Any = items
+        if len(items) > LARGE_ITEMS_BYTES:  # keep big items out of the scheduler's task graph
+            sent = self._client.scatter(items, hash=False)
+        return self._client.submit(_execute, call_id, shipped, sent, pure=False)
+
+    def _when_done(self, remote: Any, callback: Callable[[], object]) -> None:
+        remote.add_done_callback(lambda _: callback())
+
+    def _outcome(self, remote: Any) -> bytes:
+        return remote.result()
+
+    def _cancel(self, remotes: list[Any], hard: bool) -> None:
+        self._client.cancel(remotes)  # Dask cannot stop a running task; see interrupt()
+
+    def _lost_worker(self, error: BaseException) -> str | None:
+        from distributed.scheduler import KilledWorker
+
+        if isinstance(error, KilledWorker):
+            return f"the Dask scheduler reports KilledWorker: {error}"
+        if isinstance(error, CancelledError):  # not by us: its input or result went with a worker
+            return f"the task's data was lost with its worker ({error})"
+        return None
+
+
+class _LocalCluster:
+    """A scheduler and worker processes on loopback, in a process group of their own (a Ctrl-C
+    in the terminal reaches the caller, which decides); they stop when the caller's end of
+    their standard input closes, also when the caller is killed."""
+
+    def __init__(self, n_workers: int, worker_output: bool) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": local_python_path()}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "parfor_backends._dask_local", str(n_workers)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=env, start_new_session=True, text=True,
+        )
+        assert self.process.stdout is not None
+        said = []
+        for line in self.process.stdout:
+            if line.startswith(ADDRESS_PREFIX):
+                self.address = line[len(ADDRESS_PREFIX):].strip()
+                break
+            said.append(line)
+        else:
+            code = self.process.wait()
+            raise ParforError(f"The local Dask cluster did not start (exit code {code}):\n"
+                              + "".join(said[-20:]))
+        threading.Thread(target=_relay, args=(self.process.stdout, worker_output),
+                         daemon=True).start()
+
+    def stop(self, kill: bool) -> None:
+        if kill:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        else:
+            try:
+                assert self.process.stdin is not None
+                self.process.stdin.close()
+                self.process.wait(timeout=CONNECT_TIMEOUT)
+            except (OSError, subprocess.TimeoutExpired):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
+def _relay(lines: IO[str], show: bool) -> None:
+    """Show what the local workers print, above any progress bar."""
+    from tqdm import tqdm
+
+    for line in lines:
+        if show:
+            tqdm.write(line.rstrip("\n"), file=sys.stdout)
+
+
+@hookimpl
+def parfor_register_backends() -> list[type[Backend]]:
+    return [DaskBackend]

@@ -1,0 +1,117 @@
+"""The ray backend: chunks run as Ray tasks (``pip install "parfor[ray]"``).
+
+Give a cluster's address (``address`` option, ``[tool.parfor.backends.ray]``, or
+``PARFOR_RAY_ADDRESS``), or none for a local Ray instance. Ray's runtime is one per process:
+when the program has called ``ray.init`` itself, parfor uses that runtime as it is. Each call's
+function and extra arguments are put in the object store once; the workers need parfor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from parfor_backends._cluster import ClusterBackend, local_python_path
+from parfor_core import Backend, ParforError, execute_call, hookimpl, mark_worker_process
+
+_runtime_lock = threading.Lock()
+_runtime_users = 0  # RayBackend instances connected to a runtime that parfor started
+
+
+def _execute(call_id: str, shipped: list[Any], items: bytes) -> bytes:
+    """Runs in a Ray worker: one chunk of a call. ``shipped`` holds the reference to the call
+    in the object store, in a list so that Ray hands over the reference and not its value:
+    the worker fetches and loads the call once, not once per task."""
+    import ray
+
+    mark_worker_process()
+    return execute_call(call_id, lambda: ray.get(shipped[0]), items)
+
+
+class RayBackend(ClusterBackend):
+    """Runs each chunk as one Ray task that takes one CPU."""
+
+    name = "ray"
+    module = "ray"
+    extra = "ray"
+    environment = {"address": "PARFOR_RAY_ADDRESS"}
+
+    def _connect(self) -> int:
+        global _runtime_users
+        import ray
+
+        with _runtime_lock:
+            self._owns_runtime = _runtime_users > 0 or not ray.is_initialized()
+            if not ray.is_initialized():
+                local = self.address is None
+                try:
+                    ray.init(address=self.address, num_cpus=self.n_workers if local else None,
+                             include_dashboard=False, log_to_driver=self.worker_output,
+                             logging_level=logging.WARNING,
+                             runtime_env={"env_vars": {"PYTHONPATH": local_python_path()}}
+                             if local else None)
+                except (ConnectionError, RuntimeError, ValueError) as exc:
+                    hint = ("" if os.environ.get("RAY_AUTH_MODE") else
+                            " (a cluster with token authentication, Ray's default, also needs "
+                            "RAY_AUTH_MODE=token and its token here)")
+                    raise ParforError(f"Cannot connect to the Ray cluster at {self.address!r}: "
+                                      f"{type(exc).__name__}: {exc}{hint}") from exc
+            if self._owns_runtime:
+                _runtime_users += 1
+        self._remote = ray.remote(max_retries=0, num_cpus=1)(_execute)
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        if cpus < 1:
+            self._disconnect(kill=True)
+            raise ParforError("The Ray cluster has no CPU to run tasks on; start a node with "
+                              "`ray start --address=...`")
+        return cpus
+
+    def _disconnect(self, kill: bool) -> None:
+        global _runtime_users
+        import ray
+
+        with _runtime_lock:
+            if not self._owns_runtime:
+                return
+            _runtime_users -= 1
+            if _runtime_users == 0:
+                ray.shutdown()
+
+    def _ship(self, data: bytes) -> Any:
+        import ray
+
+        return ray.put(data)
+
+    def _start_remote(self, call_id: str, shipped: Any, items: bytes) -> Any:
+        return self._remote.remote(call_id, [shipped], items)
+
+    def _when_done(self, remote: Any, callback: Callable[[], object]) -> None:
+        remote.future().add_done_callback(lambda _: callback())
+
+    def _outcome(self, remote: Any) -> bytes:
+        import ray
+
+        return ray.get(remote)
+
+    def _cancel(self, remotes: list[Any], hard: bool) -> None:
+        import ray
+
+        for remote in remotes:
+            ray.cancel(remote, force=hard)
+
+    def _lost_worker(self, error: BaseException) -> str | None:
+        from ray import exceptions
+
+        lost = (exceptions.WorkerCrashedError, exceptions.NodeDiedError,
+                exceptions.OutOfMemoryError)
+        if isinstance(error, lost):
+            return f"Ray reports {type(error).__name__}: {error}"
+        return None
+
+
+@hookimpl
+def parfor_register_backends() -> list[type[Backend]]:
+    return [RayBackend]

@@ -1,0 +1,151 @@
+"""Real Dask and Ray clusters on loopback, started as the separate commands an operator runs.
+
+The cluster backends' tests run against these by address, exactly as users connect to theirs.
+Workers get the test process's import path, so that they import the tests' own functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+BIN = Path(sys.executable).parent
+START_TIMEOUT = 60.0
+
+
+def _environment(**extra: str) -> dict[str, str]:
+    path = os.pathsep.join(entry for entry in sys.path if entry)
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def _wait_for(condition, what: str, timeout: float = START_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout} s")
+        time.sleep(0.1)
+
+
+@dataclass
+class DaskCluster:
+    """``dask scheduler`` and ``dask worker`` commands, each a process group of its own."""
+
+    folder: Path
+    address: str = ""
+    scheduler: subprocess.Popen | None = None
+    workers: list[subprocess.Popen] = field(default_factory=list)
+    client: Any = None  # the tests' own connection, to watch the workers
+
+    @classmethod
+    def start(cls, folder: Path, n_workers: int = 2) -> DaskCluster:
+        cluster = cls(folder)
+        scheduler_file = folder / "scheduler.json"
+        # parfor's `retries` then decides how often an item whose worker died is tried again
+        # (Dask's own default, 3, would multiply with it); docs/cluster.md recommends the same.
+        env = _environment(DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES="0")
+        cluster.scheduler = cluster._run(
+            ["scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+             "--scheduler-file", str(scheduler_file)], "scheduler", env)
+        _wait_for(lambda: scheduler_file.exists() and scheduler_file.stat().st_size > 0,
+                  "the Dask scheduler writing its address")
+        cluster.address = json.loads(scheduler_file.read_text())["address"]
+        for number in range(n_workers):
+            cluster.add_worker(f"worker-{number}")
+        cluster.wait_for_workers(n_workers)
+        return cluster
+
+    def _run(self, arguments: list[str], log: str, env: dict[str, str]) -> subprocess.Popen:
+        with open(self.folder / f"{log}.log", "ab") as output:
+            return subprocess.Popen([str(BIN / "dask"), *arguments], stdout=output,
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                    preexec_fn=_die_with_parent)
+
+    def add_worker(self, name: str) -> subprocess.Popen:
+        worker = self._run(["worker", self.address, "--nthreads", "1", "--nworkers", "1",
+                            "--no-dashboard", "--name", name, "--death-timeout", "30"],
+                           name, _environment())
+        self.workers.append(worker)
+        return worker
+
+    def wait_for_workers(self, n: int | None = None) -> None:
+        """Until ``n`` workers (default: every one started) are connected: a test that killed
+        one leaves the next test a whole cluster."""
+        if self.client is None:
+            from distributed import Client
+
+            self.client = Client(self.address, timeout=START_TIMEOUT, set_as_default=False)
+        self.client.wait_for_workers(n or len(self.workers), timeout=START_TIMEOUT)
+
+    def worker_pids(self) -> list[int]:
+        """The processes that run tasks (children of the `dask worker` commands' nannies)."""
+        return [child.pid for worker in self.workers if worker.poll() is None
+                for child in psutil.Process(worker.pid).children(recursive=True)]
+
+    def stop(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        for process in [*self.workers, self.scheduler]:
+            if process is not None and process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+@dataclass
+class RayCluster:
+    """``ray start --head`` on loopback; ``ray stop`` ends it."""
+
+    folder: Path
+    address: str = ""
+
+    @classmethod
+    def start(cls, folder: Path, cpus: int = 2) -> RayCluster:
+        cluster = cls(folder)
+        port = _free_port()
+        with open(folder / "ray-start.log", "ab") as output:
+            subprocess.run(
+                [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
+                 "--port", str(port), "--num-cpus", str(cpus), "--include-dashboard", "false",
+                 "--disable-usage-stats"],
+                stdout=output, stderr=subprocess.STDOUT, env=_environment(), check=True,
+                timeout=START_TIMEOUT)
+        cluster.address = f"127.0.0.1:{port}"
+        # `ray start` enables token authentication; a driver given an address must say so.
+        os.environ["RAY_AUTH_MODE"] = "token"
+        return cluster
+
+    def wait_for_workers(self) -> None:
+        """Ray starts worker processes as tasks need them: nothing to wait for."""
+
+    def worker_pids(self) -> list[int]:
+        """Ray worker processes running a parfor task right now."""
+        return [p.pid for p in psutil.process_iter(["cmdline"])
+                if "ray::_execute" in " ".join(p.info["cmdline"] or ())]
+
+    def stop(self) -> None:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True,
+                       timeout=START_TIMEOUT)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child, before it runs: SIGKILL it when the test process ends, however it ends
+    (the session fixture starts the clusters from the main thread, which lives as long)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
