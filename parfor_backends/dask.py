@@ -139,18 +139,18 @@ class _LocalCluster:
                          daemon=True).start()
 
     def stop(self, kill: bool) -> None:
+        assert self.process.stdin is not None
+        try:
+            self.process.stdin.close()  # the cluster's cue to shut down
+            if not kill:
+                self.process.wait(timeout=CONNECT_TIMEOUT)
+        except (OSError, subprocess.TimeoutExpired):
+            kill = True
         if kill:
             try:
                 os.killpg(self.process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        else:
-            try:
-                assert self.process.stdin is not None
-                self.process.stdin.close()
-                self.process.wait(timeout=CONNECT_TIMEOUT)
-            except (OSError, subprocess.TimeoutExpired):
-                os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
 
 
@@ -158,9 +158,10 @@ def _relay(lines: IO[str], show: bool) -> None:
     """Show what the local workers print, above any progress bar."""
     from tqdm import tqdm
 
-    for line in lines:
-        if show:
-            tqdm.write(line.rstrip("\n"), file=sys.stdout)
+    with lines:
+        for line in lines:
+            if show:
+                tqdm.write(line.rstrip("\n"), file=sys.stdout)
 
 
 @hookimpl

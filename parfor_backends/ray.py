@@ -48,7 +48,8 @@ class RayBackend(ClusterBackend):
             if not ray.is_initialized():
                 local = self.address is None
                 try:
-                    ray.init(address=self.address, num_cpus=self.n_workers if local else None,
+                    ray.init(address="local" if local else self.address,  # "local": a new one
+                             num_cpus=self.n_workers if local else None,
                              include_dashboard=False, log_to_driver=self.worker_output,
                              logging_level=logging.WARNING,
                              runtime_env={"env_vars": {"PYTHONPATH": local_python_path()}}

@@ -20,6 +20,11 @@ from typing import Any
 import psutil
 
 BIN = Path(sys.executable).parent
+#: Backends this run leaves out, by name (comma-separated): for an interpreter that a backend's
+#: engine does not support (Ray on a free-threaded Python). Tests of a backend left out are
+#: deselected; any other backend that is not available fails the run (conftest.py).
+WITHOUT = {name.strip() for name in os.environ.get("PARFOR_TEST_WITHOUT", "").split(",")
+           if name.strip()}
 START_TIMEOUT = 60.0
 
 
@@ -126,7 +131,8 @@ class RayCluster:
     def wait_for_workers(self) -> None:
         """Ray starts worker processes as tasks need them: nothing to wait for."""
 
-    def worker_pids(self) -> list[int]:
+    @staticmethod
+    def worker_pids() -> list[int]:
         """Ray worker processes running a parfor task right now."""
         return [p.pid for p in psutil.process_iter(["cmdline"])
                 if "ray::_execute" in " ".join(p.info["cmdline"] or ())]
@@ -134,6 +140,12 @@ class RayCluster:
     def stop(self) -> None:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True,
                        timeout=START_TIMEOUT)
+
+
+#: The backends on a cluster engine, and how the tests start a cluster for each.
+CLUSTERS = {name: cls for name, cls in {"dask": DaskCluster, "ray": RayCluster}.items()
+            if name not in WITHOUT}
+CLUSTER_NAMES = list(CLUSTERS)
 
 
 def _free_port() -> int:

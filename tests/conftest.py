@@ -7,23 +7,25 @@ import sys
 import sysconfig
 
 import pytest
-from clusters import DaskCluster, RayCluster
+from clusters import CLUSTERS, WITHOUT, DaskCluster, RayCluster
 
 from parfor_core import registry
 
-#: Backends this run leaves out, by name (comma-separated): for an interpreter that a backend's
-#: engine does not support (Ray on a free-threaded Python). Any other backend that is not
-#: available fails the run, so a missing extra cannot silently shrink the suite.
-WITHOUT = {name.strip() for name in os.environ.get("PARFOR_TEST_WITHOUT", "").split(",")
-           if name.strip()}
 BACKENDS = [name for name in registry.names() if name not in WITHOUT]
-#: Backends on a cluster engine: their tests run against a real cluster started for the session.
-CLUSTERS = {"dask": DaskCluster, "ray": RayCluster}
 
 
 def pytest_report_header() -> list[str]:
     left_out = f"; left out by PARFOR_TEST_WITHOUT: {', '.join(sorted(WITHOUT))}" if WITHOUT else ""
     return [f"parfor backends under test: {', '.join(BACKENDS)}{left_out}"]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the tests marked with a backend that PARFOR_TEST_WITHOUT leaves out."""
+    left_out = [item for item in items
+                if any(mark.args[0] in WITHOUT for mark in item.iter_markers("backend"))]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if item not in left_out]
 
 
 @pytest.fixture(scope="session", autouse=True)

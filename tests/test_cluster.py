@@ -1,0 +1,305 @@
+"""What only the cluster backends (dask, ray) do: where they connect, local clusters, lost
+workers, cancelling on the cluster, and the message when their extra is not installed.
+
+The behavioural suite runs on them too (conftest.py's ``backend`` fixture), against real
+clusters started by the tests as separate commands.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from clusters import CLUSTER_NAMES, DaskCluster, RayCluster
+
+import parfor
+from parfor import ParforError, WorkerDiedError, gmap, pmap
+from parfor_backends.dask import DaskBackend
+from parfor_core import registry
+
+
+def scheduler_of(_: int) -> str:
+    """Which Dask scheduler the worker running this belongs to."""
+    from distributed import get_worker
+
+    return get_worker().scheduler.address
+
+
+def slow_square(x: int, seconds: float = 0.05) -> int:
+    time.sleep(seconds)
+    return x * x
+
+
+def kill_on_five(x: int) -> int:
+    if x == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+@pytest.fixture
+def dask_address(cluster_addresses) -> str:
+    return cluster_addresses("dask")
+
+
+@pytest.fixture(scope="module")
+def other_dask(tmp_path_factory):
+    """A second Dask cluster, to tell which address a call used."""
+    cluster = DaskCluster.start(tmp_path_factory.mktemp("other-dask"), n_workers=1)
+    yield cluster
+    registry.shutdown()  # disconnect pooled backends first
+    cluster.stop()
+
+
+# -- where the backends connect -----------------------------------------------------------------
+
+
+@pytest.mark.backend("dask")
+def test_the_environment_variable_names_the_cluster(dask_address):
+    assert os.environ["PARFOR_DASK_ADDRESS"] == dask_address
+    assert set(pmap(scheduler_of, range(4), backend="dask", bar=False)) == {dask_address}
+
+
+@pytest.mark.backend("dask")
+def test_address_precedence_block_over_environment_over_file(
+        dask_address, other_dask, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("parfor.toml").write_text(f'[backends.dask]\naddress = "{other_dask.address}"\n')
+    # the environment variable beats the project file
+    assert set(pmap(scheduler_of, range(2), backend="dask", bar=False)) == {dask_address}
+    # a config block beats the environment variable
+    with parfor.config(backends={"dask": {"address": other_dask.address}}):
+        assert set(pmap(scheduler_of, range(2), backend="dask", bar=False)) == {
+            other_dask.address}
+    # the project file, when nothing above it says otherwise
+    monkeypatch.delenv("PARFOR_DASK_ADDRESS")
+    assert set(pmap(scheduler_of, range(2), backend="dask", bar=False)) == {other_dask.address}
+
+
+@pytest.mark.backend("dask")
+def test_a_backend_instance_takes_the_address_as_argument(other_dask):
+    backend = DaskBackend(1, address=other_dask.address)
+    try:
+        assert backend.n_workers == 1  # the cluster's own size, not the number asked for
+        assert set(pmap(scheduler_of, range(3), backend=backend, bar=False)) == {
+            other_dask.address}
+    finally:
+        backend.shutdown()
+
+
+@pytest.mark.backend("dask")
+def test_an_unreachable_scheduler_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr("parfor_backends._cluster.CONNECT_TIMEOUT", 2.0)
+    with parfor.config(backends={"dask": {"address": "tcp://127.0.0.1:9"}}):
+        with pytest.raises(ParforError, match=r"Cannot connect to the Dask scheduler at "
+                                              r"'tcp://127.0.0.1:9'"):
+            pmap(abs, range(4), backend="dask", bar=False)
+
+
+# -- a local cluster when no address is given ---------------------------------------------------
+
+
+@pytest.mark.backend("dask")
+def test_without_an_address_dask_starts_and_stops_a_local_cluster(dask_address, monkeypatch):
+    monkeypatch.delenv("PARFOR_DASK_ADDRESS")
+    backend = DaskBackend(2)
+    helper = psutil.Process(backend._local.process.pid)
+    try:
+        schedulers = set(pmap(scheduler_of, range(8), backend=backend, bar=False))
+        assert len(schedulers) == 1 and dask_address not in schedulers
+        assert schedulers.pop().startswith("tcp://127.0.0.1:")
+        processes = [helper, *helper.children(recursive=True)]
+        assert len(processes) >= 3  # the scheduler's process and two workers
+    finally:
+        backend.shutdown()
+    _, alive = psutil.wait_procs(processes, timeout=30)
+    assert alive == []
+
+
+SCRIPT = """
+import os, sys
+from parfor import pmap
+
+def square(x):
+    return x * x
+
+# no `if __name__ == "__main__":` guard: the workers must not re-run this script
+print(pmap(square, range(6), backend=sys.argv[1], bar=False), flush=True)
+"""
+
+
+@pytest.mark.parametrize("name", CLUSTER_NAMES)
+def test_a_local_cluster_runs_a_script_without_main_guard_and_leaves_nothing(
+        name, tmp_path, cluster_addresses):
+    cluster_addresses(name)  # the test cluster is up; this script must start its own
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    env = {key: value for key, value in os.environ.items() if not key.endswith("_ADDRESS")}
+    before = _engine_processes()
+    done = subprocess.run([sys.executable, str(script), name], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[0, 1, 4, 9, 16, 25]"
+    deadline = time.monotonic() + 30
+    while _engine_processes() - before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _engine_processes() - before == set()
+
+
+@pytest.mark.backend("dask")
+def test_a_killed_caller_takes_its_local_dask_cluster_with_it(tmp_path):
+    script = tmp_path / "caller.py"
+    script.write_text(textwrap.dedent("""
+        import os, time
+        from parfor import pmap
+        from parfor_core import registry
+        assert pmap(abs, range(4), backend="dask", bar=False) == [0, 1, 2, 3]
+        print(registry._instances["dask"][0]._local.process.pid, flush=True)
+        time.sleep(600)
+    """))
+    env = {key: value for key, value in os.environ.items() if key != "PARFOR_DASK_ADDRESS"}
+    caller = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              env=env)
+    try:
+        helper = psutil.Process(int(caller.stdout.readline()))
+        cluster = [helper, *helper.children(recursive=True)]
+    finally:
+        caller.kill()
+        caller.wait()
+        caller.stdout.close()
+    _, alive = psutil.wait_procs(cluster, timeout=30)
+    assert alive == []
+
+
+# -- lost workers ---------------------------------------------------------------------------
+
+
+@pytest.mark.backend("dask")
+def test_killing_a_dask_worker_mid_run_loses_no_result(tmp_path):
+    cluster = DaskCluster.start(tmp_path, n_workers=2)
+    try:
+        results = []
+        with parfor.config(backends={"dask": {"address": cluster.address}}):
+            for value in gmap(slow_square, range(120), bar=False, backend="dask"):
+                results.append(value)
+                if len(results) == 20:
+                    victim = cluster.workers[0]
+                    os.killpg(victim.pid, signal.SIGKILL)  # the `dask worker` command, all of it
+        assert results == [x * x for x in range(120)]
+        assert cluster.workers[0].wait(10) == -signal.SIGKILL
+    finally:
+        registry.shutdown()
+        cluster.stop()
+
+
+@pytest.mark.backend("ray")
+def test_killing_a_ray_worker_mid_run_loses_no_result(cluster_addresses):
+    cluster_addresses("ray")
+    results = []
+    for value in gmap(slow_square, range(120), (0.05,), bar=False, backend="ray"):
+        results.append(value)
+        if len(results) == 20:
+            running = RayCluster.worker_pids()
+            assert running, "no Ray worker is running a parfor task"
+            os.kill(running[0], signal.SIGKILL)
+    assert results == [x * x for x in range(120)]
+
+
+@pytest.mark.parametrize("name", CLUSTER_NAMES)
+def test_an_item_that_keeps_killing_workers_fails_naming_it(name, cluster_addresses):
+    cluster_addresses(name)
+    with pytest.raises(WorkerDiedError, match="input item 5 died 2 times") as caught:
+        pmap(kill_on_five, range(12), backend=name, bar=False)
+    assert caught.value.indices == [5]
+    assert caught.value.backend == name
+    cluster_addresses(name)  # the cluster is whole again
+    assert pmap(abs, [-1, -2], backend=name, bar=False) == [1, 2]
+
+
+# -- cancelling on the cluster --------------------------------------------------------------
+
+
+@pytest.mark.backend("dask")
+def test_closing_a_gmap_cancels_its_tasks_on_the_dask_cluster(tmp_path):
+    cluster = DaskCluster.start(tmp_path, n_workers=2)
+    try:
+        with parfor.config(backends={"dask": {"address": cluster.address}}):
+            results = gmap(slow_square, range(1000), (0.5,), bar=False, backend="dask")
+            assert next(results) == 0
+            assert _dask_tasks(cluster)  # work is queued on the cluster
+            results.close()
+        _wait_until(lambda: not _dask_tasks(cluster), "the tasks being forgotten")
+    finally:
+        registry.shutdown()
+        cluster.stop()
+
+
+@pytest.mark.backend("ray")
+def test_closing_a_gmap_cancels_its_tasks_on_the_ray_cluster(cluster_addresses):
+    cluster_addresses("ray")
+    results = gmap(slow_square, range(1000), (0.5,), bar=False, backend="ray")
+    assert next(results) == 0
+    assert RayCluster.worker_pids()
+    results.close()
+    _wait_until(lambda: not RayCluster.worker_pids(), "the running tasks stopping")
+    time.sleep(1.5)  # queued tasks would have started by now
+    assert not RayCluster.worker_pids()
+
+
+# -- without the extra ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "module"), [("dask", "distributed"), ("ray", "ray")])
+def test_without_the_extra_the_backend_says_how_to_install_it(name, module):
+    program = textwrap.dedent(f"""
+        import sys
+        sys.modules[{module!r}] = None  # as if the package were not installed
+        from parfor import pmap, BackendUnavailableError
+        from parfor.__main__ import main
+        main(["backends"])
+        try:
+            pmap(abs, range(4), backend={name!r})
+        except BackendUnavailableError as error:
+            print("ERROR:", error)
+    """)
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    install = f'pip install "parfor[{name}]"'
+    listed = next(line for line in done.stdout.splitlines() if line.split()[:1] == [name])
+    assert "unavailable" in listed and install in listed
+    assert any(line.startswith("ERROR:") and install in line for line in done.stdout.splitlines())
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _engine_processes() -> set[int]:
+    """Processes of Dask local clusters and Ray instances on this machine."""
+    found = set()
+    for process in psutil.process_iter(["cmdline"]):
+        command = " ".join(process.info["cmdline"] or ())
+        if "_dask_local" in command or "raylet" in command or "gcs_server" in command:
+            found.add(process.pid)
+    return found
+
+
+def _dask_tasks(cluster: DaskCluster) -> list[str]:
+    def ours(dask_scheduler) -> list[str]:
+        return [str(key) for key in dask_scheduler.tasks if "_execute" in str(key)]
+
+    cluster.wait_for_workers()
+    return cluster.client.run_on_scheduler(ours)
+
+
+def _wait_until(condition, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
