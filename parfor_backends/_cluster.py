@@ -18,7 +18,16 @@ from functools import partial
 from typing import Any, ClassVar
 
 from parfor_backends._retrying import Job, fail, resolve
-from parfor_core import SETTINGS, Backend, Call, Result, Task, dump_call, load_result
+from parfor_core import (
+    SETTINGS,
+    Backend,
+    Call,
+    Result,
+    Task,
+    available_cpus,
+    dump_call,
+    load_result,
+)
 
 #: How often an item whose worker was lost is run again, alone, before it fails.
 RETRIES = SETTINGS["retries"].default
@@ -30,8 +39,8 @@ class ClusterBackend(Backend):
     """A backend that runs each chunk as one task on a cluster engine.
 
     ``address`` names a running cluster; without one the backend starts a local one with
-    ``n_workers`` worker processes, and stops it at shutdown. With an address the number of
-    workers is the cluster's.
+    ``n_workers`` worker processes (default: one per CPU), and stops it at shutdown. With an
+    address the number of workers is the cluster's.
     """
 
     crosses_process = True
@@ -40,10 +49,10 @@ class ClusterBackend(Backend):
     extra: ClassVar[str]
     """The parfor extra that installs it: ``pip install "parfor[EXTRA]"``."""
 
-    def __init__(self, n_workers: int, *, address: str | None = None,
+    def __init__(self, n_workers: int | None = None, *, address: str | None = None,
                  retries: int = RETRIES,
                  worker_output: bool = SETTINGS["worker_output"].default) -> None:
-        super().__init__(n_workers)
+        super().__init__(n_workers or available_cpus())
         self.address = address.strip() if address and address.strip() else None
         self.retries = retries
         self.worker_output = worker_output
