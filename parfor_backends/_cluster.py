@@ -11,13 +11,14 @@ import importlib.util
 import os
 import sys
 import threading
+import weakref
 from abc import abstractmethod
 from collections.abc import Callable
 from concurrent.futures import Future
 from functools import partial
 from typing import Any, ClassVar
 
-from parfor_backends._retrying import Job, fail, resolve
+from parfor_backends._retrying import Job, settle
 from parfor_core import (
     SETTINGS,
     Backend,
@@ -102,8 +103,9 @@ class ClusterBackend(Backend):
         the engine can (``hard``: Ctrl-C, also by killing their workers)."""
 
     @abstractmethod
-    def _lost_worker(self, error: BaseException) -> str | None:
-        """How the worker was lost, when ``error`` means that; None for other errors."""
+    def _lost_worker(self, error: BaseException) -> tuple[str, bool] | None:
+        """When ``error`` means that the task's worker was lost: how, and whether the call's
+        shipment may have gone with it (then it is shipped again); None for other errors."""
 
     # -- the Backend contract ---------------------------------------------------------------------
 
@@ -115,20 +117,17 @@ class ClusterBackend(Backend):
         return job.future
 
     def interrupt(self) -> None:
-        """Cancel every task this backend has on the cluster."""
-        with self._lock:
-            remotes = list(self._running.values())
-            self._running.clear()
-        if remotes:
-            self._cancel(remotes, hard=True)
+        """Cancel every task this backend has on the cluster, stopping running ones where the
+        engine can. Calls of other threads on this instance get a WorkerError, never a hang."""
+        self._cancel_all(hard=True)
 
     def shutdown(self) -> None:
-        self.interrupt()
+        self._cancel_all(hard=False)
         with self._lock:
             connected, self._connected = self._connected, False
             self._shipped.clear()
-        if connected:
-            self._disconnect(kill=False)
+        if connected:  # not under the lock: disconnecting fails what is still out, whose
+            self._disconnect(kill=False)  # callbacks take the lock, maybe in this thread
 
     # -- running jobs -------------------------------------------------------------------------
 
@@ -138,7 +137,18 @@ class ClusterBackend(Backend):
                 self.n_workers = max(1, self._connect())
                 self._connected = True
 
+    def _cancel_all(self, hard: bool) -> None:
+        with self._lock:
+            running = list(self._running.items())
+            self._running.clear()
+        if running:
+            self._cancel([remote for _, remote in running], hard)
+        for future, _ in running:
+            future.cancel()
+
     def _start(self, job: Job) -> None:
+        if job.future.cancelled():  # a retry after the caller gave up: nothing to run
+            return
         remote = self._start_remote(job.task.call.id, self._shipment(job.task.call), job.items)
         with self._lock:
             cancelled = job.future.cancelled()
@@ -150,23 +160,29 @@ class ClusterBackend(Backend):
         self._when_done(remote, partial(self._finished, job, remote))
 
     def _finished(self, job: Job, remote: Any) -> None:
+        """Runs in the engine's callback thread, which drops exceptions: every error, also one
+        starting a retry, goes to the caller's future."""
         with self._lock:
             if self._running.get(job.future) is not remote:
                 return  # cancelled, or interrupted: nobody waits for it
-        outcome: Job | Result
         try:
-            outcome = job.finish(load_result(self._outcome(remote)))
-        except Exception as error:
-            how = self._lost_worker(error)
-            if how is None:
-                fail(job.future, error)
-                return
-            self._unship(job.task.call.id)  # ship it again: it may have gone with the worker
-            outcome = job.after_death(f"a {self.name} worker", how, self.retries, self.name)
-        if isinstance(outcome, Job):
-            self._start(outcome)
-        else:
-            resolve(job.future, outcome)
+            outcome: Job | Result
+            try:
+                outcome = job.finish(load_result(self._outcome(remote)))
+            except Exception as error:
+                lost = self._lost_worker(error)
+                if lost is None:
+                    raise
+                how, shipment_lost = lost
+                if shipment_lost:
+                    self._unship(job.task.call.id)
+                outcome = job.after_death(f"a {self.name} worker", how, self.retries, self.name)
+            if isinstance(outcome, Job):
+                self._start(outcome)
+            else:
+                settle(job.future, outcome)
+        except BaseException as error:
+            settle(job.future, error)
 
     def _forget(self, future: Future[Result]) -> None:
         with self._lock:
@@ -176,14 +192,14 @@ class ClusterBackend(Backend):
 
     def _shipment(self, call: Call) -> Any:
         """The call's handle on the cluster: shipped with the call's first task, dropped when
-        the call is released."""
+        the call is released or garbage (a ParPool's calls are never released)."""
         with self._lock:
             shipped = self._shipped.get(call.id)
         if shipped is None:
             shipped = self._ship(dump_call(call))
             with self._lock:
                 shipped = self._shipped.setdefault(call.id, shipped)
-            call.releasers.append(partial(self._unship, call.id))
+            call.releasers.append(weakref.finalize(call, self._unship, call.id))
         return shipped
 
     def _unship(self, call_id: str) -> None:

@@ -64,19 +64,15 @@ class Job:
         return Job(task, self.future, dump_items(task), values, rest, elapsed)
 
 
-def resolve(future: Future[Result], result: Result) -> None:
-    """Hand ``result`` to the caller, unless the caller has cancelled the future meanwhile."""
-    if not future.cancelled():
-        try:
-            future.set_result(result)
-        except InvalidStateError:  # cancelled meanwhile: nobody waits for it
-            pass
-
-
-def fail(future: Future[Result], error: BaseException) -> None:
-    """Hand ``error`` to the caller, unless the caller has cancelled the future meanwhile."""
-    if not future.cancelled():
-        try:
-            future.set_exception(error)
-        except InvalidStateError:
-            pass
+def settle(future: Future[Result], outcome: Result | BaseException) -> None:
+    """Hand the Result (or the error) to the caller, unless the caller has cancelled the future
+    meanwhile: nobody waits for it then."""
+    if future.cancelled():
+        return
+    try:
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+    except InvalidStateError:  # cancelled meanwhile
+        pass

@@ -8,6 +8,7 @@ and extra arguments are scattered to the cluster once; the workers need parfor i
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -74,14 +75,18 @@ class DaskBackend(ClusterBackend):
             self._local = None
 
     def interrupt(self) -> None:
-        """Cancel this backend's tasks; a local cluster is stopped at once (its workers may be
-        deep in a long item) and a new one starts with the next task."""
+        """Cancel this backend's tasks; a local cluster is stopped at once (Dask cannot stop a
+        running task, and its workers may be deep in a long item) and a new one starts with the
+        next task."""
         super().interrupt()
-        if self._local is not None:
-            with self._lock:
-                self._connected = False
-                self._shipped.clear()
-            self._disconnect(kill=True)
+        with self._lock:
+            local, self._local = self._local, None
+            if local is None:
+                return
+            self._connected = False
+            self._shipped.clear()
+        local.stop(kill=True)  # first the cluster, so that closing the client waits on nothing
+        self._client.close()
 
     def _ship(self, data: bytes) -> Any:
         # On every worker: one lost worker then loses no call (scattered data has no recipe).
@@ -102,13 +107,13 @@ class DaskBackend(ClusterBackend):
     def _cancel(self, remotes: list[Any], hard: bool) -> None:
         self._client.cancel(remotes)  # Dask cannot stop a running task; see interrupt()
 
-    def _lost_worker(self, error: BaseException) -> str | None:
+    def _lost_worker(self, error: BaseException) -> tuple[str, bool] | None:
         from distributed.scheduler import KilledWorker
 
         if isinstance(error, KilledWorker):
-            return f"the Dask scheduler reports KilledWorker: {error}"
+            return f"the Dask scheduler reports KilledWorker: {error}", False
         if isinstance(error, CancelledError):  # not by us: its input or result went with a worker
-            return f"the task's data was lost with its worker ({error})"
+            return f"the task's data was lost with its worker ({error})", True
         return None
 
 
@@ -124,19 +129,18 @@ class _LocalCluster:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             env=env, start_new_session=True, text=True,
         )
-        assert self.process.stdout is not None
-        said = []
-        for line in self.process.stdout:
-            if line.startswith(ADDRESS_PREFIX):
-                self.address = line[len(ADDRESS_PREFIX):].strip()
-                break
-            said.append(line)
-        else:
-            code = self.process.wait()
-            raise ParforError(f"The local Dask cluster did not start (exit code {code}):\n"
-                              + "".join(said[-20:]))
-        threading.Thread(target=_relay, args=(self.process.stdout, worker_output),
+        started: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=_relay, args=(self.process.stdout, started, worker_output),
                          daemon=True).start()
+        try:
+            said = started.get(timeout=CONNECT_TIMEOUT)
+        except queue.Empty:
+            said = f"(nothing within {CONNECT_TIMEOUT:.0f} s)"
+        if not said.startswith(ADDRESS_PREFIX):
+            self.stop(kill=True)
+            raise ParforError(f"The local Dask cluster did not start (exit code "
+                              f"{self.process.returncode}):\n{said}")
+        self.address = said[len(ADDRESS_PREFIX):].strip()
 
     def stop(self, kill: bool) -> None:
         assert self.process.stdin is not None
@@ -154,14 +158,24 @@ class _LocalCluster:
         self.process.wait()
 
 
-def _relay(lines: IO[str], show: bool) -> None:
-    """Show what the local workers print, above any progress bar."""
+def _relay(lines: IO[str], started: queue.Queue[str], show: bool) -> None:
+    """Hand the scheduler's address line to the starting caller (or, when the cluster ends
+    before it starts, what it said); then show what the workers print, above any bar."""
     from tqdm import tqdm
 
+    said: list[str] | None = []
     with lines:
         for line in lines:
-            if show:
-                tqdm.write(line.rstrip("\n"), file=sys.stdout)
+            if said is None:
+                if show:
+                    tqdm.write(line.rstrip("\n"), file=sys.stdout)
+            elif line.startswith(ADDRESS_PREFIX):
+                started.put(line)
+                said = None
+            else:
+                said.append(line)
+    if said is not None:
+        started.put("".join(said[-20:]))
 
 
 @hookimpl

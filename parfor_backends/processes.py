@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from typing import IO
 
 from parfor_backends._framing import COUNT, read_frame, write_frame
-from parfor_backends._retrying import Job, resolve
+from parfor_backends._retrying import Job, settle
 from parfor_core import (
     SETTINGS,
     Backend,
@@ -131,7 +131,7 @@ class ProcessesBackend(Backend):
                     self._pending.appendleft(outcome)
             self._pump()
         if job is not None and isinstance(outcome, Result):
-            resolve(job.future, outcome)
+            settle(job.future, outcome)
 
     def _died(self, worker: _Worker) -> None:
         """A worker's result pipe closed: it exited or was killed. Retry or fail its job."""
@@ -150,7 +150,7 @@ class ProcessesBackend(Backend):
                     self._pending.appendleft(outcome)
             self._pump()
         if job is not None and isinstance(outcome, Result):
-            resolve(job.future, outcome)
+            settle(job.future, outcome)
 
 
 def _meaning(how: str) -> str:

@@ -19,6 +19,7 @@ from parfor_core import Backend, ParforError, execute_call, hookimpl, mark_worke
 
 _runtime_lock = threading.Lock()
 _runtime_users = 0  # RayBackend instances connected to a runtime that parfor started
+_runtime_address: str | None = None  # the address that runtime was started for (None: local)
 
 
 def _execute(call_id: str, shipped: list[Any], items: bytes) -> bytes:
@@ -40,10 +41,17 @@ class RayBackend(ClusterBackend):
     environment = {"address": "PARFOR_RAY_ADDRESS"}
 
     def _connect(self) -> int:
-        global _runtime_users
+        global _runtime_users, _runtime_address
         import ray
 
         with _runtime_lock:
+            if _runtime_users > 0 and self.address != _runtime_address:
+                started, wanted = (address or "a local instance"
+                                   for address in (_runtime_address, self.address))
+                raise ParforError(
+                    f"Ray allows one runtime per process, and this one was started for "
+                    f"{started}, not {wanted}; call parfor_core.registry.shutdown() first to "
+                    f"switch")
             self._owns_runtime = _runtime_users > 0 or not ray.is_initialized()
             if not ray.is_initialized():
                 local = self.address is None
@@ -62,6 +70,7 @@ class RayBackend(ClusterBackend):
                                       f"{type(exc).__name__}: {exc}{hint}") from exc
             if self._owns_runtime:
                 _runtime_users += 1
+                _runtime_address = self.address
         self._remote = ray.remote(max_retries=0, num_cpus=1)(_execute)
         cpus = int(ray.cluster_resources().get("CPU", 0))
         if cpus < 1:
@@ -87,29 +96,28 @@ class RayBackend(ClusterBackend):
         return ray.put(data)
 
     def _start_remote(self, call_id: str, shipped: Any, items: bytes) -> Any:
-        return self._remote.remote(call_id, [shipped], items)
+        reference = self._remote.remote(call_id, [shipped], items)
+        return reference, reference.future()  # the future fetches the answer once
 
     def _when_done(self, remote: Any, callback: Callable[[], object]) -> None:
-        remote.future().add_done_callback(lambda _: callback())
+        remote[1].add_done_callback(lambda _: callback())
 
     def _outcome(self, remote: Any) -> bytes:
-        import ray
-
-        return ray.get(remote)
+        return remote[1].result()
 
     def _cancel(self, remotes: list[Any], hard: bool) -> None:
         import ray
 
-        for remote in remotes:
-            ray.cancel(remote, force=hard)
+        for reference, _ in remotes:
+            ray.cancel(reference, force=hard)
 
-    def _lost_worker(self, error: BaseException) -> str | None:
+    def _lost_worker(self, error: BaseException) -> tuple[str, bool] | None:
         from ray import exceptions
 
-        lost = (exceptions.WorkerCrashedError, exceptions.NodeDiedError,
-                exceptions.OutOfMemoryError)
-        if isinstance(error, lost):
-            return f"Ray reports {type(error).__name__}: {error}"
+        if isinstance(error, (exceptions.WorkerCrashedError, exceptions.OutOfMemoryError)):
+            return f"Ray reports {type(error).__name__}: {error}", False
+        if isinstance(error, (exceptions.NodeDiedError, exceptions.ObjectLostError)):
+            return f"Ray reports {type(error).__name__}: {error}", True
         return None
 
 

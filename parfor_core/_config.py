@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -138,9 +138,8 @@ class Sourced(NamedTuple):
 class Configuration:
     """The effective settings, each with where it came from."""
 
-    def __init__(self, values: Mapping[str, Sourced],
-                 layers: Sequence[Mapping[str, Sourced]] = (),
-                 environment_rank: int = 0) -> None:
+    def __init__(self, values: Mapping[str, Sourced], layers: Sequence[Mapping[str, Sourced]],
+                 environment_rank: int) -> None:
         self._values = dict(values)
         self._layers = list(layers)  # lowest rung first
         self._environment_rank = environment_rank  # where the environment's layer is
@@ -158,16 +157,25 @@ class Configuration:
         ``variables`` maps options to the environment variables that may set them (a backend's
         ``environment``, such as ``PARFOR_DASK_ADDRESS``); they rank with the other variables.
         """
-        own: dict[str, Any] = {}
+        tables: list[Mapping[str, Mapping[str, Any]]] = []
         for rank, layer in enumerate(self._layers):
             if rank == self._environment_rank:
-                own.update({option: os.environ[variable]
-                            for option, variable in (variables or {}).items()
-                            if os.environ.get(variable)})
+                tables.append({name: {option: os.environ[variable]
+                                      for option, variable in (variables or {}).items()
+                                      if os.environ.get(variable)}})
             if "backends" in layer:
-                own.update(layer["backends"].value.get(name, {}))
+                tables.append(layer["backends"].value)
         general = {key: self[key] for key in GENERAL_OPTIONS}
-        return {**general, **own}
+        return {**general, **_merged(tables).get(name, {})}
+
+
+def _merged(tables: Iterable[Mapping[str, Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per-backend option tables merged option by option, later ones winning."""
+    merged: dict[str, dict[str, Any]] = {}
+    for table in tables:
+        for backend, options in table.items():
+            merged.setdefault(backend, {}).update(options)
+    return merged
 
 
 _block: ContextVar[Mapping[str, Sourced]] = ContextVar("parfor_config",
@@ -189,9 +197,7 @@ def config(**settings: Any) -> Iterator[None]:
         parsed[name] = Sourced(_check(name, value, "parfor.config()"), "a parfor.config() block")
     outer = _block.get()
     if "backends" in parsed and "backends" in outer:  # nested blocks merge option by option
-        tables = {name: dict(options) for name, options in outer["backends"].value.items()}
-        for backend, options in parsed["backends"].value.items():
-            tables.setdefault(backend, {}).update(options)
+        tables = _merged([outer["backends"].value, parsed["backends"].value])
         parsed["backends"] = Sourced(tables, parsed["backends"].source)
     token = _block.set({**outer, **parsed})
     try:
@@ -211,10 +217,7 @@ def current(**arguments: Any) -> Configuration:
     for layer in layers:
         for name, sourced in layer.items():
             if name == "backends" and name in merged:  # per backend, option by option
-                tables = {key: dict(value) for key, value in merged[name].value.items()}
-                for backend, options in sourced.value.items():
-                    tables.setdefault(backend, {}).update(options)
-                sourced = Sourced(tables, sourced.source)
+                sourced = Sourced(_merged([merged[name].value, sourced.value]), sourced.source)
             merged[name] = sourced
     return Configuration(merged, layers, environment_rank)
 

@@ -181,17 +181,15 @@ def execute_call(call_id: str, fetch: Callable[[], bytes], items: bytes) -> byte
     has not loaded that call yet: for backends that ship a call once through a store of their
     own (Dask's scatter, Ray's object store).
     """
-    with _worker_calls_lock:
+    with _worker_calls_lock:  # threads of one worker (Dask's) share it, and load a call once
         call = _worker_calls.get(call_id)
         if call is not None:
             _worker_calls.move_to_end(call_id)
-    if call is None:
-        try:
-            call = load_call(call_id, fetch())
-        except Exception as exc:
-            return unloadable(items, "the function or its extra arguments", exc)
-        with _worker_calls_lock:  # workers running tasks in threads (Dask's) share the cache
-            _worker_calls[call_id] = call
+        else:
+            try:
+                call = _worker_calls[call_id] = load_call(call_id, fetch())
+            except Exception as exc:
+                return unloadable(items, "the function or its extra arguments", exc)
             while len(_worker_calls) > CACHED_CALLS:
                 _worker_calls.popitem(last=False)
     return run_items(call, items)

@@ -32,9 +32,23 @@ def scheduler_of(_: int) -> str:
     return get_worker().scheduler.address
 
 
-def slow_square(x: int, seconds: float = 0.05) -> int:
+def slow_square(x: int, seconds: float = 0.05, log_dir: str | None = None) -> int:
+    if log_dir is not None:  # one file per run of an item: reruns show
+        Path(log_dir, f"{x}-{os.getpid()}-{time.monotonic_ns()}").touch()
     time.sleep(seconds)
     return x * x
+
+
+def long_unless_zero(x: int, seconds: float = 30) -> int:
+    if x:
+        time.sleep(seconds)
+    return x
+
+
+def reruns(log_dir: Path) -> int:
+    """How many item runs were repeats of an earlier run of the same item."""
+    runs = [name.split("-")[0] for name in os.listdir(log_dir)]
+    return len(runs) - len(set(runs))
 
 
 def kill_on_five(x: int) -> int:
@@ -62,7 +76,6 @@ def other_dask(tmp_path_factory):
 
 @pytest.mark.backend("dask")
 def test_the_environment_variable_names_the_cluster(dask_address):
-    assert os.environ["PARFOR_DASK_ADDRESS"] == dask_address
     assert set(pmap(scheduler_of, range(4), backend="dask", bar=False)) == {dask_address}
 
 
@@ -180,6 +193,45 @@ def test_a_killed_caller_takes_its_local_dask_cluster_with_it(tmp_path):
     assert alive == []
 
 
+@pytest.mark.backend("dask")
+def test_ctrl_c_stops_a_local_dask_cluster_at_once_and_the_next_call_works(tmp_path):
+    script = tmp_path / "interrupted.py"
+    script.write_text(textwrap.dedent("""
+        import time
+        from parfor import pmap
+        from parfor_core import registry
+
+        def long(x):
+            time.sleep(60)
+
+        try:
+            pmap(long, range(8), backend="dask", bar=False)
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+        print(pmap(abs, [-1, -2], backend="dask", bar=False), flush=True)
+    """))
+    env = {key: value for key, value in os.environ.items() if key != "PARFOR_DASK_ADDRESS"}
+    before = _engine_processes()
+    caller = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              env=env, start_new_session=True)
+    try:
+        _wait_until(lambda: any("spawn_main" in " ".join(p.cmdline())
+                                for p in psutil.Process(caller.pid).children(recursive=True)),
+                    "the local cluster's workers")
+        time.sleep(2)  # the items are running
+        started = time.monotonic()
+        os.killpg(caller.pid, signal.SIGINT)  # as a terminal's Ctrl-C does
+        assert caller.stdout.readline() == "interrupted\n"
+        assert time.monotonic() - started < 10
+        assert caller.stdout.readline() == "[1, 2]\n"
+        assert caller.wait(60) == 0
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+        caller.stdout.close()
+    _wait_until(lambda: not _engine_processes() - before, "the local clusters ending")
+
+
 @pytest.mark.backend("ray")
 def test_ray_uses_a_runtime_the_program_started_and_leaves_it_running():
     program = textwrap.dedent("""
@@ -199,38 +251,53 @@ def test_ray_uses_a_runtime_the_program_started_and_leaves_it_running():
     assert done.stdout.split() == ["[1,", "2,", "3]", "True"]
 
 
+@pytest.mark.backend("ray")
+def test_ray_refuses_a_second_address_in_one_process(cluster_addresses):
+    cluster_addresses("ray")
+    assert pmap(abs, [-1], backend="ray", serial=False, bar=False) == [1]
+    with parfor.config(backends={"ray": {"address": "127.0.0.1:1"}}):
+        with pytest.raises(ParforError, match="one runtime per process.*127.0.0.1:1"):
+            pmap(abs, [-1, -2], backend="ray", bar=False)
+    assert pmap(abs, [-1, -2], backend="ray", bar=False) == [1, 2]  # the first one still works
+
+
 # -- lost workers ---------------------------------------------------------------------------
 
 
 @pytest.mark.backend("dask")
 def test_killing_a_dask_worker_mid_run_loses_no_result(tmp_path):
     cluster = DaskCluster.start(tmp_path, n_workers=2)
+    log = tmp_path / "runs"
+    log.mkdir()
     try:
         results = []
         with parfor.config(backends={"dask": {"address": cluster.address}}):
-            for value in gmap(slow_square, range(120), bar=False, backend="dask"):
+            for value in gmap(slow_square, range(120), (0.05, str(log)), bar=False,
+                              backend="dask"):
                 results.append(value)
                 if len(results) == 20:
                     victim = cluster.workers[0]
                     os.killpg(victim.pid, signal.SIGKILL)  # the `dask worker` command, all of it
         assert results == [x * x for x in range(120)]
         assert cluster.workers[0].wait(10) == -signal.SIGKILL
+        assert reruns(log) >= 1  # what the lost worker was running ran again elsewhere
     finally:
         registry.shutdown()
         cluster.stop()
 
 
 @pytest.mark.backend("ray")
-def test_killing_a_ray_worker_mid_run_loses_no_result(cluster_addresses):
+def test_killing_a_ray_worker_mid_run_loses_no_result(cluster_addresses, tmp_path):
     cluster_addresses("ray")
     results = []
-    for value in gmap(slow_square, range(120), (0.05,), bar=False, backend="ray"):
+    for value in gmap(slow_square, range(120), (0.05, str(tmp_path)), bar=False, backend="ray"):
         results.append(value)
         if len(results) == 20:
             running = RayCluster.worker_pids()
             assert running, "no Ray worker is running a parfor task"
             os.kill(running[0], signal.SIGKILL)
     assert results == [x * x for x in range(120)]
+    assert reruns(tmp_path) >= 1  # what the killed worker was running ran again
 
 
 @pytest.mark.parametrize("name", CLUSTER_NAMES)
@@ -252,11 +319,11 @@ def test_closing_a_gmap_cancels_its_tasks_on_the_dask_cluster(tmp_path):
     cluster = DaskCluster.start(tmp_path, n_workers=2)
     try:
         with parfor.config(backends={"dask": {"address": cluster.address}}):
-            results = gmap(slow_square, range(1000), (0.5,), bar=False, backend="dask")
+            results = gmap(long_unless_zero, range(100), bar=False, backend="dask")
             assert next(results) == 0
-            assert _dask_tasks(cluster)  # work is queued on the cluster
-            results.close()
-        _wait_until(lambda: not _dask_tasks(cluster), "the tasks being forgotten")
+            assert len(_dask_tasks(cluster)) >= 2  # the next tasks, of 30 s, are on the cluster
+            results.close()  # long before any of them could have finished
+        _wait_until(lambda: not _dask_tasks(cluster), "the tasks being forgotten", timeout=5)
     finally:
         registry.shutdown()
         cluster.stop()
@@ -265,12 +332,12 @@ def test_closing_a_gmap_cancels_its_tasks_on_the_dask_cluster(tmp_path):
 @pytest.mark.backend("ray")
 def test_closing_a_gmap_cancels_its_tasks_on_the_ray_cluster(cluster_addresses):
     cluster_addresses("ray")
-    results = gmap(slow_square, range(1000), (0.5,), bar=False, backend="ray")
+    results = gmap(long_unless_zero, range(100), (3,), bar=False, backend="ray")
     assert next(results) == 0
-    assert RayCluster.worker_pids()
-    results.close()
-    _wait_until(lambda: not RayCluster.worker_pids(), "the running tasks stopping")
-    time.sleep(1.5)  # queued tasks would have started by now
+    _wait_until(RayCluster.worker_pids, "the next tasks, of 3 s, running")
+    results.close()  # the running tasks finish; those queued behind them must never start
+    _wait_until(lambda: not RayCluster.worker_pids(), "the running tasks ending", timeout=10)
+    time.sleep(2)  # queued tasks, had they not been cancelled, would have started by now
     assert not RayCluster.worker_pids()
 
 
@@ -303,11 +370,13 @@ def test_without_the_extra_the_backend_says_how_to_install_it(name, module):
 
 
 def _engine_processes() -> set[int]:
-    """Processes of Dask local clusters and Ray instances on this machine."""
+    """Processes of Dask local clusters and Ray instances run from this environment."""
+    environment = str(Path(sys.executable).parent.parent)  # not another test run's
     found = set()
     for process in psutil.process_iter(["cmdline"]):
         command = " ".join(process.info["cmdline"] or ())
-        if "_dask_local" in command or "raylet" in command or "gcs_server" in command:
+        if environment in command and any(part in command for part in (
+                "_dask_local", "spawn_main", "raylet", "gcs_server")):
             found.add(process.pid)
     return found
 
