@@ -14,6 +14,11 @@ import sys
 #: The line the address is printed on, after this prefix; other lines are the workers' output.
 ADDRESS_PREFIX = "parfor-dask-scheduler "
 
+# Whole lines, each in one write: the workers (which import this module too, as the main module
+# of a spawned process) share one pipe, and lines printed at the same moment must not mix.
+sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+
 
 def main() -> None:
     n_workers = int(sys.argv[1])

@@ -123,7 +123,8 @@ class _LocalCluster:
     their standard input closes, also when the caller is killed."""
 
     def __init__(self, n_workers: int, worker_output: bool) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": local_python_path()}
+        env = {**os.environ, "PYTHONPATH": local_python_path()}
+        env.pop("PYTHONUNBUFFERED", None)  # line-buffered instead: see _dask_local
         self.process = subprocess.Popen(
             [sys.executable, "-m", "parfor_backends._dask_local", str(n_workers)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
