@@ -236,8 +236,13 @@ def main() -> None:
     finally:
         peers.close()
 
+    print_table("contender", rows)
+
+
+def print_table(first: str, rows: dict[str, dict[str, str]]) -> None:
+    """Print rows of figures as a Markdown table, one column per figure."""
     columns = list(dict.fromkeys(key for row in rows.values() for key in row))
-    print("| contender | " + " | ".join(columns) + " |")
+    print(f"| {first} | " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
     for name, row in rows.items():
         print(f"| {name} | " + " | ".join(row.get(c, "-") for c in columns) + " |")

@@ -17,7 +17,7 @@ import platform
 import statistics
 import time
 
-from bench_backends import cpu_bound, median_ratios, timed, trivial
+from bench_backends import cpu_bound, median_ratios, print_table, timed, trivial
 
 from parfor import pmap
 from parfor_core import registry
@@ -78,11 +78,7 @@ def main() -> None:
     finally:
         registry.shutdown()
 
-    columns = list(dict.fromkeys(key for row in rows.values() for key in row))
-    print("| backend | " + " | ".join(columns) + " |")
-    print("|---" * (len(columns) + 1) + "|")
-    for name, row in rows.items():
-        print(f"| {name} | " + " | ".join(row.get(c, "-") for c in columns) + " |")
+    print_table("backend", rows)
 
 
 if __name__ == "__main__":
