@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 from ._arguments import make_call, settings_for, show_bar, total_of
 from ._chunking import ChunkSizer
 from ._dispatch import dispatch
+from ._probe import run_while_cheap, worth_probing
 from ._progress import Progress, check_bar
-from ._registry import Selection, registry
+from ._registry import SERIAL, Selection, registry
 from ._task import Call, inside_worker
 from .backend import Backend
 
@@ -63,21 +64,45 @@ def _batches(fun: Callable[..., Any], iterable: Iterable[Any], args: Sequence[An
     selected = registry.select(backend, serial=serial, total=expected, settings=settings)
     shown = show_bar(bar, settings["bar"], nested=inside_worker())
     spec = ProgressSpec(shown, expected, desc, bar_kwargs)
-    return _run(selected, call, iterable, expected, ordered, with_index, spec)
+    automatic = (serial is None and backend is None and settings["backend"] is None
+                 and isinstance(selected, Selection) and selected.name != SERIAL)
+    return _run(selected, call, iterable, expected, ordered, with_index, spec,
+                probe=automatic and worth_probing(expected))
 
 
 def _run(selected: Backend | Selection, call: Call, iterable: Iterable[Any], total: int | None,
-         ordered: bool, with_index: bool, bar: ProgressSpec) -> Iterator[list[Any]]:
+         ordered: bool, with_index: bool, bar: ProgressSpec, probe: bool
+         ) -> Iterator[list[Any]]:
+    """Run the call: first in the caller while workers cannot pay (``probe``), then the rest
+    of the input on the backend."""
     progress = Progress(*bar)
     try:
+        source = iter(iterable)
+        first = 0
+        if probe:
+            first = yield from _shaped(run_while_cheap(call, source, total, progress.update),
+                                       with_index)
+            if first is None:  # it all ran here
+                return
         with registry.lease(selected) as backend:
-            batches = dispatch(backend, call, iterable, ChunkSizer(backend.n_workers, total),
-                               ordered=ordered, on_done=progress.update)
-            for indices, values in batches:
-                yield list(zip(indices, values, strict=True)) if with_index else values
+            left = None if total is None else max(0, total - first)
+            batches = dispatch(backend, call, source, ChunkSizer(backend.n_workers, left),
+                               ordered=ordered, on_done=progress.update, first_index=first)
+            yield from _shaped(batches, with_index)
     finally:
         call.release()
         progress.close()
+
+
+def _shaped(batches: Generator[tuple[Sequence[int], list[Any]], None, R], with_index: bool
+            ) -> Generator[list[Any], None, R]:
+    """The values of each batch, or ``(index, value)`` pairs; returns what ``batches`` does."""
+    while True:
+        try:
+            indices, values = next(batches)
+        except StopIteration as stop:
+            return stop.value
+        yield list(zip(indices, values, strict=True)) if with_index else values
 
 
 def _flatten(batches: Iterator[list[Any]]) -> Iterator[Any]:

@@ -26,8 +26,12 @@ def dispatch(
     *,
     ordered: bool = True,
     on_done: Callable[[int], object],
+    first_index: int = 0,
 ) -> Iterator[tuple[Sequence[int], list[Any]]]:
     """Yield ``(input indices, values)`` batches covering every item; re-raise the first failure.
+
+    ``first_index`` is the input position of the first item of ``items`` (items before it
+    were run elsewhere).
 
     With ``ordered`` results come in input order (a failure is raised when its turn comes, after
     the values before it); otherwise as soon as they are done. Closing the generator cancels
@@ -37,13 +41,14 @@ def dispatch(
     window = CHUNKS_PER_WORKER * max(1, backend.n_workers)
     in_flight: dict[Future[Result], tuple[int, Task]] = {}
     finished: dict[int, tuple[Task, Result]] = {}
-    submitted = yielded = read = 0
+    submitted = yielded = 0
+    read = first_index
     exhausted = False
     progress = _Progress(on_done)
     try:
         while True:
             while not exhausted and len(in_flight) + len(finished) < window:
-                chunk = _take(source, sizer.next_size(), read)
+                chunk = take(source, sizer.next_size(), read)
                 if not chunk:
                     exhausted = True
                     break
@@ -64,9 +69,9 @@ def dispatch(
                 if ordered:
                     finished[number] = (task, result)
                 else:
-                    yield from _emit(task, result)
+                    yield from emit(task, result)
             while yielded in finished:
-                yield from _emit(*finished.pop(yielded))
+                yield from emit(*finished.pop(yielded))
                 yielded += 1
     except KeyboardInterrupt:
         if in_flight:
@@ -103,7 +108,7 @@ class _Progress:
         self.on_done(step)
 
 
-def _take(source: Iterator[Any], n: int, read: int) -> list[Any]:
+def take(source: Iterator[Any], n: int, read: int) -> list[Any]:
     chunk: list[Any] = []
     try:
         chunk.extend(islice(source, n))
@@ -135,7 +140,7 @@ def _items_label(indices: list[int]) -> str:
     return f"input items {shown}{', ...' if len(indices) > 8 else ''} ({len(indices)} items)"
 
 
-def _emit(task: Task, result: Result) -> Iterator[tuple[Sequence[int], list[Any]]]:
+def emit(task: Task, result: Result) -> Iterator[tuple[Sequence[int], list[Any]]]:
     yield task.indices[:len(result.values)], result.values
     failure = result.failure
     if failure is not None:

@@ -1,0 +1,64 @@
+"""Auto-serial: an automatically placed call runs its first items in the caller, and keeps
+going there for as long as the measured cost per item says that workers cannot pay.
+
+Workers cost something per item (serializing it and its result, passing both between
+processes) and per call (waking, maybe starting, the pool). A loop over 100 000 quick items
+is fastest in the caller; a loop over slow items is fastest on workers, after at most a few
+milliseconds of items run here to find out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from ._dispatch import emit, take
+from ._task import Call, Task, run_task
+
+#: Inputs known to be shorter than this go to workers at once: one slow item run here first
+#: would cost a short input a noticeable share of its speedup.
+MIN_ITEMS = 256
+#: Work measured here before deciding, in seconds (a decision on less would be noise).
+MEASURE_SECONDS = 0.005
+#: Below this many seconds per item, passing items to workers costs more than they save.
+ITEM_SECONDS_WORTH_A_WORKER = 5e-6
+#: Below this much work left, in seconds, waking or starting workers cannot pay.
+WORK_SECONDS_WORTH_WORKERS = 0.05
+#: The largest chunk run here between two looks at the clock and the progress bar.
+MAX_CHUNK = 10_000
+
+
+def worth_probing(total: int | None) -> bool:
+    """Whether to start a call in the caller: unknown or long inputs."""
+    return total is None or total >= MIN_ITEMS
+
+
+def run_while_cheap(call: Call, source: Iterator[Any], total: int | None,
+                    on_done: Callable[[int], object]
+                    ) -> Iterator[tuple[Sequence[int], list[Any]]]:
+    """Yield ``(input indices, values)`` batches run in the caller, from the start of
+    ``source``, while workers cannot pay; the generator's return value is how many items it
+    took (the rest of ``source`` is for the workers), or None when it ran them all."""
+    read = 0
+    spent = 0.0
+    size = 1
+    while True:
+        chunk = take(source, size, read)
+        if not chunk:
+            return None
+        task = Task(call, range(read, read + len(chunk)), chunk)
+        result = run_task(task)
+        spent += result.elapsed
+        read += len(chunk)
+        on_done(len(result.values))
+        yield from emit(task, result)
+        if spent >= MEASURE_SECONDS and _workers_pay(spent / read,
+                                                     None if total is None else total - read):
+            return read
+        size = min(2 * size, MAX_CHUNK)
+
+
+def _workers_pay(seconds_per_item: float, remaining: int | None) -> bool:
+    if seconds_per_item < ITEM_SECONDS_WORTH_A_WORKER:
+        return False
+    return remaining is None or seconds_per_item * remaining >= WORK_SECONDS_WORTH_WORKERS
