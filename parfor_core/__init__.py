@@ -1,10 +1,12 @@
 """parfor's core: the public API, the backend contract and the plugin machinery.
 
-Importing it is cheap: plugins are discovered, and cloudpickle, dill, tqdm and loky imported,
-on first need.
+Importing it is cheap: plugins are discovered, and pluggy, cloudpickle, dill, tqdm and loky
+imported, on first need.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from ._api import gmap, parfor, pmap
 from ._chunks import Chunks
@@ -21,17 +23,6 @@ from ._task import (
     mark_worker_process,
     run_task,
 )
-from ._wire import (
-    dump_call,
-    dump_items,
-    dump_task,
-    execute_call,
-    execute_dumped,
-    load_call,
-    load_result,
-    run_items,
-    unloadable,
-)
 from .backend import Backend, then
 from .errors import (
     BackendUnavailableError,
@@ -42,7 +33,37 @@ from .errors import (
     WorkerDiedError,
     WorkerError,
 )
-from .hookspecs import hookimpl
+
+if TYPE_CHECKING:  # for type checkers and the API docs; at run time loaded by __getattr__
+    from ._wire import (
+        dump_call,
+        dump_items,
+        dump_task,
+        execute_call,
+        execute_dumped,
+        load_call,
+        load_result,
+        run_items,
+        unloadable,
+    )
+    from .hookspecs import hookimpl
+
+#: Loaded on first use, so that ``import parfor`` stays cheap: the task protocol for process
+#: backends (pickle, tempfile) and the plugin marker (pluggy).
+_LAZY = {name: "._wire" for name in ("dump_call", "dump_items", "dump_task", "execute_call",
+                                     "execute_dumped", "load_call", "load_result", "run_items",
+                                     "unloadable")}
+_LAZY["hookimpl"] = ".hookspecs"
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        from importlib import import_module
+
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "SETTINGS",

@@ -77,13 +77,13 @@ def _run(selected: Backend | Selection, call: Call, iterable: Iterable[Any], tot
     of the input on the backend."""
     progress = Progress(*bar)
     try:
-        source = iter(iterable)
-        first = 0
+        first, source = 0, iter(iterable)
         if probe:
-            first = yield from _shaped(run_while_cheap(call, source, total, progress.update),
-                                       with_index)
-            if first is None:  # it all ran here
+            rest = yield from _shaped(run_while_cheap(call, iterable, total, progress.update),
+                                      with_index)
+            if rest is None:  # it all ran here
                 return
+            first, source = rest
         with registry.lease(selected) as backend:
             left = None if total is None else max(0, total - first)
             batches = dispatch(backend, call, source, ChunkSizer(backend.n_workers, left),

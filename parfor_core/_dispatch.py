@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, wait
 from itertools import islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._chunking import ChunkSizer
 from ._task import Call, Result, Task, add_note
 from .backend import Backend
 from .errors import WorkerError
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 #: Chunks in flight (or finished but waiting for their turn) per worker: enough to keep every
 #: worker busy, few enough that the input is read only a bounded distance ahead of the results.
@@ -37,6 +39,8 @@ def dispatch(
     the values before it); otherwise as soon as they are done. Closing the generator cancels
     what has not run.
     """
+    from concurrent.futures import FIRST_COMPLETED, wait  # not at import: it loads logging
+
     source = iter(items)
     window = CHUNKS_PER_WORKER * max(1, backend.n_workers)
     in_flight: dict[Future[Result], tuple[int, Task]] = {}

@@ -6,9 +6,8 @@ import itertools
 import threading
 from collections import deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from concurrent.futures import Future, wait
 from contextlib import ExitStack
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._arguments import make_call, settings_for, show_bar
 from ._progress import Progress, check_bar
@@ -16,6 +15,9 @@ from ._registry import registry
 from ._task import Call, Result, Task, inside_worker
 from .backend import Backend
 from .errors import WorkerError
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 
 class ParPool:
@@ -133,6 +135,8 @@ class ParPool:
         future = self._futures.get(handle)
         if future is None:
             raise KeyError(f"no task with handle {handle!r} in this ParPool")
+        from concurrent.futures import wait
+
         wait([future])  # interrupted here, the task stays in the pool
         self._forget(handle, future)
         return self._outcome(handle, future)

@@ -9,7 +9,8 @@ milliseconds of items run here to find out.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from itertools import islice
 from typing import Any
 
 from ._dispatch import emit, take
@@ -25,7 +26,7 @@ ITEM_SECONDS_WORTH_A_WORKER = 5e-6
 #: Below this much work left, in seconds, waking or starting workers cannot pay.
 WORK_SECONDS_WORTH_WORKERS = 0.05
 #: The largest chunk run here between two looks at the clock and the progress bar.
-MAX_CHUNK = 10_000
+MAX_CHUNK = 100_000
 
 
 def worth_probing(total: int | None) -> bool:
@@ -33,17 +34,20 @@ def worth_probing(total: int | None) -> bool:
     return total is None or total >= MIN_ITEMS
 
 
-def run_while_cheap(call: Call, source: Iterator[Any], total: int | None,
+def run_while_cheap(call: Call, items: Iterable[Any], total: int | None,
                     on_done: Callable[[int], object]
-                    ) -> Iterator[tuple[Sequence[int], list[Any]]]:
+                    ) -> Generator[tuple[Sequence[int], list[Any]], None,
+                                   tuple[int, Iterator[Any]] | None]:
     """Yield ``(input indices, values)`` batches run in the caller, from the start of
-    ``source``, while workers cannot pay; the generator's return value is how many items it
-    took (the rest of ``source`` is for the workers), or None when it ran them all."""
+    ``items``, while workers cannot pay; the generator returns how many items it ran and an
+    iterator of the rest (for the workers), or None when it ran them all."""
+    sliceable = isinstance(items, (list, tuple, range))  # chunks without copying item by item
+    source = iter(()) if sliceable else iter(items)
     read = 0
     spent = 0.0
     size = 1
     while True:
-        chunk = take(source, size, read)
+        chunk = items[read:read + size] if sliceable else take(source, size, read)  # type: ignore[index]
         if not chunk:
             return None
         task = Task(call, range(read, read + len(chunk)), chunk)
@@ -54,8 +58,8 @@ def run_while_cheap(call: Call, source: Iterator[Any], total: int | None,
         yield from emit(task, result)
         if spent >= MEASURE_SECONDS and _workers_pay(spent / read,
                                                      None if total is None else total - read):
-            return read
-        size = min(2 * size, MAX_CHUNK)
+            return read, islice(items, read, None) if sliceable else source
+        size = min(4 * size, MAX_CHUNK)
 
 
 def _workers_pay(seconds_per_item: float, remaining: int | None) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -14,6 +13,8 @@ def check_bar(bar: object, bar_kwargs: Mapping[str, Any]) -> None:
         raise TypeError(f"bar must be True, False, None or a callable taking the number of "
                         f"done iterations, got {type(bar).__name__} {bar!r}")
     if bar_kwargs:
+        import inspect
+
         from tqdm.std import tqdm  # tqdm.auto's subclass hides the signature behind **kwargs
 
         accepted = inspect.signature(tqdm.__init__).parameters

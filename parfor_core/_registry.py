@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import inspect
 import os
 import sys
 import threading
@@ -13,9 +12,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import pluggy
-
-from . import hookspecs
 from ._config import Configuration, ConfigWarning, current
 from ._task import inside_worker
 from .backend import Backend
@@ -23,6 +19,8 @@ from .errors import BackendUnavailableError, PluginError, UnknownBackendError, w
 
 if TYPE_CHECKING:
     from importlib.metadata import EntryPoint
+
+    import pluggy
 
 ENTRY_POINT_GROUP = "parfor"
 SERIAL = "serial"
@@ -91,6 +89,10 @@ class Registry:
         """The pluggy manager, with every installed ``parfor`` entry point loaded."""
         with self._lock:
             if self._pm is None:
+                import pluggy
+
+                from . import hookspecs
+
                 pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
                 pm.add_hookspecs(hookspecs)
                 self._load_entry_points(pm)
@@ -178,13 +180,11 @@ class Registry:
 
     def auto(self) -> Choice:
         """The backend a plain call picks for parallel work here, and why."""
-        best: tuple[int, str] | None = None
-        for name, classes in self._candidates().items():
-            if len(classes) != 1 or classes[0].unavailable_reason() is not None:
-                continue
-            priority = classes[0].auto_priority()
-            if priority is not None and (best is None or (priority, name) > best):
-                best = (priority, name)
+        ranked = sorted(((cls.auto_priority(), name, cls)  # availability is the slow check:
+                         for name, [cls] in self._candidates().items()  # only for the best ones
+                         if cls.auto_priority() is not None), key=lambda r: r[:2], reverse=True)
+        best = next(((priority, name) for priority, name, cls in ranked
+                     if cls.unavailable_reason() is None), None)
         gil = "enabled" if gil_enabled() else "disabled"
         if best is None:
             return Choice(SERIAL, f"the GIL is {gil} and no parallel backend is available")
@@ -298,6 +298,8 @@ class Registry:
 def _options(cls: type[Backend], settings: Configuration) -> tuple[tuple[str, Any], ...]:
     """The settings a backend takes as keyword arguments: the general ones it accepts
     (idle_timeout, retries, worker_output) and its own table; unknown own options warn."""
+    import inspect
+
     parameters = inspect.signature(cls.__init__).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     own = settings["backends"].get(cls.name, {})

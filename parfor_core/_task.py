@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import reprlib
 import threading
-import traceback
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -69,7 +67,7 @@ class Call:
         self.args = tuple(args)
         self.kwargs = dict(kwargs or {})
         self.unpack = unpack
-        self.id = uuid.uuid4().hex
+        self.id = os.urandom(16).hex()
         self.cancelled = False  # set by the caller; in-process workers stop between items
         self.releasers: list[Callable[[], object]] = []  # free what serializing it made
         self._wire: bytes | None = None  # serialized by _wire on first need
@@ -123,6 +121,8 @@ class Failure:
     @classmethod
     def capture(cls, index: int, item: object, exc: BaseException) -> Failure:
         """Record ``exc``, raised by ``item`` (at input position ``index``), where it happened."""
+        import traceback
+
         return cls(index, short_repr(item), exc, "".join(traceback.format_exception(exc)),
                    describe_worker())
 
@@ -190,8 +190,6 @@ def _apply(call: Call, items: Sequence[Any], values: list[Any]) -> None:
             if call.cancelled:
                 return
             append(fun(item, *args, **kwargs))
-    else:
-        for item in items:
-            if call.cancelled:
-                return
-            append(fun(item))
+    elif not call.cancelled:  # the commonest form, at C speed: a cancel waits for the chunk's
+        values.extend(map(fun, items))  # end (chunks last ~50 ms); extend keeps, on a raise,
+                                        # the values before it

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from ._task import Result, Task
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 T = TypeVar("T")
 
@@ -70,6 +72,8 @@ def then(future: Future[Any], convert: Callable[[Any], T]) -> Future[T]:
 
     For process backends, whose executors answer bytes: ``then(fut, load_result)``.
     """
+    from concurrent.futures import Future
+
     converted: Future[T] = Future()
 
     def finish(done: Future[Any]) -> None:
