@@ -19,12 +19,13 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
-from pathlib import Path
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .errors import ParforError, warn_once
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 class ConfigError(ParforError, ValueError):
@@ -102,8 +103,7 @@ def _tables(value: object) -> dict[str, dict[str, Any]]:
     return tables
 
 
-@dataclass(frozen=True)
-class Setting:
+class Setting(NamedTuple):
     """One setting: how to read it, its environment variable, its default and what it does."""
 
     name: str
@@ -263,6 +263,8 @@ def _files() -> list[dict[str, Sourced]]:
 
 def user_config_path() -> Path:
     """Where the user file is: ``PARFOR_CONFIG``, else the platform's config folder."""
+    from pathlib import Path  # not at import: only calls read configuration
+
     named = os.environ.get("PARFOR_CONFIG")
     if named:
         return Path(named)
@@ -290,6 +292,8 @@ def project_config_path() -> Path | None:
 
 
 def _project_file() -> tuple[Path | None, dict[str, Any]]:
+    from pathlib import Path
+
     folder = Path.cwd()
     for directory in (folder, *folder.parents):
         own = directory / "parfor.toml"

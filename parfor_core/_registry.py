@@ -9,7 +9,6 @@ import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._config import Configuration, ConfigWarning, current
@@ -45,8 +44,7 @@ def gil_enabled() -> bool:
     return True if is_enabled is None else bool(is_enabled())
 
 
-@dataclass(frozen=True)
-class BackendInfo:
+class BackendInfo(NamedTuple):
     """What ``parfor backends`` shows of one backend."""
 
     name: str
@@ -63,8 +61,7 @@ class Selection(NamedTuple):
     options: tuple[tuple[str, Any], ...] = ()
 
 
-@dataclass(frozen=True)
-class Choice:
+class Choice(NamedTuple):
     """The backend a call would get, and why."""
 
     name: str

@@ -7,9 +7,8 @@ import reprlib
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 from time import perf_counter
-from typing import Any
+from typing import Any, NamedTuple
 
 _short = reprlib.Repr()
 _short.maxstring = _short.maxother = 80
@@ -82,8 +81,7 @@ class Call:
         return f"Call({short_repr(self.fun)}, id={self.id[:8]})"
 
 
-@dataclass(frozen=True)
-class Task:
+class Task(NamedTuple):
     """A chunk of items of one call, each with its index in the input.
 
     A backend that can tell how far a running task has got may call ``report(n)`` with the
@@ -94,7 +92,7 @@ class Task:
     call: Call
     indices: Sequence[int]
     items: Sequence[Any]
-    report: Callable[[int], object] | None = field(default=None, compare=False, repr=False)
+    report: Callable[[int], object] | None = None
 
 
 class RemoteTraceback(Exception):
@@ -108,15 +106,22 @@ class RemoteTraceback(Exception):
         return f'\n"""\n{self.text}"""'
 
 
-@dataclass
 class Failure:
     """The exception one item raised, with what the caller needs to say where it happened."""
 
-    index: int
-    item_repr: str
-    exception: BaseException
-    traceback: str
-    worker: str
+    __slots__ = ("index", "item_repr", "exception", "traceback", "worker")
+
+    def __init__(self, index: int, item_repr: str, exception: BaseException, traceback: str,
+                 worker: str) -> None:
+        self.index = index
+        self.item_repr = item_repr
+        self.exception = exception
+        self.traceback = traceback
+        self.worker = worker
+
+    def __repr__(self) -> str:
+        return (f"Failure(index={self.index}, item_repr={self.item_repr!r}, "
+                f"exception={self.exception!r}, worker={self.worker!r})")
 
     @classmethod
     def capture(cls, index: int, item: object, exc: BaseException) -> Failure:
@@ -135,8 +140,7 @@ class Failure:
         raise exc
 
 
-@dataclass
-class Result:
+class Result(NamedTuple):
     """What a backend's future resolves to: the values of the items of a task, in order.
 
     When an item raised, ``values`` holds the items before it and ``failure`` says what happened;
@@ -145,7 +149,7 @@ class Result:
 
     values: list[Any]
     elapsed: float
-    failure: Failure | None = field(default=None)
+    failure: Failure | None = None
 
 
 def describe_worker() -> str:
