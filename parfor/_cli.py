@@ -24,7 +24,9 @@ def list_backends(out: TextIO) -> int:
         out.write(f"{marker} {info.name:<{width}}  {status}; {auto}; from {info.source}\n")
     out.write(f"\nA plain pmap here uses {choice.name!r}: {choice.reason}.\n"
               f"It runs serially instead for inputs of fewer than 2 items, with n_processes=1, "
-              f"and inside a worker (nested calls). {available_cpus()} CPUs are available.\n")
+              f"and inside a worker (nested calls); and it starts in the caller, staying there "
+              f"while items are too quick for workers to pay. {available_cpus()} CPUs are "
+              f"available.\n")
     return 0
 
 
