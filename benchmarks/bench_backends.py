@@ -1,6 +1,8 @@
 """parfor's backends against their peers, measured side by side in one run.
 
+    pip install ".[benchmarks]"                    # joblib, mpire, matplotlib, numpy, psutil
     python benchmarks/bench_backends.py            # the full run (a few minutes)
+    python benchmarks/bench_backends.py --plot docs/img/benchmarks.png   # ... and a chart
     python benchmarks/bench_backends.py --quick    # a smoke run (seconds), as CI does
 
 Every figure is a median of repeated, interleaved runs, given as a ratio to a plain serial loop
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import importlib.util
 import multiprocessing
 import os
 import platform
@@ -20,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psutil
@@ -28,8 +31,12 @@ import psutil
 from parfor import gmap, pmap
 
 #: "auto" is a plain call: no backend named, a progress bar (drawn to /dev/null), as users run it.
+#: joblib and mpire come from the benchmarks extra; they are left out where it is not installed.
+INSTALLED = [name for name in ("joblib", "mpire") if importlib.util.find_spec(name)]
 CONTENDERS = ["auto", "processes", "threads", "loky", "serial", "multiprocessing.Pool",
-              "concurrent.futures"]
+              "concurrent.futures", *INSTALLED]
+#: The contenders that are not parfor; pools made once and reused, as a user would.
+PEERS = ("multiprocessing.Pool", "concurrent.futures", "joblib", "mpire")
 _NOWHERE = open(os.devnull, "w")  # noqa: SIM115 - for the whole run
 
 
@@ -55,19 +62,61 @@ class Peers:
         context = multiprocessing.get_context("spawn")
         self.pool = context.Pool(n_workers)
         self.executor = concurrent.futures.ProcessPoolExecutor(n_workers, mp_context=context)
+        self.mpire: Any = None
+        if "mpire" in INSTALLED:
+            from mpire import WorkerPool
+
+            self.mpire = WorkerPool(n_workers, keep_alive=True)  # its default: fork
         self.n_workers = n_workers
 
     def map(self, name: str, fun: Callable[..., Any], items: list[Any], *args: Any) -> list[Any]:
         chunksize = max(1, len(items) // (4 * self.n_workers))
+        if name == "joblib":  # its own automatic batching, on its reused loky pool
+            from joblib import Parallel, delayed
+
+            return Parallel(self.n_workers)(delayed(fun)(x, *args) for x in items)
+        if name == "mpire" and args:  # mpire's way with big arguments: forked, copy-on-write
+            from mpire import WorkerPool
+
+            with WorkerPool(self.n_workers, shared_objects=args) as pool:
+                return pool.map(_Shared(fun), items, chunk_size=chunksize)
         if args:
             fun = _Bound(fun, args)
         if name == "multiprocessing.Pool":
             return self.pool.map(fun, items, chunksize=chunksize)
+        if name == "mpire":
+            return self.mpire.map(fun, items, chunk_size=chunksize)
         return list(self.executor.map(fun, items, chunksize=chunksize))
+
+    def stream(self, name: str, items: Iterator[int]) -> int:
+        """Sum of ``trivial`` over a generator, through each peer's lazy API."""
+        if name == "multiprocessing.Pool":
+            return sum(self.pool.imap(trivial, items, chunksize=1000))
+        if name == "joblib":
+            from joblib import Parallel, delayed
+
+            return sum(Parallel(self.n_workers, return_as="generator")(
+                delayed(trivial)(i) for i in items))
+        if name == "mpire":
+            return sum(self.mpire.imap(trivial, items, chunk_size=1000))
+        # concurrent.futures: Executor.map reads the whole input before yielding
+        return sum(self.executor.map(trivial, items, chunksize=1000))
 
     def close(self) -> None:
         self.pool.terminate()
         self.executor.shutdown(cancel_futures=True)
+        if self.mpire is not None:
+            self.mpire.terminate()
+
+
+class _Shared:
+    """fun(item, *args) for mpire, which passes its shared objects first."""
+
+    def __init__(self, fun: Callable[..., Any]) -> None:
+        self.fun = fun
+
+    def __call__(self, shared: tuple[Any, ...], item: Any) -> Any:
+        return self.fun(item, *shared)
 
 
 class _Bound:
@@ -81,7 +130,7 @@ class _Bound:
 
 
 def run(name: str, peers: Peers, fun: Callable[..., Any], items: list[Any], *args: Any) -> Any:
-    if name in ("multiprocessing.Pool", "concurrent.futures"):
+    if name in PEERS:
         return peers.map(name, fun, items, *args)
     if name == "auto":
         return pmap(fun, items, args, file=_NOWHERE)
@@ -92,10 +141,8 @@ def run(name: str, peers: Peers, fun: Callable[..., Any], items: list[Any], *arg
 def stream(name: str, peers: Peers, n: int) -> int:
     """Sum the results of a lazy map over a generator of ``n`` items."""
     items = (i for i in range(n))
-    if name == "multiprocessing.Pool":
-        return sum(peers.pool.imap(trivial, items, chunksize=1000))
-    if name == "concurrent.futures":  # Executor.map reads the whole input before yielding
-        return sum(peers.executor.map(trivial, items, chunksize=1000))
+    if name in PEERS:
+        return peers.stream(name, items)
     if name == "auto":
         return sum(gmap(trivial, items, file=_NOWHERE))
     return sum(gmap(trivial, items, backend=name, bar=False))
@@ -160,39 +207,72 @@ def median_ratios(names: list[str], actions: dict[str, Callable[[], Any]],
     return serial, {name: statistics.median(t) / serial for name, t in times.items()}
 
 
+#: What each peer runs for the cold start; parfor backends run a plain pmap.
+COLD = {
+    "multiprocessing.Pool": "import multiprocessing as mp\n"
+                            "with mp.get_context('spawn').Pool(2) as p: p.map(abs, range(4))",
+    "concurrent.futures": "import concurrent.futures as cf\n"
+                          "with cf.ProcessPoolExecutor(2) as e: list(e.map(abs, range(4)))",
+    "joblib": "from joblib import Parallel, delayed\n"
+              "Parallel(2)(delayed(abs)(i) for i in range(4))",
+    "mpire": "from mpire import WorkerPool\nwith WorkerPool(2) as p: p.map(abs, range(4))",
+    "auto": "import os\nfrom parfor import pmap\npmap(abs, range(4), file=open(os.devnull, 'w'))",
+}
+
+
 def cold_start(name: str) -> float:
-    """Seconds from a fresh interpreter to the first result of a 4-item map."""
-    if name in ("multiprocessing.Pool", "concurrent.futures"):
-        code = ("import concurrent.futures, multiprocessing as mp, time\n"
-                "t = time.perf_counter()\n"
-                + ("with mp.get_context('spawn').Pool(2) as p: p.map(abs, range(4))\n"
-                   if name == "multiprocessing.Pool" else
-                   "with concurrent.futures.ProcessPoolExecutor(2) as e: list(e.map(abs, "
-                   "range(4)))\n")
-                + "print(time.perf_counter() - t)")
-    elif name == "auto":
-        code = ("import os, time; t = time.perf_counter()\n"
-                "from parfor import pmap\n"
-                "pmap(abs, range(4), file=open(os.devnull, 'w'))\nprint(time.perf_counter() - t)")
-    else:
-        code = ("import time; t = time.perf_counter()\n"
-                "from parfor import pmap\n"
-                f"pmap(abs, range(4), backend={name!r}, bar=False, serial=False if {name!r} != "
-                "'serial' else None)\nprint(time.perf_counter() - t)")
+    """Seconds from a fresh interpreter to the first result of a 4-item map, and its exit."""
+    code = COLD.get(name, f"from parfor import pmap\npmap(abs, range(4), backend={name!r}, "
+                          f"bar=False, serial={None if name == 'serial' else False})")
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     return time.perf_counter() - start
 
 
+def versions() -> str:
+    """The versions of what is compared, for the record."""
+    from importlib.metadata import version
+
+    return ", ".join(f"{name} {version(name)}" for name in ("parfor", "loky", *INSTALLED))
+
+
+def plot(rows: dict[str, dict[str, str]], path: str, title: str) -> None:
+    """A bar chart per figure of the table, parfor's contenders in one colour, peers in another."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = list(dict.fromkeys(key for row in rows.values() for key in row))
+    figure, axes = plt.subplots(2, (len(columns) + 1) // 2, figsize=(20, 8))
+    names = list(rows)
+    for axis, column in zip(axes.flat, columns, strict=False):
+        values = [float(rows[n][column].rstrip("xMB ").lstrip("+")) for n in names]
+        axis.barh(names, values, color=["tab:gray" if n in PEERS else "tab:blue" for n in names])
+        axis.set_title(column, fontsize=9)
+        if "x serial" in column:
+            axis.set_xscale("log")
+        axis.invert_yaxis()
+        axis.tick_params(labelsize=8)
+    for axis in list(axes.flat)[len(columns):]:
+        axis.set_visible(False)
+    figure.suptitle(title + " (blue: parfor; grey: peers)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run with tiny sizes")
-    quick = parser.parse_args().quick
+    parser.add_argument("--plot", metavar="PNG", help="also draw the table as a chart")
+    options = parser.parse_args()
+    quick = options.quick
     n_workers = os.cpu_count() or 1
     repeats = 1 if quick else 5
     print(f"# parfor benchmark: {platform.python_implementation()} {platform.python_version()}, "
           f"{platform.machine()}, {n_workers} CPUs, {psutil.virtual_memory().total / 2**30:.0f} "
           f"GiB; {'quick smoke run' if quick else f'medians of {repeats} interleaved runs'}")
+    print(f"# {versions()}")
     peers = Peers(n_workers)
     for name in CONTENDERS:  # warm every pool first
         run(name, peers, trivial, list(range(100)))
@@ -247,6 +327,9 @@ def main() -> None:
         peers.close()
 
     print_table("contender", rows)
+    if options.plot:
+        plot(rows, options.plot, f"{platform.python_implementation()} "
+             f"{platform.python_version()}, {n_workers} CPUs")
 
 
 def print_table(first: str, rows: dict[str, dict[str, str]]) -> None:
