@@ -45,7 +45,8 @@ def run_while_cheap(call: Call, items: Iterable[Any], total: int | None,
     source = iter(()) if sliceable else iter(items)
     read = 0
     spent = 0.0
-    size = 1
+    fastest = float("inf")  # seconds per item of the quickest chunk: a chunk that the system
+    size = 1                # paused (a busy machine) looks slow, the others show the truth
     while True:
         chunk = items[read:read + size] if sliceable else take(source, size, read)  # type: ignore[index]
         if not chunk:
@@ -53,10 +54,11 @@ def run_while_cheap(call: Call, items: Iterable[Any], total: int | None,
         task = Task(call, range(read, read + len(chunk)), chunk)
         result = run_task(task)
         spent += result.elapsed
+        fastest = min(fastest, result.elapsed / len(chunk))
         read += len(chunk)
         on_done(len(result.values))
         yield from emit(task, result)
-        if spent >= MEASURE_SECONDS and _workers_pay(spent / read,
+        if spent >= MEASURE_SECONDS and _workers_pay(fastest,
                                                      None if total is None else total - read):
             return read, islice(items, read, None) if sliceable else source
         size = min(4 * size, MAX_CHUNK)
