@@ -106,10 +106,16 @@ class RayBackend(ClusterBackend):
         return remote[1].result()
 
     def _cancel(self, remotes: list[Any], hard: bool) -> None:
+        """Only for Ctrl-C: Ray's driver can abort when a cancel races with the task's end
+        ("Check failed: it != submissible_tasks_.end()", ray-project/ray#54846), which an ordinary
+        cancel (an error in one item, a closed gmap) would risk for nothing: at most two tasks
+        per CPU are out, and their results are dropped."""
         import ray
 
-        for reference, _ in remotes:
-            ray.cancel(reference, force=hard)
+        if hard:
+            for reference, done in remotes:
+                if not done.done():
+                    ray.cancel(reference, force=True)
 
     def _lost_worker(self, error: BaseException) -> tuple[str, bool] | None:
         from ray import exceptions
