@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import time
 
 import pytest
@@ -13,13 +14,19 @@ from parfor import gmap, pmap
 from parfor_core import _probe
 
 
-def pid_of(x: int) -> tuple[int, int]:
-    return x, os.getpid()
+def where(x: int) -> tuple[int, tuple[int, int]]:
+    """The item, and the process and thread that ran it (workers are threads where the GIL is
+    disabled, processes elsewhere)."""
+    return x, (os.getpid(), threading.get_ident())
 
 
-def slow_pid_of(x: int) -> tuple[int, int]:
+def slow_where(x: int) -> tuple[int, tuple[int, int]]:
     time.sleep(0.002)
-    return x, os.getpid()
+    return where(x)
+
+
+def here() -> tuple[int, int]:
+    return os.getpid(), threading.get_ident()
 
 
 class Boom(ValueError):
@@ -35,52 +42,51 @@ def fail_at(x: int, bad: int) -> int:
 
 
 def test_quick_items_of_a_long_input_run_in_the_caller():
-    results = pmap(pid_of, range(20_000), bar=False)
+    results = pmap(where, range(20_000), bar=False)
     assert [x for x, _ in results] == list(range(20_000))
-    assert {pid for _, pid in results} == {os.getpid()}
+    assert {at for _, at in results} == {here()}
 
 
 def test_slow_items_go_to_workers_after_a_few_here():
-    results = pmap(slow_pid_of, range(300), bar=False, yield_index=True)
+    results = pmap(slow_where, range(300), bar=False, yield_index=True)
     assert [index for index, _ in results] == list(range(300))
     assert [x for _, (x, _) in results] == list(range(300))
-    pids = [pid for _, (_, pid) in results]
-    here = pids.count(os.getpid())
-    assert 1 <= here <= 10  # at most ~5 ms of 2 ms items measured here
-    assert pids[:here] == [os.getpid()] * here  # the first items, then workers
-    assert len(set(pids[here:]) - {os.getpid()}) >= 1
+    places = [at for _, (_, at) in results]
+    n_here = places.count(here())
+    assert 1 <= n_here <= 10  # at most ~5 ms of 2 ms items measured here
+    assert places[:n_here] == [here()] * n_here  # the first items, then workers
+    assert here() not in places[n_here:]
 
 
 def test_an_endless_generator_of_quick_items_runs_here_reading_little_ahead():
     read = itertools.count()
-    taken = list(itertools.islice(gmap(pid_of, (next(read) for _ in itertools.count()),
+    taken = list(itertools.islice(gmap(where, (next(read) for _ in itertools.count()),
                                        bar=False), 50_000))
     assert [x for x, _ in taken] == list(range(50_000))
-    assert {pid for _, pid in taken} == {os.getpid()}
+    assert {at for _, at in taken} == {here()}
     assert next(read) <= 50_000 + _probe.MAX_CHUNK  # read ahead by at most one chunk
 
 
 @pytest.mark.parametrize("how", [{"serial": False}, {"backend": "processes"}])
 def test_serial_false_or_a_named_backend_always_uses_workers(how):
-    results = pmap(pid_of, range(1_000), bar=False, **how)
-    assert os.getpid() not in {pid for _, pid in results}
+    results = pmap(where, range(1_000), bar=False, **how)
+    assert here() not in {at for _, at in results}
 
 
 def test_short_inputs_go_to_workers_at_once():
-    results = pmap(pid_of, range(_probe.MIN_ITEMS - 1), bar=False)
-    assert os.getpid() not in {pid for _, pid in results}
+    results = pmap(where, range(_probe.MIN_ITEMS - 1), bar=False)
+    assert here() not in {at for _, at in results}
 
 
 @pytest.mark.parametrize("bad", [3, 250])  # in the caller; on a worker after the switch
 def test_errors_name_the_item_wherever_it_ran(bad):
     with pytest.raises(Boom, match=f"item {bad}") as caught:
         pmap(fail_at, range(300), (bad,), bar=False)
-    where = "thread" if bad == 3 else "worker process"
-    assert any(f"raised by item {bad} ({bad}) in {where}" in note
-               for note in caught.value.__notes__)
+    note = next(n for n in caught.value.__notes__ if f"raised by item {bad} ({bad})" in n)
+    assert ("'MainThread'" in note) == (bad == 3)  # here, or in a worker
 
 
 def test_the_bar_counts_every_item_also_those_run_here():
     counts = []
-    pmap(pid_of, range(5_000), bar=counts.append)
+    pmap(where, range(5_000), bar=counts.append)
     assert counts[-1] == 5_000 and counts == sorted(counts)
