@@ -6,6 +6,8 @@ built-in backends in ``parfor_backends``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from parfor_core import (
     Backend,
     BackendUnavailableError,
@@ -26,6 +28,18 @@ from parfor_core import (
     pmap,
 )
 
+if TYPE_CHECKING:
+    from parfor_core import SharedArray
+
+
+def __getattr__(name: str) -> object:
+    if name == "SharedArray":  # imports numpy: only for who uses it
+        import parfor_core
+
+        return parfor_core.SharedArray
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "Backend",
     "BackendUnavailableError",
@@ -37,6 +51,7 @@ __all__ = [
     "PluginError",
     "PluginWarning",
     "SerializationError",
+    "SharedArray",
     "UnknownBackendError",
     "WorkerDiedError",
     "WorkerError",

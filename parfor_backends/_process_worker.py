@@ -36,7 +36,7 @@ def main(lifeline: int, results_fd: int) -> None:
         with send_lock:
             write_frame(results, kind, body)
 
-    from parfor_core import load_call, mark_worker_process, run_items, unloadable
+    from parfor_core import load_shared_call, mark_worker_process, run_items, unloadable
 
     mark_worker_process()
     reporter = _ProgressReporter(send)
@@ -60,7 +60,7 @@ def main(lifeline: int, results_fd: int) -> None:
         elif kind == b"C":
             call_id = bytes(body[:32]).decode()
             try:
-                calls[call_id] = load_call(call_id, body[32:])
+                calls[call_id] = load_shared_call(call_id, body[32:])
             except Exception as exc:  # reported with each task of that call, not a crash
                 calls[call_id] = exc
         elif kind == b"F":

@@ -25,9 +25,9 @@ from parfor_core import (
     Backend,
     Result,
     Task,
-    dump_call,
     hookimpl,
     load_result,
+    share_call,
 )
 
 #: Seconds a pool with nothing to do keeps its workers (the configured default).
@@ -59,7 +59,7 @@ class ProcessesBackend(Backend):
         return 20
 
     def submit(self, task: Task) -> Future[Result]:
-        dump_call(task.call)  # serialized here, so that what cannot be sent fails the caller
+        share_call(task.call)  # serialized here, so that what cannot be sent fails the caller
         job = Job.of(task)
         with self._lock:
             self._pending.append(job)
@@ -205,7 +205,7 @@ class _Worker:
         call = job.task.call
         try:
             if call.id not in self.known_calls:
-                self._send(b"C", call.id.encode(), dump_call(call))
+                self._send(b"C", call.id.encode(), share_call(call))
                 self.known_calls.add(call.id)
                 call.releasers.append(lambda: self._forget(call.id))
             self._send(b"T", call.id.encode(), job.items)

@@ -35,6 +35,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:  # for type checkers and the API docs; at run time loaded by __getattr__
+    from ._shared_array import SharedArray
     from ._wire import (
         dump_call,
         dump_items,
@@ -43,17 +44,20 @@ if TYPE_CHECKING:  # for type checkers and the API docs; at run time loaded by _
         execute_dumped,
         load_call,
         load_result,
+        load_shared_call,
         run_items,
+        share_call,
         unloadable,
     )
     from .hookspecs import hookimpl
 
 #: Loaded on first use, so that ``import parfor`` stays cheap: the task protocol for process
-#: backends (pickle, tempfile) and the plugin marker (pluggy).
+#: backends (pickle, shared memory) and the plugin marker (pluggy), SharedArray (numpy).
 _LAZY = {name: "._wire" for name in ("dump_call", "dump_items", "dump_task", "execute_call",
-                                     "execute_dumped", "load_call", "load_result", "run_items",
-                                     "unloadable")}
+                                     "execute_dumped", "load_call", "load_result",
+                                     "load_shared_call", "run_items", "share_call", "unloadable")}
 _LAZY["hookimpl"] = ".hookspecs"
+_LAZY["SharedArray"] = "._shared_array"  # needs numpy
 
 
 def __getattr__(name: str) -> object:
@@ -83,6 +87,7 @@ __all__ = [
     "RemoteTraceback",
     "Result",
     "SerializationError",
+    "SharedArray",
     "Task",
     "UnknownBackendError",
     "WorkerDiedError",
@@ -100,12 +105,14 @@ __all__ = [
     "inside_worker",
     "load_call",
     "load_result",
+    "load_shared_call",
     "mark_worker_process",
     "parfor",
     "pmap",
     "registry",
     "run_items",
     "run_task",
+    "share_call",
     "then",
     "unloadable",
 ]

@@ -53,7 +53,7 @@ class Call:
     """
 
     __slots__ = ("fun", "args", "kwargs", "unpack", "id", "cancelled", "releasers", "_wire",
-                 "_reference", "__weakref__")
+                 "_shared", "__weakref__")
 
     def __init__(
         self,
@@ -70,10 +70,10 @@ class Call:
         self.cancelled = False  # set by the caller; in-process workers stop between items
         self.releasers: list[Callable[[], object]] = []  # free what serializing it made
         self._wire: bytes | None = None  # serialized by _wire on first need
-        self._reference: bytes | None = None  # how dump_task refers to it (inline or a file)
+        self._shared: bytes | None = None  # how share_call sends it on this machine
 
     def release(self) -> None:
-        """Free resources made for this call (a file holding large arguments, say); idempotent."""
+        """Free what was made for this call (shared memory with large arguments, say); idempotent."""
         while self.releasers:
             self.releasers.pop()()
 

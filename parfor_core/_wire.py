@@ -1,13 +1,14 @@
 """The task protocol for backends whose workers are other processes.
 
-Two ways to use it. Executors that pick the worker themselves (loky's) send ``dump_task(task)``
-and the worker answers ``execute_dumped(payload)``; the call rides along with each task (large
-ones as the path of a private file) and is deserialized once per worker. Backends that address
-their workers send ``dump_call(call)`` to each worker once (``load_call`` there) and then only
-``dump_items(task)`` (``run_items`` there), so nothing is left behind in files if the caller
-is killed. Backends on a cluster put ``dump_call(call)`` in the cluster's own store once and
-send ``dump_items(task)`` with a reference to it (``execute_call`` there). Either way
-``load_result`` reads the answer, and a call's function and extra arguments are serialized
+Three ways to use it. Executors that pick the worker themselves (loky's) send
+``dump_task(task)`` and the worker answers ``execute_dumped(payload)``; the call rides along
+with each task and is loaded once per worker. Backends that address their workers send
+``share_call(call)`` to each worker once (``load_shared_call`` there) and then only
+``dump_items(task)`` (``run_items`` there). On this machine a large call's big buffers (numpy
+arrays' data) travel through shared memory that workers map, not copy, and that the kernel frees
+even if the caller is killed. Backends on a cluster put ``dump_call(call)`` in the cluster's own
+store once and send ``dump_items(task)`` with a reference to it (``execute_call`` there). Either
+way ``load_result`` reads the answer, and a call's function and extra arguments are serialized
 once per call.
 """
 
@@ -15,20 +16,19 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import threading
 import traceback
-import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
 from ._pickling import dumps, loads
+from ._shared import Segment, attach
 from ._task import Call, Failure, Result, Task, describe_worker, run_task
 from .errors import ParforError, SerializationError, rebuild_exception
 
-#: Serialized calls above this size are written to a file instead of riding along with each task.
+#: Serialized calls this large go through shared memory, not with each task or to each worker.
 LARGE_CALL_BYTES = 1 << 20
 #: How many calls a worker keeps deserialized, for callers that interleave several calls.
 CACHED_CALLS = 4
@@ -48,59 +48,69 @@ def _first_unserializable(named: list[tuple[str, object]], cause: Exception) -> 
                               tuple(o for _, o in named), cause)
 
 
+def _serialize_call(call: Call, out_of_band: list[pickle.PickleBuffer] | None = None) -> bytes:
+    """The function and extra arguments of ``call`` as bytes; SerializationError names the one
+    that cannot be sent."""
+    try:
+        return dumps((call.fun, call.args, call.kwargs, call.unpack), out_of_band)
+    except Exception as exc:
+        named = [("the function", call.fun)]
+        named += [(f"extra argument args[{i}]", a) for i, a in enumerate(call.args)]
+        named += [(f"extra argument kwargs[{k!r}]", v) for k, v in call.kwargs.items()]
+        raise _first_unserializable(named, exc) from exc
+
+
 def dump_call(call: Call) -> bytes:
-    """The function and extra arguments of ``call``, serialized once per call; a worker makes
-    the call again with ``load_call(call.id, data)``.
+    """The function and extra arguments of ``call``, serialized once per call and whole, for
+    workers anywhere (on a cluster, say); a worker makes the call again with
+    ``load_call(call.id, data)``.
 
     Raises SerializationError naming the function or extra argument that cannot be sent.
     """
     if call._wire is None:
-        try:
-            call._wire = dumps((call.fun, call.args, call.kwargs, call.unpack))
-        except Exception as exc:
-            named = [("the function", call.fun)]
-            named += [(f"extra argument args[{i}]", a) for i, a in enumerate(call.args)]
-            named += [(f"extra argument kwargs[{k!r}]", v) for k, v in call.kwargs.items()]
-            raise _first_unserializable(named, exc) from exc
+        call._wire = _serialize_call(call)
     return call._wire
 
 
-def load_call(call_id: str, data: bytes) -> Call:
+def load_call(call_id: str, data: bytes | memoryview, buffers: Iterable[Any] = ()) -> Call:
     """Worker side: the Call that `dump_call` made ``data`` from."""
-    fun, args, kwargs, unpack = loads(data)
+    fun, args, kwargs, unpack = loads(data, buffers)
     call = Call(fun, args, kwargs, unpack)
     call.id = call_id
     return call
 
 
-def _call_reference(call: Call) -> bytes:
-    """The call as `dump_task` sends it with every task: inline when small, else the path of a
-    private file holding it, written once per call (so a big argument is not sent per task)."""
-    if call._reference is None:
-        data: bytes | None = dump_call(call)
-        path = None
-        if len(data) >= LARGE_CALL_BYTES:
-            path, data = _write_private_file(data), None
-            call.releasers.append(weakref.finalize(call, _remove_quietly, path))
-        call._reference = pickle.dumps((data, path), protocol=pickle.HIGHEST_PROTOCOL)
-    return call._reference
+def share_call(call: Call) -> bytes:
+    """``call`` for workers on this machine, serialized once per call: a small one whole; of a
+    large one, the big buffers (numpy arrays' data) and the rest are placed once in shared
+    memory, which each worker maps instead of receiving a copy (``load_shared_call`` there).
+    The memory goes when the call is released and the workers let go of it.
+
+    Raises SerializationError naming the function or extra argument that cannot be sent.
+    """
+    if call._shared is None:
+        buffers: list[pickle.PickleBuffer] = []
+        data = _serialize_call(call, buffers)
+        if buffers or len(data) >= LARGE_CALL_BYTES:
+            parts = [memoryview(data), *(buffer.raw() for buffer in buffers)]
+            segment, spans = Segment.holding(parts)
+            call.releasers.append(segment.release)
+            call._shared = pickle.dumps((None, segment.address, spans))
+        else:
+            call._shared = pickle.dumps((data, None, None))
+    return call._shared
 
 
-def _write_private_file(data: bytes) -> str:
-    """Write to a file only this user can read, in memory-backed /dev/shm where there is one."""
-    shm = "/dev/shm"
-    directory = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
-    fd, path = tempfile.mkstemp(prefix="parfor-call-", dir=directory)  # mode 0600
-    with os.fdopen(fd, "wb") as file:
-        file.write(data)
-    return path
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+def load_shared_call(call_id: str, shared: bytes | memoryview) -> Call:
+    """Worker side: the Call that `share_call` made ``shared`` from. Its large buffers stay in
+    the shared memory, mapped copy-on-write: what a task writes into them stays in its worker.
+    """
+    data, address, spans = pickle.loads(shared)
+    if address is None:
+        return load_call(call_id, data)
+    memory = memoryview(attach(address, shared=False))
+    body, *buffers = (memory[start:end] for start, end in spans)
+    return load_call(call_id, body, buffers)
 
 
 def dump_items(task: Task) -> bytes:
@@ -148,10 +158,11 @@ def unloadable(data: bytes, what: str, cause: BaseException) -> bytes:
 def dump_task(task: Task) -> bytes:
     """All a worker process needs to run ``task`` with `execute_dumped`, in one message.
 
-    For executors that pick the worker themselves; the call travels with every task, and each
-    worker deserializes it once. Raises SerializationError naming what cannot be sent.
+    For executors that pick the worker themselves, on this machine; the call travels with every
+    task (large ones as the address of shared memory), and each worker loads it once. Raises
+    SerializationError naming what cannot be sent.
     """
-    return pickle.dumps((task.call.id, _call_reference(task.call), dump_items(task)),
+    return pickle.dumps((task.call.id, share_call(task.call), dump_items(task)),
                         protocol=pickle.HIGHEST_PROTOCOL)
 
 
@@ -161,16 +172,8 @@ def execute_dumped(payload: bytes) -> bytes:
     Call ``parfor_core.mark_worker_process`` once in each worker process (an executor's
     initializer), so that nested calls there run serially.
     """
-    call_id, reference, items = pickle.loads(payload)
-    return execute_call(call_id, partial(_dereference, reference), items)
-
-
-def _dereference(reference: bytes) -> bytes:
-    data, path = pickle.loads(reference)
-    if data is None:
-        with open(path, "rb") as file:
-            data = file.read()
-    return data
+    call_id, shared, items = pickle.loads(payload)
+    return _run_cached(call_id, partial(load_shared_call, call_id, shared), items)
 
 
 def execute_call(call_id: str, fetch: Callable[[], bytes], items: bytes) -> bytes:
@@ -181,13 +184,19 @@ def execute_call(call_id: str, fetch: Callable[[], bytes], items: bytes) -> byte
     has not loaded that call yet: for backends that ship a call once through a store of their
     own (Dask's scatter, Ray's object store).
     """
+    return _run_cached(call_id, lambda: load_call(call_id, fetch()), items)
+
+
+def _run_cached(call_id: str, load: Callable[[], Call], items: bytes) -> bytes:
+    """Run ``items`` of the call ``call_id``; ``load()`` gives the call, and is only called
+    when this worker process does not hold it yet."""
     with _worker_calls_lock:  # threads of one worker (Dask's) share it, and load a call once
         call = _worker_calls.get(call_id)
         if call is not None:
             _worker_calls.move_to_end(call_id)
         else:
             try:
-                call = _worker_calls[call_id] = load_call(call_id, fetch())
+                call = _worker_calls[call_id] = load()
             except Exception as exc:
                 return unloadable(items, "the function or its extra arguments", exc)
             while len(_worker_calls) > CACHED_CALLS:

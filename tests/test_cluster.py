@@ -293,7 +293,9 @@ def test_killing_a_ray_worker_mid_run_loses_no_result(cluster_addresses, tmp_pat
     for value in gmap(slow_square, range(120), (0.05, str(tmp_path)), bar=False, backend="ray"):
         results.append(value)
         if len(results) == 20:
-            running = RayCluster.worker_pids()
+            deadline = time.monotonic() + 2  # a worker may be between two tasks just now
+            while not (running := RayCluster.worker_pids()) and time.monotonic() < deadline:
+                time.sleep(0.01)
             assert running, "no Ray worker is running a parfor task"
             os.kill(running[0], signal.SIGKILL)
     assert results == [x * x for x in range(120)]

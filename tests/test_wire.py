@@ -1,4 +1,4 @@
-"""What crosses to worker processes: the call once per call, large arguments through a file."""
+"""What crosses to worker processes: the call once per call, large arguments shared."""
 
 from __future__ import annotations
 
@@ -45,30 +45,36 @@ def test_extra_arguments_are_serialized_once_per_call(process_backend, tmp_path)
     assert len(pids) == len(set(pids)) <= os.cpu_count()
 
 
-def size_and_files(i: int, counted: Counted) -> tuple[int, dict[str, int]]:
-    """The size, and the call files the worker sees with their permission bits."""
-    return len(counted.payload) + i, {path: os.stat(path).st_mode & 0o777 for path in shm_files()}
-
-
-def shm_files() -> set[str]:
+def parfor_files() -> set[str]:
+    """Files parfor could have left behind: there should never be any."""
     folders = ["/dev/shm", tempfile.gettempdir()]
-    return {path for folder in folders for path in glob.glob(f"{folder}/parfor-call-*")}
+    return {path for folder in folders for path in glob.glob(f"{folder}/parfor-*")}
 
 
-def test_large_arguments_travel_once_and_leave_no_file(process_backend, tmp_path):
-    before = shm_files()
+def test_large_arguments_travel_once_and_leave_nothing_behind(process_backend, tmp_path):
+    before = parfor_files()
     big = Counted(str(tmp_path), os.urandom(3 << 20))
     PICKLED_IN_PARENT.clear()
-    result = pmap(size_and_files, range(64), (big,), backend=process_backend, bar=False)
-    assert [size for size, _ in result] == [(3 << 20) + i for i in range(64)]
-    new_files = [{p: mode for p, mode in files.items() if p not in before} for _, files in result]
-    # Backends that address their workers send it down each worker's pipe once; the others get
-    # it through a file, readable by its owner alone ...
-    assert {mode for files in new_files for mode in files.values()} <= {0o600}
+    result = pmap(size_plus, range(64), (big,), backend=process_backend, bar=False)
+    assert result == [(3 << 20) + i for i in range(64)]
     assert len(PICKLED_IN_PARENT) == 1
     pids = [name.split("-")[0] for name in os.listdir(tmp_path)]
-    assert len(pids) == len(set(pids))  # ... read once per worker
-    assert shm_files() == before  # ... and removed after the call
+    assert len(pids) == len(set(pids))  # read once per worker
+    assert parfor_files() == before  # no file, during or after the call
+    assert shared_memory_held() == []  # and the shared memory is let go after the call
+
+
+def shared_memory_held() -> list[str]:
+    """The shared memory segments this process holds open."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the directory's own descriptor, closed meanwhile
+            continue
+        if target.startswith("/memfd:parfor"):
+            held.append(target)
+    return held
 
 
 MAIN_SCRIPT = """

@@ -1,0 +1,121 @@
+"""Memory that processes on one machine share, so that large data reaches a worker uncopied.
+
+A segment is an anonymous memory file (Linux memfd) held open by the process that made it.
+Another process on the same machine maps it through ``/proc/PID/fd/FD`` while that process
+holds it; the kernel frees it once nobody holds or maps it, so nothing is left behind, even by
+a process that is killed. Where there is no memfd (not Linux), a private temporary file stands
+in, removed when the segment is released.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import weakref
+from typing import NamedTuple
+
+from .errors import ParforError
+
+#: Buffers are placed at multiples of this, so that any dtype's alignment holds.
+ALIGNMENT = 64
+
+
+class Address(NamedTuple):
+    """Where another process on this machine finds a segment."""
+
+    machine: str
+    path: str
+    inode: int
+    size: int
+
+
+def _machine() -> str:
+    """This machine's identity for this boot: a segment address is meaningless elsewhere."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as file:
+            return file.read().strip()
+    except OSError:
+        import socket
+
+        return socket.gethostname()
+
+
+class Segment:
+    """A block of shared memory owned by this process; `release` (or garbage collection)
+    gives it up, and the memory goes when the last process that maps it lets go."""
+
+    def __init__(self, size: int) -> None:
+        size = max(size, 1)  # an empty file cannot be mapped
+        if hasattr(os, "memfd_create"):
+            fd = os.memfd_create("parfor", os.MFD_CLOEXEC)
+            path = f"/proc/{os.getpid()}/fd/{fd}"
+            self._release = weakref.finalize(self, os.close, fd)
+        else:
+            import tempfile
+
+            fd, path = tempfile.mkstemp(prefix="parfor-shared-")  # mode 0600
+            self._release = weakref.finalize(self, _close_and_remove, fd, path)
+        os.ftruncate(fd, size)
+        self.fd = fd
+        self.address = Address(_machine(), path, os.fstat(fd).st_ino, size)
+
+    @classmethod
+    def holding(cls, parts: list[memoryview]) -> tuple[Segment, list[tuple[int, int]]]:
+        """A new segment with ``parts`` written one after another (aligned), and where each
+        lies in it as ``(start, end)``."""
+        spans, end = [], 0
+        for part in parts:
+            start = -(-end // ALIGNMENT) * ALIGNMENT
+            end = start + part.nbytes
+            spans.append((start, end))
+        segment = cls(end)
+        for part, (start, _) in zip(parts, spans, strict=True):
+            segment.write(start, part)
+        return segment, spans
+
+    def write(self, offset: int, data: memoryview) -> None:
+        data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+        while data:
+            written = os.pwrite(self.fd, data, offset)
+            data, offset = data[written:], offset + written
+
+    def map(self) -> mmap.mmap:
+        """This process's own writable mapping of the segment."""
+        return mmap.mmap(self.fd, self.address.size)
+
+    def release(self) -> None:
+        """No new process can map it from now on; the memory goes when the mappings do."""
+        self._release()
+
+
+def _close_and_remove(fd: int, path: str) -> None:
+    os.close(fd)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def attach(address: Address, *, shared: bool) -> mmap.mmap:
+    """Map a segment another process (or this one) made: ``shared`` to write into the same
+    memory as every other process, else privately (writes stay in this process).
+
+    Raises ParforError when the segment is on another machine or its owner let it go.
+    """
+    if address.machine != _machine():
+        raise ParforError(
+            f"Shared memory {address.path} belongs to another machine: a worker can map it only "
+            "on the machine that made it. Send such data as a plain value instead.")
+    try:
+        fd = os.open(address.path, os.O_RDWR if shared else os.O_RDONLY)
+    except OSError as exc:
+        raise ParforError(f"Shared memory {address.path} is gone: the process that made it "
+                          f"released it or ended ({exc.strerror}).") from exc
+    try:
+        if os.fstat(fd).st_ino != address.inode:
+            raise ParforError(f"Shared memory {address.path} is gone: the process that made it "
+                              "released it, and the name now means something else.")
+        return mmap.mmap(fd, address.size, access=mmap.ACCESS_WRITE if shared
+                         else mmap.ACCESS_COPY)
+    finally:
+        os.close(fd)

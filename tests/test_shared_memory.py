@@ -1,0 +1,210 @@
+"""Large arrays reach workers without a copy, and SharedArray is written into by workers."""
+
+from __future__ import annotations
+
+import gc
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy
+import psutil
+import pytest
+from clusters import CLUSTERS
+from conftest import PROCESS_BACKENDS
+from test_wire import parfor_files, shared_memory_held
+
+from parfor import ParforError, SharedArray, pmap
+
+#: Backends whose workers are processes on this machine, fed through parfor's shared memory.
+MACHINE_BACKENDS = [name for name in PROCESS_BACKENDS if name not in CLUSTERS]
+
+
+def _mapped_from_shared_memory(array: numpy.ndarray) -> bool:
+    """Whether the array's data lies in a parfor shared-memory mapping of this process."""
+    address = array.__array_interface__["data"][0]
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if "memfd:parfor" in line:
+                start, end = (int(bound, 16) for bound in line.split()[0].split("-"))
+                if start <= address < end:
+                    return True
+    return False
+
+
+def inspect_argument(i: int, array: numpy.ndarray) -> tuple[float, bool, bool]:
+    return float(array.sum()) + i, array.flags.owndata, _mapped_from_shared_memory(array)
+
+
+@pytest.mark.parametrize("backend", MACHINE_BACKENDS)
+def test_a_large_array_argument_is_mapped_not_copied(backend):
+    array = numpy.arange(1 << 20, dtype=numpy.float64)  # 8 MiB
+    before = parfor_files()
+    results = pmap(inspect_argument, range(16), (array,), backend=backend, bar=False)
+    assert [total for total, _, _ in results] == [float(array.sum()) + i for i in range(16)]
+    assert not any(owns for _, owns, _ in results)
+    assert all(mapped for _, _, mapped in results)
+    assert parfor_files() == before
+    assert shared_memory_held() == []  # released by the caller when the call ended
+
+
+def overwrite(i: int, array: numpy.ndarray) -> float:
+    array[:] = -1.0
+    return float(array.sum())
+
+
+@pytest.mark.parametrize("backend", MACHINE_BACKENDS)
+def test_what_a_worker_writes_into_an_argument_stays_in_that_worker(backend):
+    array = numpy.ones(1 << 18)
+    results = pmap(overwrite, range(8), (array,), backend=backend, bar=False)
+    assert results == [-float(1 << 18)] * 8
+    assert array.min() == array.max() == 1.0
+
+
+def write_index(i: int, out: SharedArray) -> int:
+    out[i] = i * 10
+    return os.getpid()
+
+
+def fill_row(row: SharedArray) -> float:
+    row[:] = 7
+    return float(row.sum())
+
+
+def made_in_worker(i: int) -> SharedArray:
+    made = SharedArray((2, 3), dtype=numpy.int32)
+    made[...] = i
+    return made
+
+
+def test_workers_write_into_a_shared_array_and_the_caller_sees_it(backend):
+    out = SharedArray(40, dtype=numpy.int64)
+    pids = pmap(write_index, range(40), (out,), backend=backend, bar=False)
+    assert out.tolist() == [i * 10 for i in range(40)]
+    if backend not in ("serial", "threads"):
+        assert os.getpid() not in pids
+
+
+def test_views_of_a_shared_array_sent_as_items_are_written_in_place(backend):
+    matrix = SharedArray.from_array(numpy.zeros((6, 4)))
+    assert pmap(fill_row, list(matrix[:, ::-1]), backend=backend, bar=False) == [28.0] * 6
+    assert (matrix == 7).all()
+
+
+def test_a_shared_array_made_by_a_worker_arrives_with_its_values(backend):
+    made = pmap(made_in_worker, range(3), backend=backend, bar=False)
+    assert all(isinstance(array, SharedArray) for array in made)
+    assert [array.tolist() for array in made] == [[[i] * 3] * 2 for i in range(3)]
+    made[2][0, 0] = 9  # still writable, shared memory of this process now
+    assert made[2][0, 0] == 9
+
+
+def test_computing_with_a_shared_array_makes_plain_arrays_and_scalars():
+    shared = SharedArray((3, 4))
+    shared[...] = 2.0
+    assert type(shared + 1) is numpy.ndarray
+    assert isinstance(shared.sum(), numpy.floating) and shared.sum() == 24.0
+    assert isinstance(shared[1:, ::2], SharedArray)
+    sent_back = pickle.loads(pickle.dumps(shared[1:, ::2]))
+    sent_back[...] = 5.0  # a view of the same memory, not a copy
+    assert shared[1:, ::2].tolist() == [[5.0, 5.0]] * 2
+    assert shared[0].tolist() == [2.0] * 4
+    assert type(pickle.loads(pickle.dumps(shared * 2))) is numpy.ndarray
+
+
+def _holds(inode: int) -> bool:
+    """Whether this process holds the shared memory segment ``inode`` open."""
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.stat(f"/proc/self/fd/{fd}").st_ino == inode:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def test_a_shared_array_is_freed_when_no_longer_used():
+    shared = SharedArray(1000)
+    inode = shared._memory.address.inode
+    view = shared[10:]
+    pmap(write_index, range(5), (shared,), backend="processes", bar=False)
+    assert _holds(inode)
+    del shared
+    gc.collect()
+    assert _holds(inode)  # the view keeps it
+    assert view[0] == 0.0
+    del view
+    gc.collect()
+    assert not _holds(inode)
+
+
+def test_a_released_shared_array_cannot_be_sent_and_the_error_says_why():
+    with SharedArray(8) as shared:
+        pass
+    with pytest.raises(ParforError, match="is gone: the process that made it released it"):
+        pmap(write_index, range(4), (shared,), backend="processes", bar=False)
+    shared[0] = 1.0  # this process keeps its own mapping
+    assert shared[0] == 1.0
+
+
+def test_shared_memory_of_another_machine_is_refused_by_name():
+    from parfor_core._shared import Address
+    from parfor_core._shared_array import _attach_view
+
+    elsewhere = Address("another-boot-id", "/proc/1/fd/3", 1, 8)
+    with pytest.raises(ParforError, match="belongs to another machine"):
+        _attach_view(elsewhere, 1, 0, (1,), numpy.dtype(float), (8,))
+
+
+KILLED_CALLER = """
+import os, signal, sys
+import numpy
+from parfor import SharedArray, pmap
+
+def work(i, big, out, pid_file):
+    out[i] = big.sum()
+    if i == 0:
+        with open(pid_file, "w") as file:
+            file.write(str(os.getpid()))
+        os.kill(os.getppid(), signal.SIGKILL)
+    import time; time.sleep(60)
+
+if __name__ == "__main__":
+    out = SharedArray(4)
+    pmap(work, range(4), (numpy.ones(1 << 20), out, sys.argv[1]), backend="processes",
+         bar=False)
+"""
+
+
+def test_a_killed_caller_leaves_no_process_and_no_file(tmp_path):
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_CALLER)
+    before = parfor_files()
+    pid_file = tmp_path / "worker.pid"
+    process = subprocess.run([sys.executable, str(script), str(pid_file)], timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    worker = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == "zombie"
+    assert parfor_files() == before
+
+
+def test_shared_array_without_numpy_says_how_to_get_it():
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["numpy"] = None
+        import parfor
+        try:
+            parfor.SharedArray
+        except ImportError as exc:
+            print(exc)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert "SharedArray needs numpy: pip install numpy" in result.stdout
