@@ -73,7 +73,7 @@ class Call:
         self._shared: bytes | None = None  # how share_call sends it on this machine
 
     def release(self) -> None:
-        """Free what was made for this call (shared memory with large arguments, say); idempotent."""
+        """Free what was made for this call (shared memory for big arguments); idempotent."""
         while self.releasers:
             self.releasers.pop()()
 
