@@ -8,23 +8,26 @@ worker running a chunk reruns the chunk's items alone; an item whose worker dies
 from __future__ import annotations
 
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
 from typing import Any
 
 from parfor_core import Failure, Result, Task, WorkerDiedError, dump_items
 
 
-@dataclass
 class Job:
     """A task on its way through a backend; after a worker death, its items one at a time."""
 
-    task: Task
-    future: Future[Result]
-    items: bytes  # the task's items, serialized
-    done: list[Any] = field(default_factory=list)  # values of items finished before a split
-    rest: list[tuple[int, Any]] = field(default_factory=list)  # items still to run, one by one
-    elapsed: float = 0.0
-    deaths: int = 0
+    __slots__ = ("task", "future", "items", "done", "rest", "elapsed", "deaths")
+
+    def __init__(self, task: Task, future: Future[Result], items: bytes,
+                 done: list[Any] | None = None, rest: list[tuple[int, Any]] | None = None,
+                 elapsed: float = 0.0) -> None:
+        self.task = task
+        self.future = future
+        self.items = items  # the task's items, serialized
+        self.done = done or []  # values of items finished before a split
+        self.rest = rest or []  # items still to run, one by one
+        self.elapsed = elapsed
+        self.deaths = 0
 
     @classmethod
     def of(cls, task: Task) -> Job:

@@ -113,6 +113,8 @@ class ProcessesBackend(Backend):
                 self._idle_timer = None
         for job in jobs:
             job.future.cancel()
+        for worker in workers:  # all told first, so that they end side by side
+            worker.stop(kill, wait=False)
         for worker in workers:
             worker.stop(kill)
 
@@ -260,8 +262,9 @@ class _Worker:
                 return f"killed by signal {-code}"
         return f"exit code {code}"
 
-    def stop(self, kill: bool) -> None:
-        """End the process: at once (``kill``), or by closing its task stream."""
+    def stop(self, kill: bool, wait: bool = True) -> None:
+        """End the process: at once (``kill``), or by closing its task stream; then, with
+        ``wait``, wait for it to be gone (killed if it takes over 2 s)."""
         if kill:
             self.process.kill()
         else:
@@ -269,6 +272,8 @@ class _Worker:
                 self.process.stdin.close()
             except OSError:
                 pass
+        if not wait:
+            return
         try:
             self.process.wait(timeout=None if kill else 2)
         except subprocess.TimeoutExpired:

@@ -1,41 +1,38 @@
 """parfor's core: the public API, the backend contract and the plugin machinery.
 
-Importing it is cheap: plugins are discovered, and pluggy, cloudpickle, dill, tqdm and loky
-imported, on first need.
+Importing it is cheap: each name loads its module on first use (a worker process, which needs
+only the task protocol, never loads the API), and plugins are discovered, and pluggy,
+cloudpickle, dill, tqdm, loky and numpy imported, on first need.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ._api import gmap, parfor, pmap
-from ._chunks import Chunks
-from ._config import SETTINGS, ConfigError, ConfigWarning, config
-from ._pool import ParPool
-from ._registry import BackendInfo, Choice, PluginWarning, available_cpus, gil_enabled, registry
-from ._task import (
-    Call,
-    Failure,
-    RemoteTraceback,
-    Result,
-    Task,
-    inside_worker,
-    mark_worker_process,
-    run_task,
-)
-from .backend import Backend, then
-from .errors import (
-    BackendUnavailableError,
-    ParforError,
-    PluginError,
-    SerializationError,
-    UnknownBackendError,
-    WorkerDiedError,
-    WorkerError,
-)
-
 if TYPE_CHECKING:  # for type checkers and the API docs; at run time loaded by __getattr__
+    from ._api import gmap, parfor, pmap
+    from ._chunks import Chunks
+    from ._config import SETTINGS, ConfigError, ConfigWarning, config
+    from ._pool import ParPool
+    from ._registry import (
+        BackendInfo,
+        Choice,
+        PluginWarning,
+        available_cpus,
+        gil_enabled,
+        registry,
+    )
     from ._shared_array import SharedArray
+    from ._task import (
+        Call,
+        Failure,
+        RemoteTraceback,
+        Result,
+        Task,
+        inside_worker,
+        mark_worker_process,
+        run_task,
+    )
     from ._wire import (
         dump_call,
         dump_items,
@@ -49,15 +46,38 @@ if TYPE_CHECKING:  # for type checkers and the API docs; at run time loaded by _
         share_call,
         unloadable,
     )
+    from .backend import Backend, then
+    from .errors import (
+        BackendUnavailableError,
+        ParforError,
+        PluginError,
+        SerializationError,
+        UnknownBackendError,
+        WorkerDiedError,
+        WorkerError,
+    )
     from .hookspecs import hookimpl
 
-#: Loaded on first use, so that ``import parfor`` stays cheap: the task protocol for process
-#: backends (pickle, shared memory) and the plugin marker (pluggy), SharedArray (numpy).
-_LAZY = {name: "._wire" for name in ("dump_call", "dump_items", "dump_task", "execute_call",
-                                     "execute_dumped", "load_call", "load_result",
-                                     "load_shared_call", "run_items", "share_call", "unloadable")}
-_LAZY["hookimpl"] = ".hookspecs"
-_LAZY["SharedArray"] = "._shared_array"  # needs numpy
+#: Where each public name lives, loaded on first use.
+_MODULES = {
+    "._api": ("gmap", "parfor", "pmap"),
+    "._chunks": ("Chunks",),
+    "._config": ("SETTINGS", "ConfigError", "ConfigWarning", "config"),
+    "._pool": ("ParPool",),
+    "._registry": ("BackendInfo", "Choice", "PluginWarning", "available_cpus", "gil_enabled",
+                   "registry"),
+    "._shared_array": ("SharedArray",),  # needs numpy
+    "._task": ("Call", "Failure", "RemoteTraceback", "Result", "Task", "inside_worker",
+               "mark_worker_process", "run_task"),
+    "._wire": ("dump_call", "dump_items", "dump_task", "execute_call", "execute_dumped",
+               "load_call", "load_result", "load_shared_call", "run_items", "share_call",
+               "unloadable"),
+    ".backend": ("Backend", "then"),
+    ".errors": ("BackendUnavailableError", "ParforError", "PluginError", "SerializationError",
+                "UnknownBackendError", "WorkerDiedError", "WorkerError"),
+    ".hookspecs": ("hookimpl",),  # imports pluggy
+}
+_LAZY = {name: module for module, names in _MODULES.items() for name in names}
 
 
 def __getattr__(name: str) -> object:
@@ -68,6 +88,7 @@ def __getattr__(name: str) -> object:
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "SETTINGS",

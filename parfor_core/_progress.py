@@ -38,9 +38,7 @@ class Progress:
         if callable(bar) and not isinstance(bar, bool):
             self._callback = bar
         elif bar:
-            from tqdm.auto import tqdm
-
-            self._tqdm = tqdm(total=total, desc=desc, **(bar_kwargs or {}))
+            self._tqdm = _tqdm_class()(total=total, desc=desc, **(bar_kwargs or {}))
 
     def add_total(self, n: int) -> None:
         """Grow the expected total (ParPool, where work arrives over time)."""
@@ -62,3 +60,16 @@ class Progress:
     def close(self) -> None:
         if self._tqdm is not None:
             self._tqdm.close()
+
+
+def _tqdm_class() -> Any:
+    """A notebook widget in Jupyter, else tqdm's plain console bar; what tqdm.auto picks, but
+    without the asyncio support it adds, whose import costs more than a short call."""
+    import warnings
+
+    from tqdm.std import TqdmExperimentalWarning
+
+    with warnings.catch_warnings():  # autonotebook warns it is experimental, as tqdm.auto hides
+        warnings.simplefilter("ignore", category=TqdmExperimentalWarning)
+        from tqdm.autonotebook import tqdm
+    return tqdm

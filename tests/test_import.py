@@ -24,3 +24,29 @@ def test_import_loads_nothing_heavy_and_discovers_no_plugins():
     result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
                             timeout=60, check=True)
     assert json.loads(result.stdout) == {"loaded": [], "discovered": False}
+
+
+WORKER_PROBE = """
+import json, sys
+from parfor_core import load_shared_call, mark_worker_process, run_items, unloadable
+print(json.dumps(sorted(m for m in sys.modules if m.startswith("parfor_core."))))
+"""
+
+
+def test_a_worker_loads_only_the_task_protocol():
+    """A worker process imports what running tasks needs, not the API, configuration or
+    plugin machinery: that keeps a fresh worker's start short."""
+    result = subprocess.run([sys.executable, "-c", WORKER_PROBE], capture_output=True,
+                            text=True, timeout=60, check=True)
+    assert json.loads(result.stdout) == ["parfor_core._pickling", "parfor_core._shared",
+                                         "parfor_core._task", "parfor_core._wire",
+                                         "parfor_core.errors"]
+
+
+def test_the_progress_bar_does_not_import_asyncio():
+    code = ("import sys\nfrom parfor_core._progress import Progress\n"
+            "Progress(True, 3, bar_kwargs={'disable': True}).close()\n"
+            "print('asyncio' in sys.modules, 'tqdm' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=True)
+    assert result.stdout.split() == ["False", "True"]
