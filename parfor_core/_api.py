@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
 
@@ -55,7 +56,8 @@ def _batches(fun: Callable[..., Any], iterable: Iterable[Any], args: Sequence[An
              kwargs: Mapping[str, Any] | None, total: int | None, desc: str | None,
              bar: bool | Callable[[int], object] | None, serial: bool | None,
              length: int | None, n_processes: int | None, ordered: bool, with_index: bool,
-             backend: str | Backend | None, bar_kwargs: Mapping[str, Any]) -> Iterator[list[Any]]:
+             backend: str | Backend | None, bar_kwargs: Mapping[str, Any]
+             ) -> Generator[list[Any], None, None]:
     """Check every argument now, then return a generator of lists of results, one per chunk."""
     call = make_call(fun, args, kwargs)
     expected = total_of(iterable, total, length)
@@ -72,7 +74,7 @@ def _batches(fun: Callable[..., Any], iterable: Iterable[Any], args: Sequence[An
 
 def _run(selected: Backend | Selection, call: Call, iterable: Iterable[Any], total: int | None,
          ordered: bool, with_index: bool, bar: ProgressSpec, probe: bool
-         ) -> Iterator[list[Any]]:
+         ) -> Generator[list[Any], None, None]:
     """Run the call: first in the caller while workers cannot pay (``probe``), then the rest
     of the input on the backend."""
     progress = Progress(*bar)
@@ -105,12 +107,21 @@ def _shaped(batches: Generator[tuple[Sequence[int], list[Any]], None, R], with_i
         yield list(zip(indices, values, strict=True)) if with_index else values
 
 
-def _flatten(batches: Iterator[list[Any]]) -> Iterator[Any]:
-    try:
-        for batch in batches:
-            yield from batch
-    finally:
-        batches.close()  # type: ignore[attr-defined]
+class _Results(itertools.chain):  # type: ignore[type-arg]
+    """What gmap returns: the results one by one, read at C speed (a generator's frame per
+    result would cost a long stream of quick items a visible share); ``close()`` stops the
+    call and cancels what is left, as closing a generator would."""
+
+    _batches: Generator[list[Any], None, None]
+
+    def close(self) -> None:
+        self._batches.close()
+
+
+def _flatten(batches: Generator[list[Any], None, None]) -> Iterator[Any]:
+    results = _Results.from_iterable(batches)
+    results._batches = batches
+    return results
 
 
 def pmap(

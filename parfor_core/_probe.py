@@ -41,14 +41,15 @@ def run_while_cheap(call: Call, items: Iterable[Any], total: int | None,
     """Yield ``(input indices, values)`` batches run in the caller, from the start of
     ``items``, while workers cannot pay; the generator returns how many items it ran and an
     iterator of the rest (for the workers), or None when it ran them all."""
-    sliceable = isinstance(items, (list, tuple, range))  # chunks without copying item by item
-    source = iter(()) if sliceable else iter(items)
+    sliceable = isinstance(items, (list, tuple, range))  # chunks are windows, not copies
+    source = iter(items)
     read = 0
     spent = 0.0
     fastest = float("inf")  # seconds per item of the quickest chunk: a chunk that the system
     size = 1                # paused (a busy machine) looks slow, the others show the truth
     while True:
-        chunk = items[read:read + size] if sliceable else take(source, size, read)  # type: ignore[index]
+        chunk: Sequence[Any] = (_Window(items, source, read, size)  # type: ignore[arg-type]
+                                if sliceable else take(source, size, read))
         if not chunk:
             return None
         task = Task(call, range(read, read + len(chunk)), chunk)
@@ -60,7 +61,7 @@ def run_while_cheap(call: Call, items: Iterable[Any], total: int | None,
         yield from emit(task, result)
         if spent >= MEASURE_SECONDS and _workers_pay(fastest,
                                                      None if total is None else total - read):
-            return read, islice(items, read, None) if sliceable else source
+            return read, source
         size = min(4 * size, MAX_CHUNK)
 
 
@@ -68,3 +69,23 @@ def _workers_pay(seconds_per_item: float, remaining: int | None) -> bool:
     if seconds_per_item < ITEM_SECONDS_WORTH_A_WORKER:
         return False
     return remaining is None or seconds_per_item * remaining >= WORK_SECONDS_WORTH_WORKERS
+
+
+class _Window(Sequence[Any]):
+    """The next ``size`` items of a list, tuple or range, read through the one iterator
+    ``source`` that walks it from the start: a chunk without copying the items (for a long
+    loop of quick items, the copy costs a visible share of the work)."""
+
+    def __init__(self, items: Sequence[Any], source: Iterator[Any], start: int, size: int
+                 ) -> None:
+        self._items, self._source = items, source
+        self._start, self._stop = start, min(start + size, len(items))
+
+    def __len__(self) -> int:
+        return max(0, self._stop - self._start)
+
+    def __getitem__(self, position: Any) -> Any:  # an item named in an error
+        return self._items[self._start + position]
+
+    def __iter__(self) -> Iterator[Any]:  # read once, in order, as run_task does
+        return islice(self._source, len(self))

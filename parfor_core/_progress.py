@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -13,17 +14,22 @@ def check_bar(bar: object, bar_kwargs: Mapping[str, Any]) -> None:
         raise TypeError(f"bar must be True, False, None or a callable taking the number of "
                         f"done iterations, got {type(bar).__name__} {bar!r}")
     if bar_kwargs:
-        import inspect
-
-        from tqdm.std import tqdm  # tqdm.auto's subclass hides the signature behind **kwargs
-
-        accepted = inspect.signature(tqdm.__init__).parameters
-        unknown = sorted(set(bar_kwargs) - set(accepted))
+        unknown = sorted(set(bar_kwargs) - _tqdm_parameters())
         if unknown:
             raise TypeError(
                 f"Unexpected keyword argument(s) {', '.join(unknown)}: parfor passes the keyword "
                 "arguments it does not know itself to tqdm, and tqdm does not know these either."
             )
+
+
+@functools.cache
+def _tqdm_parameters() -> frozenset[str]:
+    """The keyword arguments tqdm takes (read once: inspecting it costs more than a short call)."""
+    import inspect
+
+    from tqdm.std import tqdm  # tqdm.auto's subclass hides the signature behind **kwargs
+
+    return frozenset(inspect.signature(tqdm.__init__).parameters)
 
 
 class Progress:
