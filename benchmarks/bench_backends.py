@@ -4,6 +4,7 @@
     python benchmarks/bench_backends.py            # the full run (a few minutes)
     python benchmarks/bench_backends.py --plot docs/img/benchmarks.png   # ... and a chart
     python benchmarks/bench_backends.py --quick    # a smoke run (seconds), as CI does
+    python benchmarks/bench_backends.py --scaling  # W2 with 1, 2, 4, ... workers (many cores)
 
 Every figure is a median of repeated, interleaved runs, given as a ratio to a plain serial loop
 measured in the same run (lower is better, except speedup). Memory is the extra proportional
@@ -29,12 +30,15 @@ from typing import Any
 import psutil
 
 from parfor import gmap, pmap
+from parfor_core import registry
 
 #: "auto" is a plain call: no backend named, a progress bar (drawn to /dev/null), as users run it.
 #: joblib and mpire come from the benchmarks extra; they are left out where it is not installed.
 INSTALLED = [name for name in ("joblib", "mpire") if importlib.util.find_spec(name)]
 CONTENDERS = ["auto", "processes", "threads", "loky", "serial", "multiprocessing.Pool",
               "concurrent.futures", *INSTALLED]
+#: W3 only: a plain call whose big argument is a parfor.SharedArray.
+SHARED = "auto, SharedArray"
 #: The contenders that are not parfor; pools made once and reused, as a user would.
 PEERS = ("multiprocessing.Pool", "concurrent.futures", "joblib", "mpire")
 _NOWHERE = open(os.devnull, "w")  # noqa: SIM115 - for the whole run
@@ -132,10 +136,10 @@ class _Bound:
 def run(name: str, peers: Peers, fun: Callable[..., Any], items: list[Any], *args: Any) -> Any:
     if name in PEERS:
         return peers.map(name, fun, items, *args)
-    if name == "auto":
-        return pmap(fun, items, args, file=_NOWHERE)
-    return pmap(fun, items, args, backend=name, bar=False, serial=False if name != "serial"
-                else None)
+    if name in ("auto", SHARED):
+        return pmap(fun, items, args, file=_NOWHERE, n_processes=peers.n_workers)
+    return pmap(fun, items, args, backend=name, bar=False, n_processes=peers.n_workers,
+                serial=False if name != "serial" else None)
 
 
 def stream(name: str, peers: Peers, n: int) -> int:
@@ -247,8 +251,9 @@ def plot(rows: dict[str, dict[str, str]], path: str, title: str) -> None:
     figure, axes = plt.subplots(2, (len(columns) + 1) // 2, figsize=(20, 8))
     names = list(rows)
     for axis, column in zip(axes.flat, columns, strict=False):
-        values = [float(rows[n][column].rstrip("xMB ").lstrip("+")) for n in names]
-        axis.barh(names, values, color=["tab:gray" if n in PEERS else "tab:blue" for n in names])
+        shown = [n for n in names if column in rows[n]]
+        values = [float(rows[n][column].rstrip("xMB ").lstrip("+")) for n in shown]
+        axis.barh(shown, values, color=["tab:gray" if n in PEERS else "tab:blue" for n in shown])
         axis.set_title(column, fontsize=9)
         if "x serial" in column:
             axis.set_xscale("log")
@@ -261,10 +266,39 @@ def plot(rows: dict[str, dict[str, str]], path: str, title: str) -> None:
     figure.savefig(path, dpi=80)
 
 
+def scaling(quick: bool, repeats: int) -> None:
+    """W2's speedup with 1, 2, 4, ... workers, up to every CPU: how parallel work scales."""
+    cpus = os.cpu_count() or 1
+    counts = sorted({min(2**k, cpus) for k in range(cpus.bit_length() + 1)})
+    contenders = [name for name in CONTENDERS if name != "serial"]
+    work = 20_000 if quick else 600_000
+    jobs = list(range(4 if quick else 32))
+    rows: dict[str, dict[str, str]] = {name: {} for name in contenders}
+    for count in counts:
+        peers = Peers(count)
+        try:
+            for name in contenders:  # warm every pool first
+                run(name, peers, trivial, list(range(100)))
+            _, ratios = median_ratios(
+                contenders, {n: (lambda n=n, p=peers: run(n, p, cpu_bound, jobs, work))
+                             for n in contenders},
+                lambda: [cpu_bound(x, work) for x in jobs], repeats)
+        finally:
+            peers.close()
+            registry.shutdown()  # the next count starts parfor's pools afresh too
+        for name, ratio in ratios.items():
+            rows[name][f"{count} workers"] = f"{1 / ratio:.2f}"
+            if count == counts[-1]:
+                rows[name][f"share of {count} cores"] = f"{100 / ratio / count:.0f}%"
+    print_table("W2 speedup", rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run with tiny sizes")
     parser.add_argument("--plot", metavar="PNG", help="also draw the table as a chart")
+    parser.add_argument("--scaling", action="store_true",
+                        help="only W2, with 1, 2, 4, ... workers up to every CPU")
     options = parser.parse_args()
     quick = options.quick
     n_workers = os.cpu_count() or 1
@@ -273,6 +307,9 @@ def main() -> None:
           f"{platform.machine()}, {n_workers} CPUs, {psutil.virtual_memory().total / 2**30:.0f} "
           f"GiB; {'quick smoke run' if quick else f'medians of {repeats} interleaved runs'}")
     print(f"# {versions()}")
+    if options.scaling:
+        scaling(quick, repeats)
+        return
     peers = Peers(n_workers)
     for name in CONTENDERS:  # warm every pool first
         run(name, peers, trivial, list(range(100)))
@@ -299,14 +336,20 @@ def main() -> None:
 
         array = numpy.ones((2 if quick else 200) * 2**20 // 8)
         tasks = list(range(4 if quick else 32))
-        for name in CONTENDERS:
+        from parfor import SharedArray
+
+        shared = SharedArray.from_array(array)  # as a user who makes the data there from the start
+        for name in [*CONTENDERS, SHARED]:
+            argument = shared if name == SHARED else array
+            time.sleep(0.5)  # workers let go of the previous contender's shared memory
             with PeakMemory() as memory:
                 seconds = statistics.median(
-                    timed(lambda n=name: run(n, peers, array_sum, tasks, array))
+                    timed(lambda n=name, a=argument: run(n, peers, array_sum, tasks, a))
                     for _ in range(repeats))
             base = timed(lambda: [array_sum(i, array) for i in tasks])
-            rows[name]["W3 big argument (x serial)"] = f"{seconds / base:.1f}x"
+            rows.setdefault(name, {})["W3 big argument (x serial)"] = f"{seconds / base:.1f}x"
             rows[name]["W3 extra memory"] = f"{memory.extra_mb:+.0f} MB"
+        del shared
 
         for name in CONTENDERS:
             cold = statistics.median(cold_start(name) for _ in range(repeats))

@@ -119,3 +119,11 @@ def attach(address: Address, *, shared: bool) -> mmap.mmap:
                          else mmap.ACCESS_COPY)
     finally:
         os.close(fd)
+
+
+def still_shared(address: Address) -> bool:
+    """Whether the process that made a segment still holds it (so new mappings can be made)."""
+    try:
+        return os.stat(address.path).st_ino == address.inode
+    except OSError:
+        return False

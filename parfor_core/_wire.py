@@ -24,7 +24,7 @@ from functools import partial
 from typing import Any
 
 from ._pickling import dumps, loads
-from ._shared import Segment, attach
+from ._shared import Address, Segment, attach, still_shared
 from ._task import Call, Failure, Result, Task, describe_worker, run_task
 from .errors import ParforError, SerializationError, rebuild_exception
 
@@ -35,6 +35,8 @@ CACHED_CALLS = 4
 
 _worker_calls: OrderedDict[str, Call] = OrderedDict()
 _worker_calls_lock = threading.Lock()
+#: The shared memory behind cached calls: a call whose caller let it go is dropped here too.
+_worker_segments: dict[str, Address] = {}
 
 
 def _first_unserializable(named: list[tuple[str, object]], cause: Exception) -> SerializationError:
@@ -173,7 +175,27 @@ def execute_dumped(payload: bytes) -> bytes:
     initializer), so that nested calls there run serially.
     """
     call_id, shared, items = pickle.loads(payload)
-    return _run_cached(call_id, partial(load_shared_call, call_id, shared), items)
+    _forget_released_calls()
+    return _run_cached(call_id, partial(_load_and_watch, call_id, shared), items)
+
+
+def _load_and_watch(call_id: str, shared: bytes) -> Call:
+    call = load_shared_call(call_id, shared)
+    address = pickle.loads(shared)[1]
+    if address is not None:
+        _worker_segments[call_id] = address
+    return call
+
+
+def _forget_released_calls() -> None:
+    """Drop cached calls whose caller has released their shared memory (the call is over), so
+    that their memory is freed now, not when newer calls push them out of the cache. For
+    executors that pick the worker themselves and cannot tell a worker that a call ended."""
+    with _worker_calls_lock:
+        for call_id, address in list(_worker_segments.items()):
+            if not still_shared(address):
+                del _worker_segments[call_id]
+                _worker_calls.pop(call_id, None)
 
 
 def execute_call(call_id: str, fetch: Callable[[], bytes], items: bytes) -> bytes:
@@ -200,7 +222,7 @@ def _run_cached(call_id: str, load: Callable[[], Call], items: bytes) -> bytes:
             except Exception as exc:
                 return unloadable(items, "the function or its extra arguments", exc)
             while len(_worker_calls) > CACHED_CALLS:
-                _worker_calls.popitem(last=False)
+                _worker_segments.pop(_worker_calls.popitem(last=False)[0], None)
     return run_items(call, items)
 
 

@@ -208,3 +208,39 @@ def test_shared_array_without_numpy_says_how_to_get_it():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert "SharedArray needs numpy: pip install numpy" in result.stdout
+
+
+def _segment_inode(i: int, array: numpy.ndarray) -> int:
+    """The inode of the shared memory that the argument's data lies in, in this worker."""
+    address = array.__array_interface__["data"][0]
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            start, end = (int(bound, 16) for bound in fields[0].split("-"))
+            if "memfd:parfor" in line and start <= address < end:
+                return int(fields[4])
+    raise AssertionError("the argument is not in shared memory")
+
+
+def _workers_mapping(inode: int) -> list[int]:
+    mapping = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            with open(f"/proc/{child.pid}/maps") as maps:
+                if any(line.split()[4] == str(inode) for line in maps if "memfd:parfor" in line):
+                    mapping.append(child.pid)
+        except OSError:
+            continue
+    return mapping
+
+
+@pytest.mark.parametrize("backend", MACHINE_BACKENDS)
+def test_workers_let_go_of_a_calls_shared_memory_once_it_is_over(backend):
+    inodes = set(pmap(_segment_inode, range(8), (numpy.ones(1 << 20),), backend=backend,
+                      bar=False))
+    assert len(inodes) == 1
+    pmap(abs, range(8), backend=backend, bar=False)  # any later call, on the same workers
+    deadline = time.monotonic() + 5
+    while _workers_mapping(*inodes) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _workers_mapping(*inodes) == []
