@@ -220,7 +220,7 @@ COLD = {
     "joblib": "from joblib import Parallel, delayed\n"
               "Parallel(2)(delayed(abs)(i) for i in range(4))",
     "mpire": "from mpire import WorkerPool\nwith WorkerPool(2) as p: p.map(abs, range(4))",
-    "auto": "import os\nfrom parfor import pmap\npmap(abs, range(4), file=open(os.devnull, 'w'))",
+    "auto": "from parfor import pmap\npmap(abs, range(4))",  # its bar goes to the captured stderr
 }
 
 

@@ -66,6 +66,15 @@ class ProcessesBackend(Backend):
             self._pump()
         return job.future
 
+    def prepare(self, n_items: int | None) -> None:
+        """Start the workers the call will use now: each takes tens of milliseconds to boot,
+        which the caller spends drawing the progress bar meanwhile."""
+        wanted = self.n_workers if n_items is None else min(self.n_workers, n_items)
+        with self._lock:
+            while len(self._workers) < wanted:
+                self._workers.append(_Worker.start(self))
+            self._pump()  # arms the idle timer, should no task follow
+
     def interrupt(self) -> None:
         self._stop(kill=True)
 

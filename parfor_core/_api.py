@@ -77,10 +77,11 @@ def _run(selected: Backend | Selection, call: Call, iterable: Iterable[Any], tot
          ) -> Generator[list[Any], None, None]:
     """Run the call: first in the caller while workers cannot pay (``probe``), then the rest
     of the input on the backend."""
-    progress = Progress(*bar)
+    progress: Progress | None = None
     try:
         first, source = 0, iter(iterable)
         if probe:
+            progress = Progress(*bar)
             rest = yield from _shaped(run_while_cheap(call, iterable, total, progress.update),
                                       with_index)
             if rest is None:  # it all ran here
@@ -88,12 +89,16 @@ def _run(selected: Backend | Selection, call: Call, iterable: Iterable[Any], tot
             first, source = rest
         with registry.lease(selected) as backend:
             left = None if total is None else max(0, total - first)
+            if progress is None:  # workers start while the bar (and tqdm) loads
+                backend.prepare(left)
+                progress = Progress(*bar)
             batches = dispatch(backend, call, source, ChunkSizer(backend.n_workers, left),
                                ordered=ordered, on_done=progress.update, first_index=first)
             yield from _shaped(batches, with_index)
     finally:
         call.release()
-        progress.close()
+        if progress is not None:
+            progress.close()
 
 
 def _shaped(batches: Generator[tuple[Sequence[int], list[Any]], None, R], with_index: bool

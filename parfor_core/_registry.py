@@ -17,9 +17,9 @@ from .backend import Backend
 from .errors import BackendUnavailableError, PluginError, UnknownBackendError, warn_once
 
 if TYPE_CHECKING:
-    from importlib.metadata import EntryPoint
-
     import pluggy
+
+    from ._entry_points import EntryPoint
 
 ENTRY_POINT_GROUP = "parfor"
 SERIAL = "serial"
@@ -97,7 +97,7 @@ class Registry:
             return self._pm
 
     def _load_entry_points(self, pm: pluggy.PluginManager) -> None:
-        from importlib.metadata import entry_points  # costs ~20 ms: only on first need
+        from ._entry_points import entry_points
 
         for name in current()["disable_plugins"]:
             pm.set_blocked(name)
@@ -310,8 +310,7 @@ def _options(cls: type[Backend], settings: Configuration) -> tuple[tuple[str, An
 
 
 def _dist_label(ep: EntryPoint) -> str:
-    dist = getattr(ep, "dist", None)
-    return f"{dist.name} {dist.version}" if dist is not None else "an unknown distribution"
+    return f"{ep.dist_name} {ep.dist_version}"
 
 
 registry = Registry()

@@ -56,6 +56,11 @@ class Backend(ABC):
     def submit(self, task: Task) -> Future[Result]:
         """Start running ``task`` and return a Future of its Result."""
 
+    def prepare(self, n_items: int | None) -> None:  # noqa: B027 - optional
+        """Start what the first tasks of a call over ``n_items`` items (None: unknown) will need,
+        worker processes say, without waiting for them: called just before the progress bar
+        is drawn, so that both happen at once."""
+
     def interrupt(self) -> None:  # noqa: B027 - optional; doing nothing is a fine default
         """Stop running tasks as soon as possible (Ctrl-C); the next submit must work again."""
 

@@ -151,6 +151,17 @@ def test_idle_workers_exit_after_the_timeout():
     backend.shutdown()
 
 
+def test_prepared_workers_start_at_once_and_exit_if_no_task_comes():
+    backend = ProcessesBackend(3, idle_timeout=0.5)
+    backend.prepare(2)  # a call over 2 items needs no third worker
+    pids = {worker.pid for worker in backend._workers}
+    assert len(pids) == 2 and pids <= {child.pid for child in psutil.Process().children()}
+    _, alive = psutil.wait_procs([psutil.Process(pid) for pid in pids], timeout=10)
+    assert alive == []
+    assert pmap(abs, [-1, -2, -3], backend=backend, bar=False) == [1, 2, 3]
+    backend.shutdown()
+
+
 def test_a_new_worker_count_replaces_the_pool_and_stops_the_old_one():
     pmap(abs, range(20), backend="processes", bar=False, n_processes=3)
     before = {p.pid: p for p in psutil.Process().children()}

@@ -50,3 +50,28 @@ def test_the_progress_bar_does_not_import_asyncio():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60, check=True)
     assert result.stdout.split() == ["False", "True"]
+
+
+def test_a_plain_call_reads_plugins_without_importlib_metadata():
+    """Discovery reads entry points itself: importing importlib.metadata costs a short call
+    about 20 ms (tqdm, drawing a bar, still imports it: without a bar nothing does)."""
+    code = ("import sys\nfrom parfor import pmap\n"
+            "assert pmap(abs, range(-3, 3), bar=False) == [3, 2, 1, 0, 1, 2]\n"
+            "print('importlib.metadata' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=True)
+    assert result.stdout.split() == ["False"]
+
+
+def test_entry_points_are_found_as_importlib_metadata_finds_them():
+    from importlib.metadata import entry_points as reference
+
+    from parfor_core._entry_points import entry_points
+
+    for group in ("parfor", "console_scripts", "pytest11"):
+        ours = sorted((ep.name, ep.value, ep.dist_name, ep.dist_version)
+                      for ep in entry_points(group))
+        theirs = sorted((ep.name, ep.value.partition("[")[0].strip(), ep.dist.name,
+                         ep.dist.version) for ep in reference(group=group))
+        assert ours == theirs, group
+    assert {ep.name for ep in entry_points("parfor")} >= {"processes", "serial", "threads"}
