@@ -14,10 +14,12 @@ import sys
 #: The line the address is printed on, after this prefix; other lines are the workers' output.
 ADDRESS_PREFIX = "parfor-dask-scheduler "
 
-# Whole lines, each in one write: the workers (which import this module too, as the main module
-# of a spawned process) share one pipe, and lines printed at the same moment must not mix.
-sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+if __name__ in ("__main__", "__mp_main__"):  # this helper, and the workers it spawns (which
+    # import it as their main module), not a program that imports ADDRESS_PREFIX.
+    # Whole lines, each in one write: the workers share one pipe, and lines printed at the same
+    # moment must not mix.
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
 
 
 def main() -> None:

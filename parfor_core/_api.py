@@ -49,16 +49,17 @@ def gmap(
     generator works in constant memory. Closing the generator early cancels the rest.
     """
     return _flatten(_batches(fun, iterable, args, kwargs, total, desc, bar, serial, length,
-                             n_processes, yield_ordered, yield_index, backend, bar_kwargs))
+                             n_processes, yield_ordered, yield_index, backend, bar_kwargs, None))
 
 
 def _batches(fun: Callable[..., Any], iterable: Iterable[Any], args: Sequence[Any] | None,
              kwargs: Mapping[str, Any] | None, total: int | None, desc: str | None,
              bar: bool | Callable[[int], object] | None, serial: bool | None,
              length: int | None, n_processes: int | None, ordered: bool, with_index: bool,
-             backend: str | Backend | None, bar_kwargs: Mapping[str, Any]
-             ) -> Generator[list[Any], None, None]:
-    """Check every argument now, then return a generator of lists of results, one per chunk."""
+             backend: str | Backend | None, bar_kwargs: Mapping[str, Any],
+             into: list[Any] | None) -> Generator[list[Any], None, None]:
+    """Check every argument now, then return a generator of lists of results, one per chunk
+    (items run in the caller go straight into ``into``, if given, and come as ``into``)."""
     call = make_call(fun, args, kwargs)
     expected = total_of(iterable, total, length)
     check_bar(bar, bar_kwargs)
@@ -69,12 +70,12 @@ def _batches(fun: Callable[..., Any], iterable: Iterable[Any], args: Sequence[An
     automatic = (serial is None and backend is None and settings["backend"] is None
                  and isinstance(selected, Selection) and selected.name != SERIAL)
     return _run(selected, call, iterable, expected, ordered, with_index, spec,
-                probe=automatic and worth_probing(expected))
+                probe=automatic and worth_probing(expected), into=into)
 
 
 def _run(selected: Backend | Selection, call: Call, iterable: Iterable[Any], total: int | None,
-         ordered: bool, with_index: bool, bar: ProgressSpec, probe: bool
-         ) -> Generator[list[Any], None, None]:
+         ordered: bool, with_index: bool, bar: ProgressSpec, probe: bool,
+         into: list[Any] | None = None) -> Generator[list[Any], None, None]:
     """Run the call: first in the caller while workers cannot pay (``probe``), then the rest
     of the input on the backend."""
     progress: Progress | None = None
@@ -82,8 +83,8 @@ def _run(selected: Backend | Selection, call: Call, iterable: Iterable[Any], tot
         first, source = 0, iter(iterable)
         if probe:
             progress = Progress(*bar)
-            rest = yield from _shaped(run_while_cheap(call, iterable, total, progress.update),
-                                      with_index)
+            rest = yield from _shaped(run_while_cheap(call, iterable, total, progress.update,
+                                                      None if with_index else into), with_index)
             if rest is None:  # it all ran here
                 return
             first, source = rest
@@ -175,8 +176,9 @@ def pmap(
     """
     results: list[Any] = []
     for batch in _batches(fun, iterable, args, kwargs, total, desc, bar, serial, length,
-                          n_processes, yield_ordered, yield_index, backend, bar_kwargs):
-        results.extend(batch)
+                          n_processes, yield_ordered, yield_index, backend, bar_kwargs, results):
+        if batch is not results:  # items run in the caller are in it already: no second copy
+            results.extend(batch)
     return results
 
 

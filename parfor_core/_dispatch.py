@@ -144,8 +144,11 @@ def _items_label(indices: list[int]) -> str:
     return f"input items {shown}{', ...' if len(indices) > 8 else ''} ({len(indices)} items)"
 
 
-def emit(task: Task, result: Result) -> Iterator[tuple[Sequence[int], list[Any]]]:
-    yield task.indices[:len(result.values)], result.values
+def emit(task: Task, result: Result, count: int | None = None
+         ) -> Iterator[tuple[Sequence[int], list[Any]]]:
+    """Yield the task's done items' indices and values (``count`` of them, when the values
+    list holds earlier ones too); then raise its failure, if any."""
+    yield task.indices[:len(result.values) if count is None else count], result.values
     failure = result.failure
     if failure is not None:
         failure.reraise(f"item {failure.index} ({failure.item_repr})")

@@ -35,12 +35,16 @@ def worth_probing(total: int | None) -> bool:
 
 
 def run_while_cheap(call: Call, items: Iterable[Any], total: int | None,
-                    on_done: Callable[[int], object]
+                    on_done: Callable[[int], object], into: list[Any] | None = None
                     ) -> Generator[tuple[Sequence[int], list[Any]], None,
                                    tuple[int, Iterator[Any]] | None]:
     """Yield ``(input indices, values)`` batches run in the caller, from the start of
     ``items``, while workers cannot pay; the generator returns how many items it ran and an
-    iterator of the rest (for the workers), or None when it ran them all."""
+    iterator of the rest (for the workers), or None when it ran them all.
+
+    Given ``into`` (pmap's list of results), values are appended to it as they come, and each
+    batch's values are ``into`` itself, which its caller need not copy.
+    """
     sliceable = isinstance(items, (list, tuple, range))  # chunks are windows, not copies
     source = iter(items)
     read = 0
@@ -53,12 +57,13 @@ def run_while_cheap(call: Call, items: Iterable[Any], total: int | None,
         if not chunk:
             return None
         task = Task(call, range(read, read + len(chunk)), chunk)
-        result = run_task(task)
+        before = 0 if into is None else len(into)
+        result = run_task(task, [] if into is None else into)
         spent += result.elapsed
         fastest = min(fastest, result.elapsed / len(chunk))
         read += len(chunk)
-        on_done(len(result.values))
-        yield from emit(task, result)
+        on_done(len(result.values) - before)
+        yield from emit(task, result, len(result.values) - before)
         if spent >= MEASURE_SECONDS and _workers_pay(fastest,
                                                      None if total is None else total - read):
             return read, source

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import sys
 import threading
@@ -74,6 +75,8 @@ class Registry:
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._pm: pluggy.PluginManager | None = None
+        #: The plugins' answers, asked again only when the set of plugins changes.
+        self._candidates_cache: tuple[tuple[Any, ...], dict[str, list[type[Backend]]]] | None = None
         self._entry_points: list[EntryPoint] = []
         self._instances: dict[str, tuple[Backend, Selection]] = {}
         self._leases: dict[int, int] = {}  # id(backend) -> calls running on it
@@ -119,9 +122,13 @@ class Registry:
         """Every registered backend class by name, asking each plugin on its own, so that one
         that fails to register (it raises, or returns no Backend classes) is skipped with a
         warning and the others keep working."""
+        implementations = tuple(self.plugin_manager.hook.parfor_register_backends
+                                .get_hookimpls())
+        cached = self._candidates_cache
+        if cached is not None and cached[0] == implementations:  # no plugin came or went
+            return cached[1]
         found: dict[str, list[type[Backend]]] = {}
-        hook = self.plugin_manager.hook.parfor_register_backends
-        for implementation in hook.get_hookimpls():
+        for implementation in implementations:
             try:
                 classes = list(implementation.function())
                 bad = [c for c in classes if not (isinstance(c, type)
@@ -138,6 +145,7 @@ class Registry:
                 same = found.setdefault(cls.name, [])
                 if cls not in same:
                     same.append(cls)
+        self._candidates_cache = (implementations, found)
         return found
 
     def source(self, cls: type[Backend]) -> str:
@@ -295,10 +303,7 @@ class Registry:
 def _options(cls: type[Backend], settings: Configuration) -> tuple[tuple[str, Any], ...]:
     """The settings a backend takes as keyword arguments: the general ones it accepts
     (idle_timeout, retries, worker_output) and its own table; unknown own options warn."""
-    import inspect
-
-    parameters = inspect.signature(cls.__init__).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    parameters, takes_any = _keyword_parameters(cls)
     own = settings["backends"].get(cls.name, {})
     for key in own:
         if key not in parameters and not takes_any:
@@ -307,6 +312,16 @@ def _options(cls: type[Backend], settings: Configuration) -> tuple[tuple[str, An
     options = settings.backend_options(cls.name, cls.environment)
     return tuple(sorted((key, value) for key, value in options.items()
                         if (key in parameters or takes_any) and key != "n_workers"))
+
+
+@functools.cache
+def _keyword_parameters(cls: type[Backend]) -> tuple[frozenset[str], bool]:
+    """The names ``cls.__init__`` takes, and whether it takes any keyword (``**options``)."""
+    import inspect
+
+    parameters = inspect.signature(cls.__init__).parameters
+    return frozenset(parameters), any(p.kind is inspect.Parameter.VAR_KEYWORD
+                                      for p in parameters.values())
 
 
 def _dist_label(ep: EntryPoint) -> str:

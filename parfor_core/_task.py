@@ -161,16 +161,18 @@ def describe_worker() -> str:
 def run_task(task: Task, values: list[Any] | None = None) -> Result:
     """Run every item of a task where this is called; exceptions are returned, never raised.
 
-    The values are appended to ``values`` (a new list if not given) as they come.
+    The values are appended to ``values`` (a new list if not given; it may hold values of
+    earlier tasks) as they come.
     """
     call = task.call
     values = [] if values is None else values
+    before = len(values)
     token = _inside_worker.set(True)
     start = perf_counter()
     try:
         _apply(call, task.items, values)
     except Exception as exc:
-        position = len(values)
+        position = len(values) - before
         failure = Failure.capture(task.indices[position], task.items[position], exc)
         return Result(values, perf_counter() - start, failure)
     finally:

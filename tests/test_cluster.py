@@ -148,6 +148,24 @@ print(pmap(square, range(6), backend=sys.argv[1], bar=False), flush=True)
 """
 
 
+def import_the_dask_backend(i: int) -> bool:
+    import parfor_backends.dask  # noqa: F401 - its import is what is tested
+
+    return True
+
+
+@pytest.mark.backend("dask")
+def test_importing_the_dask_backend_leaves_the_program_output_alone():
+    code = ("import sys\nbefore = sys.stdout.line_buffering, sys.stderr.line_buffering\n"
+            "import parfor_backends.dask\n"
+            "print(before == (sys.stdout.line_buffering, sys.stderr.line_buffering))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, timeout=60)
+    assert done.stdout.split() == ["True"]
+    # A worker's sys.stdout is parfor's own stream: a function there may import it too.
+    assert pmap(import_the_dask_backend, range(2), backend="processes", bar=False) == [True] * 2
+
+
 @pytest.mark.parametrize("name", CLUSTER_NAMES)
 def test_a_local_cluster_runs_a_script_without_main_guard_and_leaves_nothing(
         name, tmp_path, cluster_addresses):

@@ -43,13 +43,13 @@ def inspect_argument(i: int, array: numpy.ndarray) -> tuple[float, bool, bool]:
 @pytest.mark.parametrize("backend", MACHINE_BACKENDS)
 def test_a_large_array_argument_is_mapped_not_copied(backend):
     array = numpy.arange(1 << 20, dtype=numpy.float64)  # 8 MiB
-    before = parfor_files()
+    before, held = parfor_files(), shared_memory_held()
     results = pmap(inspect_argument, range(16), (array,), backend=backend, bar=False)
     assert [total for total, _, _ in results] == [float(array.sum()) + i for i in range(16)]
     assert not any(owns for _, owns, _ in results)
     assert all(mapped for _, _, mapped in results)
     assert parfor_files() == before
-    assert shared_memory_held() == []  # released by the caller when the call ended
+    assert shared_memory_held() <= held  # released by the caller when the call ended
 
 
 def overwrite(i: int, array: numpy.ndarray) -> float:
