@@ -26,7 +26,7 @@ ITEM_SECONDS_WORTH_A_WORKER = 5e-6
 #: Below this much work left, in seconds, waking or starting workers cannot pay.
 WORK_SECONDS_WORTH_WORKERS = 0.05
 #: The largest chunk run here between two looks at the clock and the progress bar.
-MAX_CHUNK = 100_000
+MAX_CHUNK = 16_384
 
 
 def worth_probing(total: int | None) -> bool:
