@@ -56,6 +56,9 @@ class SharedArray(numpy.ndarray):
     def __new__(cls, shape: int | Sequence[int], dtype: Any = float,
                 order: str = "C") -> SharedArray:
         dtype = numpy.dtype(dtype)
+        if dtype.hasobject:
+            raise TypeError(f"A SharedArray holds plain data (numbers, booleans, fixed-size "
+                            f"strings, records of them), not Python objects: dtype {dtype}")
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         segment = Segment(math.prod(shape) * dtype.itemsize)
         buffer = segment.map()

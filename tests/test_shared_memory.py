@@ -151,6 +151,13 @@ def test_a_released_shared_array_cannot_be_sent_and_the_error_says_why():
     assert shared[0] == 1.0
 
 
+def test_a_shared_array_of_python_objects_is_refused_with_the_reason():
+    with pytest.raises(TypeError, match="not Python objects: dtype object"):
+        SharedArray(3, dtype=object)
+    with pytest.raises(TypeError, match="not Python objects"):
+        SharedArray.from_array(numpy.array([{"a": 1}, None]))
+
+
 def test_shared_memory_of_another_machine_is_refused_by_name():
     from parfor_core._shared import Address
     from parfor_core._shared_array import _attach_view
