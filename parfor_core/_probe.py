@@ -25,8 +25,10 @@ MEASURE_SECONDS = 0.005
 ITEM_SECONDS_WORTH_A_WORKER = 5e-6
 #: Below this much work left, in seconds, waking or starting workers cannot pay.
 WORK_SECONDS_WORTH_WORKERS = 0.05
-#: The largest chunk run here between two looks at the clock and the progress bar.
+#: The largest chunk run here between two looks at the clock and the progress bar ...
 MAX_CHUNK = 16_384
+#: ... unless all that is left should take less than this many seconds: then it is one chunk.
+LAST_CHUNK_SECONDS = 0.02
 
 
 def worth_probing(total: int | None) -> bool:
@@ -46,6 +48,7 @@ def run_while_cheap(call: Call, items: Iterable[Any], total: int | None,
     batch's values are ``into`` itself, which its caller need not copy.
     """
     sliceable = isinstance(items, (list, tuple, range))  # chunks are windows, not copies
+    length = len(items) if sliceable else None  # type: ignore[arg-type]
     source = iter(items)
     read = 0
     spent = 0.0
@@ -68,6 +71,8 @@ def run_while_cheap(call: Call, items: Iterable[Any], total: int | None,
                                                      None if total is None else total - read):
             return read, source
         size = min(4 * size, MAX_CHUNK)
+        if length is not None and fastest * (length - read) < LAST_CHUNK_SECONDS:
+            size = max(size, length - read)  # the rest at once
 
 
 def _workers_pay(seconds_per_item: float, remaining: int | None) -> bool:
@@ -93,4 +98,6 @@ class _Window(Sequence[Any]):
         return self._items[self._start + position]
 
     def __iter__(self) -> Iterator[Any]:  # read once, in order, as run_task does
+        if self._stop == len(self._items):  # the rest of the input: the iterator itself
+            return self._source
         return islice(self._source, len(self))
