@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import pickle
 import threading
+import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -37,6 +38,9 @@ _worker_calls: OrderedDict[str, Call] = OrderedDict()
 _worker_calls_lock = threading.Lock()
 #: The shared memory behind cached calls: a call whose caller let it go is dropped here too.
 _worker_segments: dict[str, Address] = {}
+#: How often a worker holding such calls looks whether their callers let go of them, in seconds.
+SWEEP_SECONDS = 0.5
+_sweeper: threading.Thread | None = None
 
 
 def _first_unserializable(named: list[tuple[str, object]], cause: Exception) -> SerializationError:
@@ -180,10 +184,15 @@ def execute_dumped(payload: bytes) -> bytes:
 
 
 def _load_and_watch(call_id: str, shared: bytes) -> Call:
+    """Load a shared call (with `_worker_calls_lock` held), and watch its shared memory."""
+    global _sweeper
     call = load_shared_call(call_id, shared)
     address = pickle.loads(shared)[1]
     if address is not None:
         _worker_segments[call_id] = address
+        if _sweeper is None:
+            _sweeper = threading.Thread(target=_sweep, name="parfor-shared-memory", daemon=True)
+            _sweeper.start()
     return call
 
 
@@ -196,6 +205,19 @@ def _forget_released_calls() -> None:
             if not still_shared(address):
                 del _worker_segments[call_id]
                 _worker_calls.pop(call_id, None)
+
+
+def _sweep() -> None:
+    """A worker's watcher, while it holds shared calls: an idle worker, which runs no task
+    that would look, lets go of a finished call's memory within `SWEEP_SECONDS` too."""
+    global _sweeper
+    while True:
+        time.sleep(SWEEP_SECONDS)
+        _forget_released_calls()
+        with _worker_calls_lock:
+            if not _worker_segments:
+                _sweeper = None
+                return
 
 
 def execute_call(call_id: str, fetch: Callable[[], bytes], items: bytes) -> bytes:

@@ -6,6 +6,7 @@ Workers get the test process's import path, so that they import the tests' own f
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ class DaskCluster:
     scheduler: subprocess.Popen | None = None
     workers: list[subprocess.Popen] = field(default_factory=list)
     client: Any = None  # the tests' own connection, to watch the workers
+    _names: Iterator[int] = field(default_factory=lambda: itertools.count(100))
 
     @classmethod
     def start(cls, folder: Path, n_workers: int = 2) -> DaskCluster:
@@ -84,12 +87,25 @@ class DaskCluster:
 
     def wait_for_workers(self, n: int | None = None) -> None:
         """Until ``n`` workers (default: every one started) are connected: a test that killed
-        one leaves the next test a whole cluster."""
+        one leaves the next test a whole cluster. Workers that do not come back (a nanny that
+        gave up on a busy machine) are replaced, so one bad moment does not fail every later
+        test."""
         if self.client is None:
             from distributed import Client
 
             self.client = Client(self.address, timeout=START_TIMEOUT, set_as_default=False)
-        self.client.wait_for_workers(n or len(self.workers), timeout=START_TIMEOUT)
+        wanted = n or len(self.workers)
+        try:
+            self.client.wait_for_workers(wanted, timeout=START_TIMEOUT / 2)
+        except Exception:
+            for worker in self.workers:
+                if worker.poll() is None:
+                    os.killpg(worker.pid, signal.SIGKILL)
+                    worker.wait()
+            count, self.workers = len(self.workers), []
+            for _ in range(count):
+                self.add_worker(f"worker-{next(self._names)}")
+            self.client.wait_for_workers(wanted, timeout=START_TIMEOUT)
 
     def worker_pids(self) -> list[int]:
         """The processes that run tasks (children of the `dask worker` commands' nannies)."""
