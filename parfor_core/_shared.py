@@ -74,7 +74,7 @@ class Segment:
         return segment, spans
 
     def write(self, offset: int, data: memoryview) -> None:
-        data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+        """Write ``data`` (flat bytes, as ``PickleBuffer.raw()`` gives them) at ``offset``."""
         while data:
             written = os.pwrite(self.fd, data, offset)
             data, offset = data[written:], offset + written

@@ -219,3 +219,28 @@ def test_a_wrong_total_does_not_stop_chunks_from_growing():
         sizer.taken(size)
         sizes.append(size)
     assert sizes[-1] > 1000, sizes
+
+
+def test_a_call_prepares_its_backend_before_the_first_task():
+    """``Backend.prepare`` comes once per call, with the number of items, before any submit:
+    that is what lets the processes backend boot its workers while the bar loads."""
+    from parfor_backends.threads import ThreadsBackend
+
+    class Recording(ThreadsBackend):
+        def __init__(self, n_workers: int) -> None:
+            super().__init__(n_workers)
+            self.events: list[tuple[str, int | None]] = []
+
+        def prepare(self, n_items: int | None) -> None:
+            self.events.append(("prepare", n_items))
+
+        def submit(self, task):
+            self.events.append(("submit", len(task.items)))
+            return super().submit(task)
+
+    backend = Recording(2)
+    assert pmap(abs, range(-5, 5), backend=backend, bar=False) == [5, 4, 3, 2, 1, 0, 1, 2, 3, 4]
+    assert backend.events[0] == ("prepare", 10)
+    assert [kind for kind, _ in backend.events[1:]] == ["submit"] * (len(backend.events) - 1)
+    assert sum(n for _, n in backend.events[1:]) == 10
+    backend.shutdown()
