@@ -1,11 +1,11 @@
 """A worker process of the processes backend: runs tasks from its parent, and only its parent.
 
-Started as ``python -m parfor_backends._process_worker LIFELINE RESULTS``. Tasks arrive on
-stdin, results leave on the RESULTS pipe; both are pipes the parent made for this worker alone.
-What the tasks print to sys.stdout and sys.stderr travels on the RESULTS pipe too, line by line,
-so the parent shows it before the result it came with. The worker exits when stdin closes, and
-at once when the parent dies (the LIFELINE pipe, whose other end only the parent holds, reaches
-EOF). Ctrl-C is the parent's to handle.
+Started as ``main(LIFELINE, RESULTS)`` in a fresh interpreter (``processes.WORKER_MAIN``).
+Tasks arrive on stdin, results leave on the RESULTS pipe; both are pipes the parent made for
+this worker alone. What the tasks print to sys.stdout and sys.stderr travels on the RESULTS
+pipe too, line by line, so the parent shows it before the result it came with. The worker exits
+when stdin closes, and at once when the parent dies (the LIFELINE pipe, whose other end only
+the parent holds, reaches EOF). Ctrl-C is the parent's to handle.
 """
 
 from __future__ import annotations
@@ -145,6 +145,3 @@ class _ProgressReporter:
                         sent = len(values)
                         self._send(b"P", COUNT.pack(sent))
 
-
-if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]))

@@ -173,6 +173,11 @@ def _meaning(how: str) -> str:
     return "It ended itself (os._exit, or a fatal error in native code)."
 
 
+#: What a worker process runs: ``-c`` rather than ``-m``, which would first import runpy.
+WORKER_MAIN = ("import sys; from parfor_backends._process_worker import main; "
+               "main(*map(int, sys.argv[1:]))")
+
+
 class _Worker:
     """One worker process, the pipes to it, and the threads that read what it sends."""
 
@@ -199,8 +204,7 @@ class _Worker:
                "PYTHONPATH": os.pathsep.join(filter(None, [package_root,
                                                            os.environ.get("PYTHONPATH")]))}
         process = subprocess.Popen(
-            [sys.executable, "-m", "parfor_backends._process_worker",
-             str(lifeline_read), str(results_write)],
+            [sys.executable, "-c", WORKER_MAIN, str(lifeline_read), str(results_write)],
             stdin=subprocess.PIPE, stdout=output, stderr=output,
             pass_fds=(lifeline_read, results_write), env=env,
         )

@@ -300,7 +300,7 @@ def _project_file() -> tuple[Path | None, dict[str, Any]]:
         if own.is_file():
             return own, _read(own)
         pyproject = directory / "pyproject.toml"
-        if pyproject.is_file():
+        if pyproject.is_file() and _may_set_tool_parfor(pyproject):
             try:
                 tool = _read(pyproject).get("tool", {})
             except ConfigError as exc:  # perhaps not ours to read: say so, and look further up
@@ -312,6 +312,24 @@ def _project_file() -> tuple[Path | None, dict[str, Any]]:
                     raise ConfigError(f"{pyproject}: [tool.parfor] must be a table")
                 return pyproject, table
     return None, {}
+
+
+def _may_set_tool_parfor(pyproject: Path) -> bool:
+    """Whether a pyproject.toml may set ``tool.parfor``: a ``[tool.parfor...]`` or ``[tool]``
+    header, or a root key ``tool.`` or ``tool =``. Most set none, and parsing one (importing
+    tomllib first) costs more than a short call's work."""
+    try:
+        text = pyproject.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return True  # reading it again says why it cannot be read
+    for line in text.splitlines():
+        key = "".join(line.split()).replace('"', "").replace("'", "")
+        if key.startswith("["):
+            if key.lstrip("[").startswith(("tool.parfor]", "tool.parfor.", "tool]")):
+                return True
+        elif key.startswith(("tool.", "tool=")):
+            return True
+    return False
 
 
 _parsed: dict[Path, tuple[int, dict[str, Any]]] = {}

@@ -1,9 +1,10 @@
-"""The installed distributions' entry points of one group, read straight from their metadata.
+"""The installed distributions' entry points and versions, read straight from their metadata.
 
-What ``importlib.metadata.entry_points(group=...)`` finds, without importing it: that import
-alone (email, zipfile, csv, pathlib) costs about 20 ms, more than a short parallel call.
-Distributions are looked for on ``sys.path`` in order, and the first of a name wins, as
-importlib.metadata does; metadata inside zip files is not read (pip never installs it there).
+What ``importlib.metadata``'s ``entry_points(group=...)`` and ``version(name)`` find, without
+importing it: that import alone (email, zipfile, csv, pathlib) costs about 20 ms, more than a
+short parallel call. Distributions are looked for on ``sys.path`` in order, and the first of
+a name wins, as importlib.metadata does; metadata inside zip files is not read (pip never
+installs it there).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Iterator
 from importlib import import_module
 from typing import Any, NamedTuple
 
@@ -35,6 +37,26 @@ class EntryPoint(NamedTuple):
 def entry_points(group: str) -> list[EntryPoint]:
     """Every entry point of ``group``, one distribution of each name."""
     found: list[EntryPoint] = []
+    for folder, kind, dist, version in _distributions():
+        lines = _read_group(os.path.join(folder, "entry_points.txt"), group)
+        if lines:
+            dist, version = _name_and_version(_metadata_file(folder, kind), dist, version)
+            found += [EntryPoint(key, value, dist, version) for key, value in lines]
+    return found
+
+
+def installed_version(name: str) -> str | None:
+    """The version of the installed distribution ``name``, None if there is none."""
+    wanted = _normalized(name)
+    for folder, kind, dist, version in _distributions():
+        if _normalized(dist) == wanted:
+            return _name_and_version(_metadata_file(folder, kind), dist, version)[1]
+    return None
+
+
+def _distributions() -> Iterator[tuple[str, str, str, str]]:
+    """``(metadata folder, kind, name, version)`` of each installed distribution, the first
+    one on ``sys.path`` of each name; name and version as the folder's name spells them."""
     seen: set[str] = set()
     for folder in sys.path:
         try:
@@ -46,17 +68,18 @@ def entry_points(group: str) -> list[EntryPoint]:
             if not dot or kind not in ("dist-info", "egg-info"):
                 continue
             dist, _, version = stem.partition("-")
-            key = re.sub(r"[-_.]+", "_", dist).lower()
-            if key in seen:
-                continue
-            seen.add(key)
-            lines = _read_group(os.path.join(folder or ".", name, "entry_points.txt"), group)
-            if lines:
-                metadata = os.path.join(folder or ".", name,
-                                        "METADATA" if kind == "dist-info" else "PKG-INFO")
-                dist, version = _name_and_version(metadata, dist, version.partition("-")[0])
-                found += [EntryPoint(key, value, dist, version) for key, value in lines]
-    return found
+            key = _normalized(dist)
+            if key not in seen:
+                seen.add(key)
+                yield os.path.join(folder or ".", name), kind, dist, version.partition("-")[0]
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def _metadata_file(folder: str, kind: str) -> str:
+    return os.path.join(folder, "METADATA" if kind == "dist-info" else "PKG-INFO")
 
 
 def _read_group(path: str, group: str) -> list[tuple[str, str]]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import sys
 import threading
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,6 +29,7 @@ def _tqdm_parameters() -> frozenset[str]:
     """The keyword arguments tqdm takes (read once: inspecting it costs more than a short call)."""
     import inspect
 
+    _import_tqdm()
     from tqdm.std import tqdm  # tqdm.auto's subclass hides the signature behind **kwargs
 
     return frozenset(inspect.signature(tqdm.__init__).parameters)
@@ -73,9 +76,39 @@ def _tqdm_class() -> Any:
     without the asyncio support it adds, whose import costs more than a short call."""
     import warnings
 
+    _import_tqdm()
     from tqdm.std import TqdmExperimentalWarning
 
     with warnings.catch_warnings():  # autonotebook warns it is experimental, as tqdm.auto hides
         warnings.simplefilter("ignore", category=TqdmExperimentalWarning)
         from tqdm.autonotebook import tqdm
     return tqdm
+
+
+def _import_tqdm() -> None:
+    """Import tqdm with its ``tqdm.version`` module made here: tqdm's own asks
+    importlib.metadata for the version, an import (email, zipfile, csv) that costs a cold start
+    more than the rest of tqdm. Any other name of that module loads the real one."""
+    if "tqdm" in sys.modules or "importlib.metadata" in sys.modules:  # nothing to save
+        return
+    from ._entry_points import installed_version
+
+    version = installed_version("tqdm")
+    if version is None:  # not installed from a distribution: let tqdm find out
+        return
+    module = types.ModuleType("tqdm.version", "tqdm's version, read by parfor.")
+    module.__version__ = version  # type: ignore[attr-defined]
+    module.__getattr__ = _real_tqdm_version  # type: ignore[method-assign]
+    sys.modules["tqdm.version"] = module
+    import tqdm
+
+    tqdm.version = module  # type: ignore[attr-defined]  # as an import would have set it
+
+
+def _real_tqdm_version(name: str) -> Any:
+    if name.startswith("__"):  # what the import machinery asks (__path__): a module has none
+        raise AttributeError(name)
+    import importlib
+
+    del sys.modules["tqdm.version"]
+    return getattr(importlib.import_module("tqdm.version"), name)

@@ -18,7 +18,6 @@ import os
 import pickle
 import threading
 import time
-import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -153,6 +152,8 @@ def run_items(call: Call, data: bytes, values: list[Any] | None = None) -> bytes
 def unloadable(data: bytes, what: str, cause: BaseException) -> bytes:
     """Worker side: the dumped Result of a task (``data`` from `dump_items`) that cannot run
     because ``what`` (its items, or its call) cannot be deserialized here."""
+    import traceback  # not at import: a worker that never fails never needs it
+
     indices, _ = pickle.loads(data)
     error = ParforError(f"{what} cannot be deserialized in worker process {os.getpid()}: "
                         f"{type(cause).__name__}: {cause}")

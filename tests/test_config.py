@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import warnings
 
 import pytest
 
@@ -270,8 +271,37 @@ def test_serial_true_needs_no_valid_configured_backend(monkeypatch):
     assert pmap(abs, [-1, -2], serial=True, bar=False) == [1, 2]
 
 
+@pytest.mark.parametrize("text", [
+    '[tool.parfor]\nbackend = "threads"\n',
+    '[ "tool" . \'parfor\' ]  # spaced and quoted\nbackend = "threads"\n',
+    '[tool.parfor.backends.threads]\n[tool.parfor]\nbackend = "threads"\n',
+    '[tool]\nparfor = { backend = "threads" }\n',
+    'tool.parfor.backend = "threads"\n',
+    'tool = { parfor = { backend = "threads" } }\n',
+])
+def test_every_way_toml_spells_tool_parfor_is_found(isolated, text):
+    write(isolated / "project" / "pyproject.toml", text + "[project]\nname = 'x'\n")
+    assert current()["backend"] == "threads"
+
+
+def test_a_pyproject_without_tool_parfor_is_not_parsed(isolated):
+    """Reading it is cheap; parsing it, and importing tomllib, costs a short call a visible
+    share: a file that names no tool.parfor is passed over, even one that is not TOML."""
+    write(isolated / "project" / "pyproject.toml",
+          "[project]\nname = 'x'\n[tool.ruff]\nline-length = 99\ntools = = broken\n"
+          "[tool.parforx]\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert current()["backend"] is None
+    code = ("import sys\nfrom parfor_core._config import current\ncurrent()\n"
+            "print('tomllib' in sys.modules, 'tomli' in sys.modules)")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, cwd=isolated / "project" / "sub")
+    assert loaded.stdout.split() == ["False", "False"], loaded.stderr
+
+
 def test_a_broken_pyproject_further_up_warns_and_is_skipped(isolated):
-    write(isolated / "project" / "pyproject.toml", "this is = = not toml\n")
+    write(isolated / "project" / "pyproject.toml", "[tool.parfor]\nthis is = = not toml\n")
     write(isolated / "project" / "sub" / "pyproject.toml", "[tool]\nother = 1\n")
     with pytest.warns(ConfigWarning, match="is not valid TOML"):
         assert current()["backend"] is None

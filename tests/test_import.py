@@ -52,15 +52,42 @@ def test_the_progress_bar_does_not_import_asyncio():
     assert result.stdout.split() == ["False", "True"]
 
 
-def test_a_plain_call_reads_plugins_without_importlib_metadata():
-    """Discovery reads entry points itself: importing importlib.metadata costs a short call
-    about 20 ms (tqdm, drawing a bar, still imports it: without a bar nothing does)."""
+def test_a_call_with_a_bar_runs_without_importlib_metadata():
+    """Discovery reads entry points itself, and tqdm is handed its version: importing
+    importlib.metadata costs a short call about 20 ms."""
     code = ("import sys\nfrom parfor import pmap\n"
-            "assert pmap(abs, range(-3, 3), bar=False) == [3, 2, 1, 0, 1, 2]\n"
-            "print('importlib.metadata' in sys.modules)")
+            "assert pmap(abs, range(-3, 3), bar=True) == [3, 2, 1, 0, 1, 2]\n"
+            "print('importlib.metadata' in sys.modules, 'tqdm' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60, check=True)
-    assert result.stdout.split() == ["False"]
+    assert result.stdout.split() == ["False", "True"]
+    assert "6/6" in result.stderr  # the bar was drawn
+
+
+def test_tqdm_keeps_its_version_module():
+    """The tqdm.version parfor makes gives the installed version, and any other name of the
+    real module (which it then loads)."""
+    code = ("import sys\nfrom parfor_core._progress import Progress\n"
+            "Progress(True, 1, bar_kwargs={'disable': True}).close()\n"
+            "import tqdm, tqdm.version\nfrom importlib.metadata import version\n"
+            "print(tqdm.__version__ == tqdm.version.__version__ == version('tqdm'))\n"
+            "from tqdm.version import PackageNotFoundError\n"
+            "print(PackageNotFoundError.__module__, sys.modules['tqdm.version'].__file__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=True)
+    same, module, path = result.stdout.split()
+    assert same == "True" and module == "importlib.metadata"
+    assert path.endswith(("tqdm/version.py", "tqdm\\version.py"))
+
+
+def test_installed_versions_are_read_as_importlib_metadata_reads_them():
+    from importlib.metadata import version
+
+    from parfor_core._entry_points import installed_version
+
+    for name in ("tqdm", "pluggy", "dill", "cloudpickle", "loky", "Pluggy", "parfor"):
+        assert installed_version(name) == version(name), name
+    assert installed_version("no-such-distribution-here") is None
 
 
 def test_entry_points_are_found_as_importlib_metadata_finds_them():
