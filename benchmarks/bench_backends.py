@@ -203,12 +203,20 @@ def median_ratios(names: list[str], actions: dict[str, Callable[[], Any]],
     """Median time of the serial loop, and each contender's median time as a ratio to it."""
     times: dict[str, list[float]] = {name: [] for name in names}
     base: list[float] = []
-    for _ in range(repeats):  # interleaved, so that noise hits every contender alike
+    for repeat in range(repeats):  # interleaved, so that noise hits every contender alike
         base.append(timed(baseline))
-        for name in names:
+        for name in _rotated(names, repeat, repeats):
             times[name].append(timed(actions[name]))
     serial = statistics.median(base)
     return serial, {name: statistics.median(t) / serial for name, t in times.items()}
+
+
+def _rotated(names: list[str], repeat: int, repeats: int) -> list[str]:
+    """The contenders in the order of one repeat: each repeat starts further along the list, so
+    that each contender runs early and late alike (a run's place in the round was seen to shift
+    its time by a few %)."""
+    shift = repeat * len(names) // max(1, repeats)
+    return names[shift:] + names[:shift]
 
 
 #: What each peer runs for the cold start; parfor backends run a plain pmap.
@@ -363,8 +371,9 @@ def main() -> None:
 
         byte_compile()
         colds: dict[str, list[float]] = {name: [] for name in CONTENDERS}
-        for _ in range(max(3, repeats)):  # interleaved, as everywhere else
-            for name in CONTENDERS:
+        cold_repeats = max(3, repeats)
+        for repeat in range(cold_repeats):  # interleaved, as everywhere else
+            for name in _rotated(CONTENDERS, repeat, cold_repeats):
                 colds[name].append(cold_start(name))
         for name in CONTENDERS:
             rows[name]["W4a cold start (ms)"] = f"{statistics.median(colds[name]) * 1000:.0f}"

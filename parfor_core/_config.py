@@ -300,9 +300,9 @@ def _project_file() -> tuple[Path | None, dict[str, Any]]:
         if own.is_file():
             return own, _read(own)
         pyproject = directory / "pyproject.toml"
-        if pyproject.is_file() and _may_set_tool_parfor(pyproject):
+        if pyproject.is_file():
             try:
-                tool = _read(pyproject).get("tool", {})
+                tool = _read(pyproject, only_if=_may_set_tool_parfor).get("tool", {})
             except ConfigError as exc:  # perhaps not ours to read: say so, and look further up
                 warn_once(f"{exc}; its [tool.parfor], if any, is ignored", ConfigWarning)
                 continue
@@ -314,14 +314,10 @@ def _project_file() -> tuple[Path | None, dict[str, Any]]:
     return None, {}
 
 
-def _may_set_tool_parfor(pyproject: Path) -> bool:
+def _may_set_tool_parfor(text: str) -> bool:
     """Whether a pyproject.toml may set ``tool.parfor``: a ``[tool.parfor...]`` or ``[tool]``
     header, or a root key ``tool.`` or ``tool =``. Most set none, and parsing one (importing
     tomllib first) costs more than a short call's work."""
-    try:
-        text = pyproject.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return True  # reading it again says why it cannot be read
     for line in text.splitlines():
         key = "".join(line.split()).replace('"', "").replace("'", "")
         if key.startswith("["):
@@ -335,20 +331,28 @@ def _may_set_tool_parfor(pyproject: Path) -> bool:
 _parsed: dict[Path, tuple[int, dict[str, Any]]] = {}
 
 
-def _read(path: Path) -> dict[str, Any]:
-    """A TOML file's contents, read again only when it changes."""
+def _read(path: Path, only_if: Callable[[str], bool] | None = None) -> dict[str, Any]:
+    """A TOML file's contents, read again only when it changes; ``{}``, unparsed, where
+    ``only_if`` says its text holds nothing of ours."""
     stamp = path.stat().st_mtime_ns
     cached = _parsed.get(path)
     if cached is not None and cached[0] == stamp:
         return cached[1]
+    try:
+        text = path.read_bytes().decode()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: it is not UTF-8 ({exc})") from None
+    content = _parse(path, text) if only_if is None or only_if(text) else {}
+    _parsed[path] = (stamp, content)
+    return content
+
+
+def _parse(path: Path, text: str) -> dict[str, Any]:
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - Python 3.10
         import tomli as tomllib
     try:
-        with path.open("rb") as file:
-            content = tomllib.load(file)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    _parsed[path] = (stamp, content)
-    return content
