@@ -188,6 +188,12 @@ def test_unknown_key_warns_and_the_rest_works(isolated):
         assert ran_on() == "serial"
 
 
+def test_a_file_that_is_not_utf8_is_named(isolated):
+    (isolated / "project" / "sub" / "parfor.toml").write_bytes(b'backend = "\xff"\n')
+    with pytest.raises(ConfigError, match=r"parfor.toml is not valid TOML: it is not UTF-8"):
+        current()
+
+
 def test_toml_syntax_error_names_the_file_and_line(isolated):
     write(isolated / "project" / "parfor.toml", 'backend = "serial"\nretries = = 2\n')
     with pytest.raises(ConfigError, match=r"parfor.toml is not valid TOML: .*line 2"):
