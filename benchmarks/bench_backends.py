@@ -59,6 +59,10 @@ def array_sum(i: int, array: Any) -> float:
     return float(array.sum()) + i
 
 
+def doubled(array: Any) -> Any:
+    return array * 2
+
+
 class Peers:
     """The non-parfor contenders, with pools started once and reused, as a user would."""
 
@@ -389,6 +393,13 @@ def main() -> None:
             rows[name]["W5 stream 1M generator (x serial)"] = (
                 f"{seconds / timed(lambda: sum(trivial(i) for i in range(n_stream))):.1f}x")
             rows[name]["W5 extra memory"] = f"{memory.extra_mb:+.0f} MB"
+
+        images = [numpy.full((1 if quick else 25) * 2**20 // 8, float(i)) for i in range(16)]
+        serial, ratios = median_ratios(
+            CONTENDERS, {n: lambda n=n: run(n, peers, doubled, images) for n in CONTENDERS},
+            lambda: [doubled(image) for image in images], repeats)
+        for name, ratio in ratios.items():
+            rows[name]["W6 big items and results (x serial)"] = f"{ratio:.1f}x"
     finally:
         peers.close()
 

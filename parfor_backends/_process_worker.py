@@ -16,6 +16,7 @@ import pickle
 import signal
 import sys
 import threading
+from collections import deque
 from typing import Any
 
 from parfor_backends._framing import COUNT, read_frame, write_frame
@@ -36,27 +37,20 @@ def main(lifeline: int, results_fd: int) -> None:
         with send_lock:
             write_frame(results, kind, body)
 
-    from parfor_core import load_shared_call, mark_worker_process, run_items, unloadable
+    from parfor_core import load_shared_call, mark_worker_process
 
     mark_worker_process()
     reporter = _ProgressReporter(send)
     outputs: list[_Output] = []
     calls: dict[str, Any] = {}
+    unread: deque[bytes] = deque()  # answers sent, kept (and their shared memory) until read
     while (frame := read_frame(tasks)) is not None:
         kind, body = frame
         if kind == b"T":
-            call_id, items = bytes(body[:32]).decode(), body[32:]
-            call = calls[call_id]
-            if isinstance(call, Exception):
-                send(b"R", unloadable(items, "the function or its extra arguments", call))
-                continue
-            values: list[Any] = []
-            reporter.watch(values)
-            result = run_items(call, items, values)
-            reporter.watch(None)
-            for output in outputs:
-                output.flush()
-            send(b"R", result)
+            unread.append(_answer(calls, body, reporter, outputs))
+            send(b"R", unread[-1])
+        elif kind == b"A":  # the parent has read the oldest answer
+            unread.popleft()
         elif kind == b"C":
             call_id = bytes(body[:32]).decode()
             try:
@@ -72,6 +66,24 @@ def main(lifeline: int, results_fd: int) -> None:
                 sys.stdout, sys.stderr = outputs
             else:
                 sys.stdout = sys.stderr = open(os.devnull, "w")
+
+
+def _answer(calls: dict[str, Any], task: memoryview, reporter: _ProgressReporter,
+            outputs: list[_Output]) -> bytes:
+    """Run a task (its call's id, then its items) and answer the dumped Result."""
+    from parfor_core import run_items, unloadable
+
+    call_id, items = bytes(task[:32]).decode(), task[32:]
+    call = calls[call_id]
+    if isinstance(call, Exception):
+        return unloadable(items, "the function or its extra arguments", call)
+    values: list[Any] = []
+    reporter.watch(values)
+    answer = run_items(call, items, values, local=True)
+    reporter.watch(None)
+    for output in outputs:
+        output.flush()
+    return answer
 
 
 def _exit_with_parent(lifeline: int) -> None:

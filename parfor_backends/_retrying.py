@@ -16,22 +16,23 @@ from parfor_core import Failure, Result, Task, WorkerDiedError, dump_items
 class Job:
     """A task on its way through a backend; after a worker death, its items one at a time."""
 
-    __slots__ = ("task", "future", "items", "done", "rest", "elapsed", "deaths")
+    __slots__ = ("task", "future", "local", "items", "done", "rest", "elapsed", "deaths")
 
-    def __init__(self, task: Task, future: Future[Result], items: bytes,
+    def __init__(self, task: Task, future: Future[Result], local: bool,
                  done: list[Any] | None = None, rest: list[tuple[int, Any]] | None = None,
                  elapsed: float = 0.0) -> None:
         self.task = task
         self.future = future
-        self.items = items  # the task's items, serialized
+        self.local = local  # workers on this machine: large items go through shared memory
+        self.items = dump_items(task, local)  # kept, with that memory, until the job is done
         self.done = done or []  # values of items finished before a split
         self.rest = rest or []  # items still to run, one by one
         self.elapsed = elapsed
         self.deaths = 0
 
     @classmethod
-    def of(cls, task: Task) -> Job:
-        return cls(task, Future(), dump_items(task))
+    def of(cls, task: Task, local: bool = False) -> Job:
+        return cls(task, Future(), local)
 
     def finish(self, result: Result) -> Job | Result:
         """The Result for the future, or the job for the next lone item."""
@@ -64,7 +65,7 @@ class Job:
     def _next(self, values: list[Any], elapsed: float) -> Job:
         (index, item), *rest = self.rest
         task = Task(self.task.call, (index,), (item,))
-        return Job(task, self.future, dump_items(task), values, rest, elapsed)
+        return Job(task, self.future, self.local, values, rest, elapsed)
 
 
 def settle(future: Future[Result], outcome: Result | BaseException) -> None:

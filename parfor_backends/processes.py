@@ -60,7 +60,7 @@ class ProcessesBackend(Backend):
 
     def submit(self, task: Task) -> Future[Result]:
         share_call(task.call)  # serialized here, so that what cannot be sent fails the caller
-        job = Job.of(task)
+        job = Job.of(task, local=True)
         with self._lock:
             self._pending.append(job)
             self._pump()
@@ -236,31 +236,56 @@ class _Worker:
                 except (BrokenPipeError, ValueError):
                     pass
 
+    def _on_result(self, body: memoryview) -> None:
+        """Hand the answer to the running job, and tell the worker it was read."""
+        try:
+            result = load_result(body)
+        except Exception as exc:
+            with self.backend._lock:
+                job, self.job = self.job, None
+                self._acknowledge()
+            if job is not None:
+                job.future.set_exception(exc)
+            return
+        with self.backend._lock:
+            self._acknowledge()
+        self.backend._finished(self, result)
+
+    def _acknowledge(self) -> None:
+        """Tell the worker its oldest answer is read: it lets go of the answer's shared memory
+        (this process maps it now, if it needs it)."""
+        try:
+            self._send(b"A")
+        except (BrokenPipeError, ValueError):
+            pass  # it died, or is stopping: its memory goes with it
+
     def _send(self, kind: bytes, *body: bytes) -> None:
         write_frame(self.process.stdin, kind, *body)
 
     def _read_results(self) -> None:
-        while (frame := read_frame(self._results)) is not None:
-            kind, body = frame
-            if kind == b"R":
-                try:
-                    result = load_result(body)
-                except Exception as exc:
-                    with self.backend._lock:
-                        job, self.job = self.job, None
-                    if job is not None:
-                        job.future.set_exception(exc)
-                    continue
-                self.backend._finished(self, result)
-            elif kind == b"P":
-                job = self.job
-                if job is not None and job.task.report is not None:
-                    job.task.report(COUNT.unpack(body)[0])
-            else:  # b"O" or b"E": lines the worker printed
-                _show(bytes(body).decode(errors="replace"), sys.stdout if kind == b"O"
-                      else sys.stderr)
+        while self._take_message():
+            pass
         self._results.close()
         self.backend._died(self)
+
+    def _take_message(self) -> bool:
+        """Handle the worker's next message; False when there are no more. (A method: no
+        frame keeps the last message, and a result's values, alive while the next is awaited.)
+        """
+        frame = read_frame(self._results)
+        if frame is None:
+            return False
+        kind, body = frame
+        if kind == b"R":
+            self._on_result(body)
+        elif kind == b"P":
+            job = self.job
+            if job is not None and job.task.report is not None:
+                job.task.report(COUNT.unpack(body)[0])
+        else:  # b"O" or b"E": lines the worker printed
+            _show(bytes(body).decode(errors="replace"), sys.stdout if kind == b"O"
+                  else sys.stderr)
+        return True
 
     def exit_description(self) -> str:
         try:

@@ -4,12 +4,12 @@ Three ways to use it. Executors that pick the worker themselves (loky's) send
 ``dump_task(task)`` and the worker answers ``execute_dumped(payload)``; the call rides along
 with each task and is loaded once per worker. Backends that address their workers send
 ``share_call(call)`` to each worker once (``load_shared_call`` there) and then only
-``dump_items(task)`` (``run_items`` there). On this machine a large call's big buffers (numpy
-arrays' data) travel through shared memory that workers map, not copy, and that the kernel frees
-even if the caller is killed. Backends on a cluster put ``dump_call(call)`` in the cluster's own
-store once and send ``dump_items(task)`` with a reference to it (``execute_call`` there). Either
-way ``load_result`` reads the answer, and a call's function and extra arguments are serialized
-once per call.
+``dump_items(task, local=True)`` (``run_items`` there). On this machine big buffers (numpy
+arrays' data) of a call, of items and of results travel through shared memory that the other
+side maps, not copies, and that the kernel frees even if its owner is killed. Backends on a
+cluster put ``dump_call(call)`` in the cluster's own store once and send ``dump_items(task)``
+with a reference to it (``execute_call`` there). Either way ``load_result`` reads the answer,
+and a call's function and extra arguments are serialized once per call.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pickle
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import Any
 
@@ -97,8 +97,7 @@ def share_call(call: Call) -> bytes:
         buffers: list[pickle.PickleBuffer] = []
         data = _serialize_call(call, buffers)
         if buffers or len(data) >= LARGE_CALL_BYTES:
-            parts = [memoryview(data), *(buffer.raw() for buffer in buffers)]
-            segment, spans = Segment.holding(parts)
+            segment, spans = Segment.holding([memoryview(data), *_raw(buffers)])
             call.releasers.append(segment.release)
             call._shared = pickle.dumps((None, segment.address, spans))
         else:
@@ -113,38 +112,99 @@ def load_shared_call(call_id: str, shared: bytes | memoryview) -> Call:
     data, address, spans = pickle.loads(shared)
     if address is None:
         return load_call(call_id, data)
-    memory = memoryview(attach(address, shared=False))
-    body, *buffers = (memory[start:end] for start, end in spans)
+    body, *buffers = _mapped(address, spans)
     return load_call(call_id, body, buffers)
 
 
-def dump_items(task: Task) -> bytes:
-    """The items of ``task`` with their input indices, for `run_items` in a worker."""
+class _SharedPayload(bytes):
+    """Serialized bytes that refer to shared memory, and keep it alive: the memory goes with
+    the last reference to them. They travel as plain bytes."""
+
+    segment: Segment
+
+    def __reduce__(self) -> tuple[type[bytes], tuple[bytes]]:
+        return bytes, (bytes(self),)
+
+
+#: The first byte of `_dumps_local`'s bytes when buffers went to shared memory.
+_SHARED = b"S"
+
+
+def _dumps_local(obj: object) -> bytes:
+    """``obj`` serialized for a process on this machine: its large buffers (numpy arrays'
+    data) placed in shared memory, which lives as long as the returned bytes do."""
+    buffers: list[pickle.PickleBuffer] = []
+    data = dumps(obj, buffers)
+    if not buffers:
+        return data
+    segment, spans = Segment.holding(list(_raw(buffers)))
+    return _keeping(_SHARED + pickle.dumps((data, segment.address, spans)), segment)
+
+
+def _loads_local(data: bytes | memoryview) -> Any:
+    """The object `dumps` or `_dumps_local` made ``data`` from; shared buffers are mapped
+    copy-on-write, so what this process writes into them stays its own."""
+    if data[:1] != _SHARED:
+        return loads(data)
+    body, address, spans = pickle.loads(memoryview(data)[1:])
+    return loads(body, _mapped(address, spans))
+
+
+def _keeping(data: bytes, segment: Segment | None) -> bytes:
+    """``data``, keeping ``segment`` alive for as long as it lives."""
+    if segment is None:
+        return data
+    payload = _SharedPayload(data)
+    payload.segment = segment
+    return payload
+
+
+def _raw(buffers: list[pickle.PickleBuffer]) -> Iterator[memoryview]:
+    return (buffer.raw() for buffer in buffers)
+
+
+def _mapped(address: Address, spans: list[tuple[int, int]]) -> list[memoryview]:
+    """The parts of a segment another process placed, mapped here copy-on-write."""
+    memory = memoryview(attach(address, shared=False))
+    return [memory[start:end] for start, end in spans]
+
+
+def dump_items(task: Task, local: bool = False) -> bytes:
+    """The items of ``task`` with their input indices, for `run_items` in a worker.
+
+    ``local``: the worker is on this machine. Large buffers among the items (numpy arrays'
+    data) then go through shared memory that the worker maps instead of receiving a copy; it
+    lives as long as the returned bytes, which the caller keeps until the task's result is back.
+    """
     try:
-        items = dumps(list(task.items))
+        items = _dumps_local(list(task.items)) if local else dumps(list(task.items))
     except Exception as exc:
         pairs = zip(task.indices, task.items, strict=True)
         named = [(f"input item {index}", item) for index, item in pairs]
         raise _first_unserializable(named, exc) from exc
-    return pickle.dumps((task.indices, items), protocol=pickle.HIGHEST_PROTOCOL)
+    payload = pickle.dumps((task.indices, items), protocol=pickle.HIGHEST_PROTOCOL)
+    return _keeping(payload, getattr(items, "segment", None))
 
 
-def run_items(call: Call, data: bytes, values: list[Any] | None = None) -> bytes:
+def run_items(call: Call, data: bytes, values: list[Any] | None = None,
+              local: bool = False) -> bytes:
     """Worker side: run the items `dump_items` made ``data`` from; answer the dumped Result.
 
     ``values``, if given, is the list the values are appended to as they come (a backend may
-    watch its length to report progress during a long task).
+    watch its length to report progress during a long task). ``local``: the caller is on this
+    machine; large buffers among the values then go through shared memory, which lives as long
+    as the answer: keep it until the caller has read it with `load_result`.
     """
     indices, items = pickle.loads(data)
     try:
-        items = loads(items)
+        items = _loads_local(items)
     except Exception as exc:
         return unloadable(data, "the items", exc)
     result = run_task(Task(call, indices, items), values)
     if result.failure is not None:
         _make_portable(result.failure)
     try:
-        return dumps(result)
+        return _dumps_local(result) if local else dumps(result)
     except Exception as exc:
         return dumps(_sendable(result, indices, items, exc))
 
@@ -166,11 +226,15 @@ def dump_task(task: Task) -> bytes:
     """All a worker process needs to run ``task`` with `execute_dumped`, in one message.
 
     For executors that pick the worker themselves, on this machine; the call travels with every
-    task (large ones as the address of shared memory), and each worker loads it once. Raises
+    task (large ones as the address of shared memory), and each worker loads it once. Large
+    buffers among the items go through shared memory too, which lives as long as the returned
+    bytes: an executor keeps them (its task's argument) until the result is back. Raises
     SerializationError naming what cannot be sent.
     """
-    return pickle.dumps((task.call.id, share_call(task.call), dump_items(task)),
-                        protocol=pickle.HIGHEST_PROTOCOL)
+    items = dump_items(task, local=True)
+    payload = pickle.dumps((task.call.id, share_call(task.call), items),
+                           protocol=pickle.HIGHEST_PROTOCOL)
+    return _keeping(payload, getattr(items, "segment", None))
 
 
 def execute_dumped(payload: bytes) -> bytes:
@@ -300,4 +364,4 @@ def _sendable(result: Result, indices: list[int], items: list[Any], cause: Excep
 
 def load_result(data: bytes) -> Result:
     """Parent side: the Result a worker sent."""
-    return loads(data)
+    return _loads_local(data)

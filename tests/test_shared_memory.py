@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 
 import numpy
 import psutil
@@ -251,3 +252,107 @@ def test_workers_let_go_of_a_calls_shared_memory_once_it_is_over(backend):
     while _workers_mapping(*inodes) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _workers_mapping(*inodes) == []
+
+
+def inspect_item(item: numpy.ndarray) -> tuple[float, bool, bool]:
+    return float(item.sum()), item.flags.owndata, _mapped_from_shared_memory(item)
+
+
+@pytest.mark.parametrize("backend", MACHINE_BACKENDS)
+def test_large_items_are_mapped_not_copied_and_let_go_after_their_task(backend):
+    items = [numpy.full(1 << 17, float(i)) for i in range(8)]  # 1 MiB each
+    held = shared_memory_held()
+    results = pmap(inspect_item, items, backend=backend, bar=False)
+    assert [total for total, _, _ in results] == [i * float(1 << 17) for i in range(8)]
+    assert not any(owns for _, owns, _ in results)
+    assert all(mapped for _, _, mapped in results)
+    assert _eventually(lambda: shared_memory_held() <= held)  # each as its task's result came
+
+
+def _eventually(condition: Callable[[], bool], seconds: float = 5) -> bool:
+    """Whether ``condition()`` holds within ``seconds`` (what another thread or process does
+    right after the caller got its results)."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+def negate_in_place(item: numpy.ndarray) -> float:
+    item *= -1
+    return float(item.sum())
+
+
+@pytest.mark.parametrize("backend", MACHINE_BACKENDS)
+def test_what_a_worker_writes_into_an_item_stays_in_that_worker(backend):
+    items = [numpy.ones(1 << 17) for _ in range(4)]
+    assert pmap(negate_in_place, items, backend=backend, bar=False) == [-float(1 << 17)] * 4
+    assert all(item.min() == item.max() == 1.0 for item in items)
+
+
+def make_large(i: int) -> tuple[int, numpy.ndarray]:
+    return os.getpid(), numpy.full(1 << 17, float(i))
+
+
+def _held_by(pids: set[int]) -> int:
+    """How many shared memory segments these processes hold open."""
+    links = [os.readlink(f"/proc/{pid}/fd/{fd}") for pid in pids
+             for fd in os.listdir(f"/proc/{pid}/fd")]
+    return sum(link.startswith("/memfd:parfor") for link in links)
+
+
+def _mapped_here(inodes: set[int]) -> set[int]:
+    """Which of these shared memory segments this process maps."""
+    with open("/proc/self/maps") as maps:
+        fields = [line.split() for line in maps if "memfd:parfor" in line]
+    return {int(f[4]) for f in fields} & inodes
+
+
+def test_large_results_come_back_through_shared_memory_that_workers_let_go():
+    pids, results = zip(*pmap(make_large, range(8), backend="processes", bar=False),
+                        strict=True)
+    assert [float(r[0]) for r in results] == [float(i) for i in range(8)]
+    assert all(_mapped_from_shared_memory(r) for r in results)
+    results[3][:] = -1.0  # the caller's own copy-on-write pages
+    assert results[3].sum() == -float(1 << 17) and results[4][0] == 4.0
+    assert _eventually(lambda: _held_by(set(pids)) == 0)  # once told the results were read
+    inodes = {_segment_inode(0, r) for r in results}
+    assert _mapped_here(inodes) == inodes  # the results alone keep their memory
+    del results
+    gc.collect()
+    assert _mapped_here(inodes) == set()
+
+
+def die_on_three(item: numpy.ndarray) -> float:
+    if item[0] == 3:
+        os._exit(1)
+    return float(item[0])
+
+
+def test_a_worker_dying_on_a_large_item_names_it_and_leaves_nothing_held():
+    from parfor import WorkerDiedError
+
+    held = shared_memory_held()
+    items = [numpy.full(1 << 17, float(i)) for i in range(6)]
+    with pytest.raises(WorkerDiedError, match="input item 3"):
+        pmap(die_on_three, items, backend="processes", bar=False)
+    # a task still running in the other worker keeps its items until it ends
+    assert _eventually(lambda: shared_memory_held() <= held)
+
+
+def test_only_large_buffers_go_through_shared_memory():
+    """Small items and results stay in the bytes (a segment costs more than it saves); large
+    ones go out, and the bytes travel as plain bytes (the memory stays with the sender)."""
+    from parfor_core import Call, Task, dump_items, load_result, run_items
+
+    call = Call(numpy.negative)
+    small = dump_items(Task(call, range(2), [numpy.ones(100), numpy.ones(8000)]), local=True)
+    large = dump_items(Task(call, range(1), [numpy.ones(8192)]), local=True)  # 64 KiB
+    assert type(small) is bytes and hasattr(large, "segment")
+    assert type(pickle.loads(pickle.dumps(large))) is bytes
+    held = shared_memory_held()
+    answer = run_items(call, large, local=True)
+    assert shared_memory_held() - held == {os.fstat(answer.segment.fd).st_ino}
+    assert load_result(answer).values[0].tolist() == [-1.0] * 8192
+    assert type(run_items(call, small, local=True)) is bytes
+    assert type(run_items(call, large, local=False)) is bytes
