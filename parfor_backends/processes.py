@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import select
 import signal
 import subprocess
 import sys
@@ -288,11 +289,7 @@ class _Worker:
         return True
 
     def exit_description(self) -> str:
-        try:
-            code = self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            code = self.process.wait()
+        code = _ended(self.process, 5)
         if code < 0:
             try:
                 return f"killed by signal {-code} ({signal.Signals(-code).name})"
@@ -312,11 +309,7 @@ class _Worker:
                 pass
         if not wait:
             return
-        try:
-            self.process.wait(timeout=None if kill else 2)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        _ended(self.process, 2)
         self.release()
 
     def release(self) -> None:
@@ -329,6 +322,28 @@ class _Worker:
             self.process.stdin.close()
         except OSError:
             pass
+
+
+def _ended(process: subprocess.Popen[bytes], timeout: float) -> int:
+    """The exit code of ``process`` once it has ended, killed if that takes over ``timeout``
+    seconds. Woken by the exit itself (a pidfd, on Linux): Popen.wait with a timeout polls with
+    growing sleeps, which can double a few milliseconds' wait."""
+    if process.returncode is None and hasattr(os, "pidfd_open"):
+        try:
+            pidfd = os.pidfd_open(process.pid)
+        except OSError:  # reaped already, or a kernel without pidfds: Popen.wait's way
+            pass
+        else:
+            try:
+                select.select([pidfd], [], [], timeout)
+            finally:
+                os.close(pidfd)
+            timeout = 0  # it has ended, or has had its time
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
 
 
 def _show(lines: str, file: IO[str]) -> None:

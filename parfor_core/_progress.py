@@ -71,18 +71,30 @@ class Progress:
             self._tqdm.close()
 
 
+@functools.cache
 def _tqdm_class() -> Any:
     """A notebook widget in Jupyter, else tqdm's plain console bar; what tqdm.auto picks, but
-    without the asyncio support it adds, whose import costs more than a short call."""
+    without the asyncio support it adds, whose import costs more than a short call.
+
+    Its bars take tqdm's thread lock, which every tqdm bar of this process shares, but not the
+    cross-process lock tqdm makes at its first bar: parfor's workers draw no bars, and making
+    that lock imports multiprocessing, which costs a short call more than its work.
+    """
     import warnings
 
     _import_tqdm()
-    from tqdm.std import TqdmExperimentalWarning
+    from tqdm.std import TqdmDefaultWriteLock, TqdmExperimentalWarning
 
     with warnings.catch_warnings():  # autonotebook warns it is experimental, as tqdm.auto hides
         warnings.simplefilter("ignore", category=TqdmExperimentalWarning)
         from tqdm.autonotebook import tqdm
-    return tqdm
+
+    class ParforBar(tqdm):  # type: ignore[misc, valid-type]
+        __doc__ = tqdm.__doc__
+
+    if not hasattr(tqdm, "_lock") and TqdmDefaultWriteLock.th_lock is not None:
+        ParforBar.set_lock(TqdmDefaultWriteLock.th_lock)
+    return ParforBar
 
 
 def _import_tqdm() -> None:

@@ -64,6 +64,22 @@ def test_a_call_with_a_bar_runs_without_importlib_metadata():
     assert "6/6" in result.stderr  # the bar was drawn
 
 
+def test_parfors_bars_take_tqdms_thread_lock_without_importing_multiprocessing():
+    """tqdm's first bar makes a cross-process lock (importing multiprocessing, ~10 ms); parfor's
+    workers draw no bars, so its bars take only the thread lock that all tqdm bars share. A
+    user's own tqdm bar afterwards still gets tqdm's locks, that same thread lock among them."""
+    code = ("import os, sys\nfrom parfor import pmap\n"
+            "assert pmap(abs, range(-2, 2), file=open(os.devnull, 'w')) == [2, 1, 0, 1]\n"
+            "print('multiprocessing' in sys.modules)\n"
+            "from tqdm import tqdm\nfrom tqdm.std import TqdmDefaultWriteLock\n"
+            "tqdm(total=1, file=open(os.devnull, 'w')).close()\n"
+            "print('multiprocessing' in sys.modules, "
+            "TqdmDefaultWriteLock.th_lock in tqdm.get_lock().locks)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=True)
+    assert result.stdout.split() == ["False", "True", "True"]
+
+
 def test_tqdm_keeps_its_version_module():
     """The tqdm.version parfor makes gives the installed version, and any other name of the
     real module (which it then loads)."""
