@@ -249,37 +249,43 @@ def _files() -> list[dict[str, Sourced]]:
     for path, table in (_user_file(), _project_file()):
         if path is None:
             continue
-        where = f"{path} {'[tool.parfor]' if path.name == 'pyproject.toml' else ''}".rstrip()
+        pyproject = os.path.basename(path) == "pyproject.toml"
+        where = f"{path} [tool.parfor]" if pyproject else path
         layer = {}
         for name, value in table.items():
             if name not in SETTINGS:
                 warn_once(f"{where}: unknown setting {name!r} is ignored; known: "
                           f"{', '.join(SETTINGS)}", ConfigWarning)
                 continue
-            layer[name] = Sourced(_check(name, value, where), str(where))
+            layer[name] = Sourced(_check(name, value, where), where)
         layers.append(layer)
     return layers
 
 
 def user_config_path() -> Path:
     """Where the user file is: ``PARFOR_CONFIG``, else the platform's config folder."""
-    from pathlib import Path  # not at import: only calls read configuration
+    from pathlib import Path
 
+    return Path(_user_config_file())
+
+
+def _user_config_file() -> str:
     named = os.environ.get("PARFOR_CONFIG")
     if named:
-        return Path(named)
+        return named
+    home = os.path.expanduser("~")
     if sys.platform == "win32":
-        base = Path(os.environ.get("APPDATA", Path.home() / "AppData" / "Roaming"))
+        base = os.environ.get("APPDATA") or os.path.join(home, "AppData", "Roaming")
     elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Application Support"
+        base = os.path.join(home, "Library", "Application Support")
     else:
-        base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-    return base / "parfor" / "config.toml"
+        base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
+    return os.path.join(base, "parfor", "config.toml")
 
 
-def _user_file() -> tuple[Path | None, dict[str, Any]]:
-    path = user_config_path()
-    if not path.is_file():
+def _user_file() -> tuple[str | None, dict[str, Any]]:
+    path = _user_config_file()
+    if not os.path.isfile(path):
         if os.environ.get("PARFOR_CONFIG"):
             raise ConfigError(f"PARFOR_CONFIG names {path}, which is not a file")
         return None, {}
@@ -288,30 +294,36 @@ def _user_file() -> tuple[Path | None, dict[str, Any]]:
 
 def project_config_path() -> Path | None:
     """The project file in use: the nearest parfor.toml or pyproject.toml with [tool.parfor]."""
-    return _project_file()[0]
-
-
-def _project_file() -> tuple[Path | None, dict[str, Any]]:
     from pathlib import Path
 
-    folder = Path.cwd()
-    for directory in (folder, *folder.parents):
-        own = directory / "parfor.toml"
-        if own.is_file():
+    path = _project_file()[0]
+    return None if path is None else Path(path)
+
+
+def _project_file() -> tuple[str | None, dict[str, Any]]:
+    """Looked for from the working directory up (with plain strings: pathlib's objects cost a
+    short call a visible share, and importing pathlib a cold start)."""
+    directory = os.getcwd()
+    while True:
+        own = os.path.join(directory, "parfor.toml")
+        if os.path.isfile(own):
             return own, _read(own)
-        pyproject = directory / "pyproject.toml"
-        if pyproject.is_file():
+        pyproject = os.path.join(directory, "pyproject.toml")
+        if os.path.isfile(pyproject):
             try:
                 tool = _read(pyproject, only_if=_may_set_tool_parfor).get("tool", {})
             except ConfigError as exc:  # perhaps not ours to read: say so, and look further up
                 warn_once(f"{exc}; its [tool.parfor], if any, is ignored", ConfigWarning)
-                continue
-            table = tool.get("parfor") if isinstance(tool, dict) else None
-            if table is not None:
-                if not isinstance(table, dict):
-                    raise ConfigError(f"{pyproject}: [tool.parfor] must be a table")
-                return pyproject, table
-    return None, {}
+            else:
+                table = tool.get("parfor") if isinstance(tool, dict) else None
+                if table is not None:
+                    if not isinstance(table, dict):
+                        raise ConfigError(f"{pyproject}: [tool.parfor] must be a table")
+                    return pyproject, table
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return None, {}
+        directory = parent
 
 
 def _may_set_tool_parfor(text: str) -> bool:
@@ -328,18 +340,19 @@ def _may_set_tool_parfor(text: str) -> bool:
     return False
 
 
-_parsed: dict[Path, tuple[int, dict[str, Any]]] = {}
+_parsed: dict[str, tuple[int, dict[str, Any]]] = {}
 
 
-def _read(path: Path, only_if: Callable[[str], bool] | None = None) -> dict[str, Any]:
+def _read(path: str, only_if: Callable[[str], bool] | None = None) -> dict[str, Any]:
     """A TOML file's contents, read again only when it changes; ``{}``, unparsed, where
     ``only_if`` says its text holds nothing of ours."""
-    stamp = path.stat().st_mtime_ns
+    stamp = os.stat(path).st_mtime_ns
     cached = _parsed.get(path)
     if cached is not None and cached[0] == stamp:
         return cached[1]
     try:
-        text = path.read_bytes().decode()
+        with open(path, "rb") as file:
+            text = file.read().decode()
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: it is not UTF-8 ({exc})") from None
     content = _parse(path, text) if only_if is None or only_if(text) else {}
@@ -347,7 +360,7 @@ def _read(path: Path, only_if: Callable[[str], bool] | None = None) -> dict[str,
     return content
 
 
-def _parse(path: Path, text: str) -> dict[str, Any]:
+def _parse(path: str, text: str) -> dict[str, Any]:
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - Python 3.10
