@@ -268,6 +268,7 @@ def plot(rows: dict[str, dict[str, str]], path: str, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     columns = list(dict.fromkeys(key for row in rows.values() for key in row))
     figure, axes = plt.subplots(2, (len(columns) + 1) // 2, figsize=(20, 8))
@@ -279,6 +280,7 @@ def plot(rows: dict[str, dict[str, str]], path: str, title: str) -> None:
         axis.set_title(column, fontsize=9)
         if "x serial" in column:
             axis.set_xscale("log")
+            axis.xaxis.set_minor_formatter(NullFormatter())  # narrow ranges label minor ticks
         axis.invert_yaxis()
         axis.tick_params(labelsize=8)
     for axis in list(axes.flat)[len(columns):]:
