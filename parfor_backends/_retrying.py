@@ -10,7 +10,7 @@ from __future__ import annotations
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
-from parfor_core import Failure, Result, Task, WorkerDiedError, dump_items
+from parfor_core import Failure, Result, Task, WorkerDiedError, dump_items, release_shared
 
 
 class Job:
@@ -36,6 +36,7 @@ class Job:
 
     def finish(self, result: Result) -> Job | Result:
         """The Result for the future, or the job for the next lone item."""
+        release_shared(self.items)  # its items are done with
         values = self.done + result.values
         elapsed = self.elapsed + result.elapsed
         if result.failure is None and self.rest:
@@ -48,11 +49,13 @@ class Job:
         the Result that fails it."""
         task = self.task
         if len(task.items) > 1:  # isolate the item that kills: one at a time from now on
+            release_shared(self.items)
             self.rest = list(zip(task.indices, task.items, strict=True)) + self.rest
             return self._next(self.done, self.elapsed)
         self.deaths += 1
         if self.deaths <= retries:
             return self
+        release_shared(self.items)
         index, item = task.indices[0], task.items[0]
         error = WorkerDiedError(
             f"The worker running input item {index} died {self.deaths} times in a row: {how}",

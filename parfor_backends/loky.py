@@ -17,6 +17,7 @@ from parfor_core import (
     hookimpl,
     load_result,
     mark_worker_process,
+    release_shared,
     then,
 )
 
@@ -59,6 +60,7 @@ class LokyBackend(Backend):
             future = executor.submit(execute_dumped, payload)
         except RuntimeError:  # broken by a dead worker, or shut down by an interrupt
             future = self._pool(replacing=executor).submit(execute_dumped, payload)
+        future.add_done_callback(lambda _: release_shared(payload))  # its items are done with
         return then(future, load_result)
 
     def _pool(self, replacing: Any = None) -> Any:

@@ -246,7 +246,7 @@ class _Worker:
                 job, self.job = self.job, None
                 self._acknowledge()
             if job is not None:
-                job.future.set_exception(exc)
+                settle(job.future, exc)
             return
         with self.backend._lock:
             self._acknowledge()

@@ -159,6 +159,15 @@ def _keeping(data: bytes, segment: Segment | None) -> bytes:
     return payload
 
 
+def release_shared(data: bytes) -> None:
+    """Let go now of the shared memory that bytes from `dump_items` or `dump_task` hold, once
+    the task's result is back. Dropping the bytes does it too, but on free-threaded Python bytes
+    dropped by another thread than the one that made them may wait for a garbage collection."""
+    segment = getattr(data, "segment", None)
+    if segment is not None:
+        segment.release()
+
+
 def _raw(buffers: list[pickle.PickleBuffer]) -> Iterator[memoryview]:
     return (buffer.raw() for buffer in buffers)
 

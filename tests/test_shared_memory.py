@@ -20,6 +20,7 @@ from conftest import PROCESS_BACKENDS
 from test_wire import parfor_files, shared_memory_held
 
 from parfor import ParforError, SharedArray, pmap
+from parfor_core import gil_enabled
 
 #: Backends whose workers are processes on this machine, fed through parfor's shared memory.
 MACHINE_BACKENDS = [name for name in PROCESS_BACKENDS if name not in CLUSTERS]
@@ -320,6 +321,9 @@ def test_large_results_come_back_through_shared_memory_that_workers_let_go():
     assert _mapped_here(inodes) == inodes  # the results alone keep their memory
     del results
     gc.collect()
+    if not gil_enabled():  # free-threaded: an object made by one thread (a worker's reader
+        # thread, here) and dropped by another is freed when the first one next runs
+        pmap(abs, range(8), backend="processes", bar=False)
     assert _mapped_here(inodes) == set()
 
 
