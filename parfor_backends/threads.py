@@ -6,7 +6,7 @@ I/O-bound work, and is used when named.
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 from parfor_core import Backend, Result, Task, gil_enabled, hookimpl, run_task
 
@@ -17,6 +17,8 @@ class ThreadsBackend(Backend):
     name = "threads"
 
     def __init__(self, n_workers: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor  # not at import: only when used
+
         super().__init__(n_workers)
         self._executor = ThreadPoolExecutor(n_workers, thread_name_prefix="parfor-worker")
 
