@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import IO
 
@@ -28,6 +29,7 @@ from parfor_core import (
     Task,
     hookimpl,
     load_result,
+    release_shared,
     share_call,
 )
 
@@ -92,7 +94,7 @@ class ProcessesBackend(Backend):
         while self._pending:
             job = self._pending[0]
             if job.future.cancelled():
-                self._pending.popleft()
+                release_shared(self._pending.popleft().items)
                 continue
             worker = next((w for w in self._workers if w.job is None), None)
             if worker is None:
@@ -123,6 +125,7 @@ class ProcessesBackend(Backend):
                 self._idle_timer = None
         for job in jobs:
             job.future.cancel()
+            release_shared(job.items)
         for worker in workers:  # all told first, so that they end side by side
             worker.stop(kill, wait=False)
         for worker in workers:
@@ -133,16 +136,19 @@ class ProcessesBackend(Backend):
     # Futures are resolved after the lock is released: resolving runs the caller's callbacks,
     # which may take locks of their own (a ParPool's) while the caller holds those and submits.
 
-    def _finished(self, worker: _Worker, result: Result) -> None:
+    def _finished(self, worker: _Worker, answer: Result | Exception) -> None:
+        """The worker answered its job: a Result, or the error that reading the answer raised."""
         outcome = None
         with self._lock:
             job, worker.job = worker.job, None
             if job is not None:
-                outcome = job.finish(result)
-                if isinstance(outcome, Job):
-                    self._pending.appendleft(outcome)
+                if isinstance(answer, Exception):
+                    release_shared(job.items)
+                    outcome = answer
+                else:
+                    outcome = self._advance(job, lambda: job.finish(answer))
             self._pump()
-        if job is not None and isinstance(outcome, Result):
+        if job is not None and outcome is not None:
             settle(job.future, outcome)
 
     def _died(self, worker: _Worker) -> None:
@@ -155,14 +161,29 @@ class ProcessesBackend(Backend):
             self._workers.remove(worker)
             worker.release()
             job, worker.job = worker.job, None
-            if job is not None and not job.future.cancelled():
-                outcome = job.after_death(f"worker process {worker.pid}", f"{how}. {_meaning(how)}",
-                                         self.retries, self.name)
-                if isinstance(outcome, Job):
-                    self._pending.appendleft(outcome)
+            if job is not None:
+                if job.future.cancelled():
+                    release_shared(job.items)
+                else:
+                    outcome = self._advance(job, lambda: job.after_death(
+                        f"worker process {worker.pid}", f"{how}. {_meaning(how)}",
+                        self.retries, self.name))
             self._pump()
-        if job is not None and isinstance(outcome, Result):
+        if job is not None and outcome is not None:
             settle(job.future, outcome)
+
+    def _advance(self, job: Job, step: Callable[[], Job | Result]) -> Result | Exception | None:
+        """With the lock held: what comes of ``job`` after ``step()`` (its finish, or what
+        follows a death). A next job is queued (None); else what to settle its future with."""
+        try:
+            outcome = step()
+        except Exception as exc:  # the next job could not be made: fail the call, never hang
+            release_shared(job.items)
+            return exc
+        if isinstance(outcome, Job):
+            self._pending.appendleft(outcome)
+            return None
+        return outcome
 
 
 def _meaning(how: str) -> str:
@@ -239,18 +260,14 @@ class _Worker:
 
     def _on_result(self, body: memoryview) -> None:
         """Hand the answer to the running job, and tell the worker it was read."""
+        answer: Result | Exception
         try:
-            result = load_result(body)
+            answer = load_result(body)
         except Exception as exc:
-            with self.backend._lock:
-                job, self.job = self.job, None
-                self._acknowledge()
-            if job is not None:
-                settle(job.future, exc)
-            return
+            answer = exc
         with self.backend._lock:
             self._acknowledge()
-        self.backend._finished(self, result)
+        self.backend._finished(self, answer)
 
     def _acknowledge(self) -> None:
         """Tell the worker its oldest answer is read: it lets go of the answer's shared memory
@@ -335,7 +352,9 @@ def _ended(process: subprocess.Popen[bytes], timeout: float) -> int:
             pass
         else:
             try:
-                select.select([pidfd], [], [], timeout)
+                waiting = select.poll()  # not select.select: this descriptor may be above 1023
+                waiting.register(pidfd, select.POLLIN)
+                waiting.poll(timeout * 1000)
             finally:
                 os.close(pidfd)
             timeout = 0  # it has ended, or has had its time

@@ -122,5 +122,5 @@ def _real_tqdm_version(name: str) -> Any:
         raise AttributeError(name)
     import importlib
 
-    del sys.modules["tqdm.version"]
+    sys.modules.pop("tqdm.version", None)
     return getattr(importlib.import_module("tqdm.version"), name)

@@ -137,7 +137,10 @@ def _dumps_local(obj: object) -> bytes:
     data = dumps(obj, buffers)
     if not buffers:
         return data
-    segment, spans = Segment.holding(list(_raw(buffers)))
+    try:
+        segment, spans = Segment.holding(list(_raw(buffers)))
+    except OSError:  # no shared memory to be had (descriptors or memory run out): in the bytes
+        return dumps(obj)
     return _keeping(_SHARED + pickle.dumps((data, segment.address, spans)), segment)
 
 
@@ -183,7 +186,8 @@ def dump_items(task: Task, local: bool = False) -> bytes:
 
     ``local``: the worker is on this machine. Large buffers among the items (numpy arrays'
     data) then go through shared memory that the worker maps instead of receiving a copy; it
-    lives as long as the returned bytes, which the caller keeps until the task's result is back.
+    lives as long as the returned bytes, which the caller keeps until the task's result is back
+    (and then passes to `release_shared`).
     """
     try:
         items = _dumps_local(list(task.items)) if local else dumps(list(task.items))

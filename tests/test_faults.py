@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from parfor import ParPool, WorkerDiedError, pmap
+from parfor import ParPool, WorkerDiedError, WorkerError, pmap
 from parfor_backends.processes import ProcessesBackend
 from parfor_core import Call, Task
 
@@ -235,3 +235,35 @@ def test_items_a_worker_cannot_load_fail_with_a_clear_error(tmp_path, monkeypatc
         assert pmap(abs, [-1, -2], backend=backend, bar=False) == [1, 2]  # no worker died
     finally:
         backend.shutdown()
+
+
+def _refuse_to_load(caller: int) -> str:
+    if os.getpid() == caller:
+        raise RuntimeError("this result cannot be read in the caller")
+    return "read elsewhere"
+
+
+class ReadableOnlyElsewhere:
+    """A result that the worker sends well, and the caller cannot unpickle."""
+
+    def __init__(self, caller: int) -> None:
+        self.caller = caller
+
+    def __reduce__(self) -> tuple[object, tuple[int]]:
+        return _refuse_to_load, (self.caller,)
+
+
+def unreadable_first(i: int, caller: int) -> object:
+    return ReadableOnlyElsewhere(caller) if i == 0 else i
+
+
+def test_a_result_the_caller_cannot_read_fails_its_task_and_the_others_still_run():
+    """The worker that sent it goes on with the next task (it once sat idle, and a one-worker
+    pool stalled)."""
+    with ParPool(unreadable_first, (os.getpid(),), backend="processes", n_processes=1,
+                 bar=False) as pool:
+        for i in range(4):
+            pool[i] = i
+        with pytest.raises(WorkerError, match="RuntimeError: this result cannot be read in the"):
+            pool[0]
+        assert [pool[i] for i in range(1, 4)] == [1, 2, 3]

@@ -20,7 +20,7 @@ from conftest import PROCESS_BACKENDS
 from test_wire import parfor_files, shared_memory_held
 
 from parfor import ParforError, SharedArray, pmap
-from parfor_core import gil_enabled
+from parfor_core import gil_enabled, load_result
 
 #: Backends whose workers are processes on this machine, fed through parfor's shared memory.
 MACHINE_BACKENDS = [name for name in PROCESS_BACKENDS if name not in CLUSTERS]
@@ -297,9 +297,7 @@ def make_large(i: int) -> tuple[int, numpy.ndarray]:
 
 def _held_by(pids: set[int]) -> int:
     """How many shared memory segments these processes hold open."""
-    links = [os.readlink(f"/proc/{pid}/fd/{fd}") for pid in pids
-             for fd in os.listdir(f"/proc/{pid}/fd")]
-    return sum(link.startswith("/memfd:parfor") for link in links)
+    return sum(len(shared_memory_held(pid)) for pid in pids)
 
 
 def _mapped_here(inodes: set[int]) -> set[int]:
@@ -360,3 +358,63 @@ def test_only_large_buffers_go_through_shared_memory():
     assert load_result(answer).values[0].tolist() == [-1.0] * 8192
     assert type(run_items(call, small, local=True)) is bytes
     assert type(run_items(call, large, local=False)) is bytes
+
+
+def test_release_shared_lets_the_memory_go_while_the_bytes_live():
+    """What a backend calls once a task's result is back: on free-threaded Python, dropping the
+    bytes from another thread would leave the memory to a garbage collection."""
+    from parfor_core import Call, Task, dump_items, release_shared
+    from parfor_core._shared import still_shared
+
+    data = dump_items(Task(Call(abs), range(1), [numpy.ones(8192)]), local=True)
+    address = data.segment.address
+    assert still_shared(address)
+    release_shared(data)
+    assert not still_shared(address)
+    release_shared(data)  # again: nothing happens
+    release_shared(b"plain bytes")
+
+
+def test_items_travel_in_the_bytes_when_no_shared_memory_can_be_made(monkeypatch):
+    from parfor_core import Call, Task, dump_items, run_items
+    from parfor_core._shared import Segment
+
+    def exhausted(parts):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(Segment, "holding", staticmethod(exhausted))
+    data = dump_items(Task(Call(numpy.negative), range(1), [numpy.ones(8192)]), local=True)
+    assert type(data) is bytes
+    answer = run_items(Call(numpy.negative), data, local=True)
+    assert type(answer) is bytes and load_result(answer).values[0].sum() == -8192.0
+
+
+MANY_DESCRIPTORS = """
+import os, resource, sys
+from parfor import WorkerDiedError, pmap
+
+def die(i):
+    os._exit(3)
+
+if __name__ == "__main__":
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    assert max(held) > 1024
+    try:
+        pmap(die, range(2), backend="processes", bar=False)
+    except WorkerDiedError as exc:
+        print("died:", exc)
+"""
+
+
+def test_a_worker_dies_and_stops_cleanly_with_descriptors_above_1023(tmp_path):
+    """Waiting for a worker's exit works whatever its descriptor's number: select() refuses
+    those above 1023, and the death went unreported (a hang) when it was used."""
+    script = tmp_path / "many.py"
+    script.write_text(MANY_DESCRIPTORS)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "died: The worker running input item" in done.stdout
+    assert "Traceback" not in done.stderr

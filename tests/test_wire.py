@@ -64,14 +64,18 @@ def test_large_arguments_travel_once_and_leave_nothing_behind(process_backend, t
     assert shared_memory_held() <= held  # and the shared memory is let go after the call
 
 
-def shared_memory_held() -> set[int]:
-    """The shared memory segments (their inodes) this process holds open."""
+def shared_memory_held(pid: int | str = "self") -> set[int]:
+    """The shared memory segments (their inodes) a process (this one) holds open."""
     held = set()
-    for fd in os.listdir("/proc/self/fd"):
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:  # the process is gone
+        return held
+    for fd in fds:
         try:
-            if os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:parfor"):
-                held.add(os.stat(f"/proc/self/fd/{fd}").st_ino)
-        except OSError:  # the directory's own descriptor, closed meanwhile
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:parfor"):
+                held.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
+        except OSError:  # the directory's own descriptor, or one closed meanwhile
             continue
     return held
 
