@@ -7,6 +7,13 @@ import json
 import subprocess
 import sys
 
+
+def in_fresh_interpreter(code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a new interpreter, where nothing is imported yet; fail if it fails."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=True)
+
+
 PROBE = """
 import json, sys
 before = set(sys.modules)
@@ -21,8 +28,7 @@ print(json.dumps({"loaded": loaded, "discovered": registry._pm is not None}))
 
 
 def test_import_loads_nothing_heavy_and_discovers_no_plugins():
-    result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
-                            timeout=60, check=True)
+    result = in_fresh_interpreter(PROBE)
     assert json.loads(result.stdout) == {"loaded": [], "discovered": False}
 
 
@@ -36,8 +42,7 @@ print(json.dumps(sorted(m for m in sys.modules if m.startswith("parfor_core.")))
 def test_a_worker_loads_only_the_task_protocol():
     """A worker process imports what running tasks needs, not the API, configuration or
     plugin machinery: that keeps a fresh worker's start short."""
-    result = subprocess.run([sys.executable, "-c", WORKER_PROBE], capture_output=True,
-                            text=True, timeout=60, check=True)
+    result = in_fresh_interpreter(WORKER_PROBE)
     assert json.loads(result.stdout) == ["parfor_core._pickling", "parfor_core._shared",
                                          "parfor_core._task", "parfor_core._wire",
                                          "parfor_core.errors"]
@@ -47,8 +52,7 @@ def test_the_progress_bar_does_not_import_asyncio():
     code = ("import sys\nfrom parfor_core._progress import Progress\n"
             "Progress(True, 3, bar_kwargs={'disable': True}).close()\n"
             "print('asyncio' in sys.modules, 'tqdm' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=60, check=True)
+    result = in_fresh_interpreter(code)
     assert result.stdout.split() == ["False", "True"]
 
 
@@ -58,8 +62,7 @@ def test_a_call_with_a_bar_runs_without_importlib_metadata():
     code = ("import sys\nfrom parfor import pmap\n"
             "assert pmap(abs, range(-3, 3), bar=True) == [3, 2, 1, 0, 1, 2]\n"
             "print('importlib.metadata' in sys.modules, 'tqdm' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=60, check=True)
+    result = in_fresh_interpreter(code)
     assert result.stdout.split() == ["False", "True"]
     assert "6/6" in result.stderr  # the bar was drawn
 
@@ -75,8 +78,7 @@ def test_parfors_bars_take_tqdms_thread_lock_without_importing_multiprocessing()
             "tqdm(total=1, file=open(os.devnull, 'w')).close()\n"
             "print('multiprocessing' in sys.modules, "
             "TqdmDefaultWriteLock.th_lock in tqdm.get_lock().locks)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=60, check=True)
+    result = in_fresh_interpreter(code)
     assert result.stdout.split() == ["False", "True", "True"]
 
 
@@ -89,8 +91,7 @@ def test_tqdm_keeps_its_version_module():
             "print(tqdm.__version__ == tqdm.version.__version__ == version('tqdm'))\n"
             "from tqdm.version import PackageNotFoundError\n"
             "print(PackageNotFoundError.__module__, sys.modules['tqdm.version'].__file__)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=60, check=True)
+    result = in_fresh_interpreter(code)
     same, module, path = result.stdout.split()
     assert same == "True" and module == "importlib.metadata"
     assert path.endswith(("tqdm/version.py", "tqdm\\version.py"))

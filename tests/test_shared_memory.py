@@ -197,9 +197,7 @@ def test_a_killed_caller_leaves_no_process_and_no_file(tmp_path):
     process = subprocess.run([sys.executable, str(script), str(pid_file)], timeout=60)
     assert process.returncode == -signal.SIGKILL
     worker = int(pid_file.read_text())
-    deadline = time.monotonic() + 10
-    while psutil.pid_exists(worker) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    _eventually(lambda: not psutil.pid_exists(worker), seconds=10)
     assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == "zombie"
     assert parfor_files() == before
 
@@ -249,10 +247,7 @@ def test_workers_let_go_of_a_calls_shared_memory_once_it_is_over(backend):
                       bar=False))
     assert len(inodes) == 1
     pmap(abs, range(8), backend=backend, bar=False)  # any later call, on the same workers
-    deadline = time.monotonic() + 5
-    while _workers_mapping(*inodes) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _workers_mapping(*inodes) == []
+    assert _eventually(lambda: _workers_mapping(*inodes) == [])
 
 
 def inspect_item(item: numpy.ndarray) -> tuple[float, bool, bool]:
