@@ -37,19 +37,22 @@ def main(lifeline: int, results_fd: int) -> None:
         with send_lock:
             write_frame(results, kind, body)
 
-    from parfor_core import load_shared_call, mark_worker_process
+    from parfor_core import answer_holds_shared, load_shared_call, mark_worker_process
 
     mark_worker_process()
     reporter = _ProgressReporter(send)
     outputs: list[_Output] = []
     calls: dict[str, Any] = {}
-    unread: deque[bytes] = deque()  # answers sent, kept (and their shared memory) until read
+    unread: deque[bytes] = deque()  # answers in shared memory, kept until the parent read them
     while (frame := read_frame(tasks)) is not None:
         kind, body = frame
         if kind == b"T":
-            unread.append(_answer(calls, body, reporter, outputs))
-            send(b"R", unread[-1])
-        elif kind == b"A":  # the parent has read the oldest answer
+            answer = _answer(calls, body, reporter, outputs)
+            if answer_holds_shared(answer):
+                unread.append(answer)
+            send(b"R", answer)
+            del answer  # not held (a large one in the pipe's bytes) while the next task is awaited
+        elif kind == b"A":  # the parent has read the oldest answer in shared memory
             unread.popleft()
         elif kind == b"C":
             call_id = bytes(body[:32]).decode()
@@ -129,11 +132,16 @@ class _Output(io.TextIOBase):
 
 
 class _ProgressReporter:
-    """A thread that sends how many items of the running task are done, a few times a second."""
+    """A thread that sends how many items of the running task are done, a few times a second.
+
+    It is woken only when a task starts while it sleeps without a deadline; between quick
+    tasks it keeps ticking, so that a stream of them costs no thread wake-up each.
+    """
 
     def __init__(self, send: Any) -> None:
         self._send = send
         self._values: list[Any] | None = None
+        self._asleep = False
         self._changed = threading.Condition()
         threading.Thread(target=self._run, daemon=True).start()
 
@@ -141,19 +149,24 @@ class _ProgressReporter:
         """Follow this task's list of values (None between tasks); no report follows None."""
         with self._changed:
             self._values = values
-            self._changed.notify()
+            if values is not None and self._asleep:
+                self._changed.notify()
 
     def _run(self) -> None:
-        while True:
-            with self._changed:
-                self._changed.wait_for(lambda: self._values is not None)
-                values, sent = self._values, 0
+        watched, sent = None, 0
+        with self._changed:
             while True:
-                with self._changed:
-                    if self._changed.wait_for(lambda v=values: self._values is not v,
-                                              timeout=PROGRESS_INTERVAL):
-                        break
-                    if len(values) != sent:  # sent under the lock: never after the result
-                        sent = len(values)
-                        self._send(b"P", COUNT.pack(sent))
-
+                if self._values is None:
+                    self._asleep = True
+                    self._changed.wait()
+                    self._asleep = False
+                    continue
+                self._changed.wait(PROGRESS_INTERVAL)
+                values = self._values
+                if values is None:
+                    continue
+                if values is not watched:
+                    watched, sent = values, 0
+                if len(values) != sent:  # sent under the lock: never after the result
+                    sent = len(values)
+                    self._send(b"P", COUNT.pack(sent))

@@ -21,12 +21,14 @@ from concurrent.futures import Future
 from typing import IO
 
 from parfor_backends._framing import COUNT, read_frame, write_frame
+from parfor_backends._idle import IdleWatch
 from parfor_backends._retrying import Job, settle
 from parfor_core import (
     SETTINGS,
     Backend,
     Result,
     Task,
+    answer_holds_shared,
     hookimpl,
     load_result,
     release_shared,
@@ -49,17 +51,21 @@ class ProcessesBackend(Backend):
                  retries: int = RETRIES,
                  worker_output: bool = SETTINGS["worker_output"].default) -> None:
         super().__init__(n_workers)
-        self.idle_timeout = idle_timeout
         self.retries = retries
         self.worker_output = worker_output
         self._lock = threading.RLock()
         self._workers: list[_Worker] = []
         self._pending: deque[Job] = deque()
-        self._idle_timer: threading.Timer | None = None
+        self._idle = IdleWatch(idle_timeout, self._stop_if_idle)
 
     @classmethod
     def auto_priority(cls) -> int | None:
         return 20
+
+    @property
+    def idle_timeout(self) -> float:
+        """Seconds the pool keeps its workers after its last task."""
+        return self._idle.timeout
 
     def submit(self, task: Task) -> Future[Result]:
         share_call(task.call)  # serialized here, so that what cannot be sent fails the caller
@@ -76,7 +82,7 @@ class ProcessesBackend(Backend):
         with self._lock:
             while len(self._workers) < wanted:
                 self._workers.append(_Worker.start(self))
-            self._pump()  # arms the idle timer, should no task follow
+            self._pump()  # arms the idle watch, should no task follow
 
     def interrupt(self) -> None:
         self._stop(kill=True)
@@ -88,9 +94,7 @@ class ProcessesBackend(Backend):
 
     def _pump(self) -> None:
         """Hand pending jobs to idle workers, starting workers up to ``n_workers``."""
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        self._idle.disarm()
         while self._pending:
             job = self._pending[0]
             if job.future.cancelled():
@@ -105,9 +109,7 @@ class ProcessesBackend(Backend):
             self._pending.popleft()
             worker.run(job)
         if not any(w.job for w in self._workers) and self._workers:
-            self._idle_timer = threading.Timer(self.idle_timeout, self._stop_if_idle)
-            self._idle_timer.daemon = True
-            self._idle_timer.start()
+            self._idle.arm()
 
     def _stop_if_idle(self) -> None:
         with self._lock:
@@ -120,9 +122,7 @@ class ProcessesBackend(Backend):
             workers, self._workers = self._workers, []
             jobs = [w.job for w in workers if w.job] + list(self._pending)
             self._pending.clear()
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
-                self._idle_timer = None
+            self._idle.close()
         for job in jobs:
             job.future.cancel()
             release_shared(job.items)
@@ -265,13 +265,14 @@ class _Worker:
             answer = load_result(body)
         except Exception as exc:
             answer = exc
-        with self.backend._lock:
-            self._acknowledge()
+        if answer_holds_shared(body):
+            with self.backend._lock:
+                self._acknowledge()
         self.backend._finished(self, answer)
 
     def _acknowledge(self) -> None:
-        """Tell the worker its oldest answer is read: it lets go of the answer's shared memory
-        (this process maps it now, if it needs it)."""
+        """Tell the worker its oldest answer in shared memory is read: it lets go of that
+        memory (this process maps it now, if it needs it)."""
         try:
             self._send(b"A")
         except (BrokenPipeError, ValueError):

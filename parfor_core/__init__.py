@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # for type checkers and the API docs; at run time loaded by _
         run_task,
     )
     from ._wire import (
+        answer_holds_shared,
         dump_call,
         dump_items,
         dump_task,
@@ -70,9 +71,9 @@ _MODULES = {
     "._shared_array": ("SharedArray",),  # needs numpy
     "._task": ("Call", "Failure", "RemoteTraceback", "Result", "Task", "inside_worker",
                "mark_worker_process", "run_task"),
-    "._wire": ("dump_call", "dump_items", "dump_task", "execute_call", "execute_dumped",
-               "load_call", "load_result", "load_shared_call", "release_shared", "run_items",
-               "share_call", "unloadable"),
+    "._wire": ("answer_holds_shared", "dump_call", "dump_items", "dump_task", "execute_call",
+               "execute_dumped", "load_call", "load_result", "load_shared_call",
+               "release_shared", "run_items", "share_call", "unloadable"),
     ".backend": ("Backend", "then"),
     ".errors": ("BackendUnavailableError", "ParforError", "PluginError", "SerializationError",
                 "UnknownBackendError", "WorkerDiedError", "WorkerError"),
@@ -114,6 +115,7 @@ __all__ = [
     "UnknownBackendError",
     "WorkerDiedError",
     "WorkerError",
+    "answer_holds_shared",
     "available_cpus",
     "config",
     "dump_call",

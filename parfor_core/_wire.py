@@ -222,6 +222,12 @@ def run_items(call: Call, data: bytes, values: list[Any] | None = None,
         return dumps(_sendable(result, indices, items, exc))
 
 
+def answer_holds_shared(answer: bytes | memoryview) -> bool:
+    """Whether an answer of `run_items` (with ``local``) placed values in shared memory: only
+    such an answer need be kept until the caller has read it, on either side."""
+    return answer[:1] == _SHARED
+
+
 def unloadable(data: bytes, what: str, cause: BaseException) -> bytes:
     """Worker side: the dumped Result of a task (``data`` from `dump_items`) that cannot run
     because ``what`` (its items, or its call) cannot be deserialized here."""

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -136,6 +137,42 @@ def test_progress_is_reported_during_a_long_task():
         backend.shutdown()
     assert result.values == [0.1] * 10
     assert reports == sorted(reports) and any(0 < n < 10 for n in reports), reports
+
+
+def test_progress_is_reported_for_a_long_task_after_quick_ones():
+    """Between quick tasks the worker's reporter is not woken; it still reports the next
+    long one."""
+    backend = ProcessesBackend(1)
+    reports: list[int] = []
+    try:
+        for _ in range(20):
+            backend.submit(Task(Call(sleepy), range(1), [0.0])).result(timeout=60)
+        task = Task(Call(sleepy), range(10), [0.1] * 10, reports.append)
+        result = backend.submit(task).result(timeout=60)
+    finally:
+        backend.shutdown()
+    assert result.values == [0.1] * 10
+    assert reports == sorted(reports) and any(0 < n < 10 for n in reports), reports
+
+
+def test_warm_calls_start_no_thread(monkeypatch):
+    """A thread per call (an idle timer, say) costs a short call a tenth of its time."""
+    backend = ProcessesBackend(2)
+    started: list[threading.Thread] = []
+    start = threading.Thread.start
+
+    def counted(thread: threading.Thread) -> None:
+        started.append(thread)
+        start(thread)
+
+    try:
+        assert pmap(abs, range(-4, 4), backend=backend, bar=False) == [4, 3, 2, 1, 0, 1, 2, 3]
+        monkeypatch.setattr(threading.Thread, "start", counted)
+        for _ in range(10):
+            assert pmap(abs, [-1, -2, -3, -4], backend=backend, bar=False) == [1, 2, 3, 4]
+    finally:
+        backend.shutdown()
+    assert started == []
 
 
 def test_idle_workers_exit_after_the_timeout():

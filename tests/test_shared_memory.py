@@ -320,6 +320,20 @@ def test_large_results_come_back_through_shared_memory_that_workers_let_go():
     assert _mapped_here(inodes) == set()
 
 
+def large_if_odd(i: int) -> tuple[int, numpy.ndarray | int]:
+    return os.getpid(), numpy.full(1 << 17, float(i)) if i % 2 else i
+
+
+def test_a_worker_lets_go_of_large_results_among_small_ones():
+    """Only answers in shared memory are acknowledged: the worker keeps those, in order, and
+    drops each when the caller says it has read it (small answers need no word)."""
+    pids, results = zip(*pmap(large_if_odd, range(9), backend="processes", bar=False,
+                              n_processes=1), strict=True)
+    assert [r if isinstance(r, int) else float(r[0]) for r in results] == list(range(9))
+    assert all(_mapped_from_shared_memory(r) for r in results[1::2])
+    assert _eventually(lambda: _held_by(set(pids)) == 0)
+
+
 def die_on_three(item: numpy.ndarray) -> float:
     if item[0] == 3:
         os._exit(1)
@@ -340,7 +354,7 @@ def test_a_worker_dying_on_a_large_item_names_it_and_leaves_nothing_held():
 def test_only_large_buffers_go_through_shared_memory():
     """Small items and results stay in the bytes (a segment costs more than it saves); large
     ones go out, and the bytes travel as plain bytes (the memory stays with the sender)."""
-    from parfor_core import Call, Task, dump_items, load_result, run_items
+    from parfor_core import Call, Task, answer_holds_shared, dump_items, load_result, run_items
 
     call = Call(numpy.negative)
     small = dump_items(Task(call, range(2), [numpy.ones(100), numpy.ones(8000)]), local=True)
@@ -350,8 +364,10 @@ def test_only_large_buffers_go_through_shared_memory():
     held = shared_memory_held()
     answer = run_items(call, large, local=True)
     assert shared_memory_held() - held == {os.fstat(answer.segment.fd).st_ino}
+    assert answer_holds_shared(answer) and answer_holds_shared(memoryview(answer))
     assert load_result(answer).values[0].tolist() == [-1.0] * 8192
-    assert type(run_items(call, small, local=True)) is bytes
+    small_answer = run_items(call, small, local=True)
+    assert type(small_answer) is bytes and not answer_holds_shared(small_answer)
     assert type(run_items(call, large, local=False)) is bytes
 
 
