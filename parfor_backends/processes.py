@@ -39,6 +39,12 @@ from parfor_core import (
 IDLE_TIMEOUT = SETTINGS["idle_timeout"].default
 #: How often an item that killed its worker is run again, alone, before it fails.
 RETRIES = SETTINGS["retries"].default
+#: Tasks a worker holds at once: the one it runs, and the next, already in its pipe, which it
+#: starts without waiting for its last result to reach the caller and a task to come back.
+TASKS_PER_WORKER = 2
+#: The most bytes queued behind a running task (a task, and its call if the worker lacks it):
+#: more could fill the pipe, and block the caller, until the worker is done with the first.
+QUEUED_BYTES = 16 * 1024
 
 
 class ProcessesBackend(Backend):
@@ -93,34 +99,43 @@ class ProcessesBackend(Backend):
     # -- scheduling (all with self._lock held) -------------------------------------------------
 
     def _pump(self) -> None:
-        """Hand pending jobs to idle workers, starting workers up to ``n_workers``."""
+        """Hand pending jobs out, in order, while some worker can take the next one."""
         self._idle.disarm()
         while self._pending:
             job = self._pending[0]
             if job.future.cancelled():
                 release_shared(self._pending.popleft().items)
                 continue
-            worker = next((w for w in self._workers if w.job is None), None)
+            worker = self._worker_for(job)
             if worker is None:
-                if len(self._workers) >= self.n_workers:
-                    return
-                worker = _Worker.start(self)
-                self._workers.append(worker)
+                break
             self._pending.popleft()
             worker.run(job)
-        if not any(w.job for w in self._workers) and self._workers:
+        if self._workers and not any(w.jobs for w in self._workers):
             self._idle.arm()
+
+    def _worker_for(self, job: Job) -> _Worker | None:
+        """An idle worker; else a new one, up to ``n_workers``; else, for a small job, a busy
+        worker with room for a next task."""
+        worker = next((w for w in self._workers if not w.jobs), None)
+        if worker is None and len(self._workers) < self.n_workers:
+            worker = _Worker.start(self)
+            self._workers.append(worker)
+        if worker is None:
+            worker = next((w for w in self._workers if len(w.jobs) < TASKS_PER_WORKER
+                           and w.bytes_to_send(job) <= QUEUED_BYTES), None)
+        return worker
 
     def _stop_if_idle(self) -> None:
         with self._lock:
-            if self._pending or any(w.job for w in self._workers):
+            if self._pending or any(w.jobs for w in self._workers):
                 return
         self._stop(kill=False)
 
     def _stop(self, kill: bool) -> None:
         with self._lock:
             workers, self._workers = self._workers, []
-            jobs = [w.job for w in workers if w.job] + list(self._pending)
+            jobs = [job for w in workers for job in w.jobs] + list(self._pending)
             self._pending.clear()
             self._idle.close()
         for job in jobs:
@@ -140,7 +155,7 @@ class ProcessesBackend(Backend):
         """The worker answered its job: a Result, or the error that reading the answer raised."""
         outcome = None
         with self._lock:
-            job, worker.job = worker.job, None
+            job = worker.jobs.popleft() if worker.jobs else None
             if job is not None:
                 if isinstance(answer, Exception):
                     release_shared(job.items)
@@ -160,7 +175,9 @@ class ProcessesBackend(Backend):
                 return
             self._workers.remove(worker)
             worker.release()
-            job, worker.job = worker.job, None
+            queued, worker.jobs = worker.jobs, deque()
+            job = queued.popleft() if queued else None  # the one it was running
+            self._pending.extendleft(reversed(queued))  # never started: they go first, as is
             if job is not None:
                 if job.future.cancelled():
                     release_shared(job.items)
@@ -208,7 +225,7 @@ class _Worker:
         self.backend = backend
         self.process = process
         self.pid = process.pid
-        self.job: Job | None = None
+        self.jobs: deque[Job] = deque()  # the one it runs, then those queued in its pipe
         self.known_calls: set[str] = set()
         self._lifeline = lifeline
         self._results = results
@@ -236,9 +253,15 @@ class _Worker:
         worker._send(b"I", pickle.dumps((sys.path, backend.worker_output)))
         return worker
 
+    def bytes_to_send(self, job: Job) -> int:
+        """What sending ``job`` would put in this worker's pipe."""
+        call = job.task.call
+        return len(job.items) + (0 if call.id in self.known_calls else len(share_call(call)))
+
     def run(self, job: Job) -> None:
-        """Send ``job`` to this idle worker, and the call first if the worker lacks it."""
-        self.job = job
+        """Send ``job`` to this worker, and the call first if the worker lacks it; the worker
+        runs it after those it holds."""
+        self.jobs.append(job)
         call = job.task.call
         try:
             if call.id not in self.known_calls:
@@ -298,7 +321,7 @@ class _Worker:
         if kind == b"R":
             self._on_result(body)
         elif kind == b"P":
-            job = self.job
+            job = self.jobs[0] if self.jobs else None
             if job is not None and job.task.report is not None:
                 job.task.report(COUNT.unpack(body)[0])
         else:  # b"O" or b"E": lines the worker printed

@@ -175,6 +175,60 @@ def test_warm_calls_start_no_thread(monkeypatch):
     assert started == []
 
 
+def touch(path: str) -> str:
+    Path(path).touch()
+    return path
+
+
+def test_a_worker_holds_its_next_small_task_and_runs_it_without_the_caller(tmp_path):
+    """The next task waits in the worker's pipe: it runs even while the caller cannot yet
+    take the first result (its lock held here)."""
+    backend = ProcessesBackend(1)
+    marker = tmp_path / "second ran"
+    try:
+        backend.submit(Task(Call(abs), range(1), [-1])).result(timeout=60)  # started
+        with backend._lock:
+            first = backend.submit(Task(Call(sleepy), range(1), [0.2]))
+            second = backend.submit(Task(Call(touch), range(1), [str(marker)]))
+            assert len(backend._workers[0].jobs) == 2
+            deadline = time.monotonic() + 10
+            while not marker.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert marker.exists()
+        assert first.result(timeout=60).values == [0.2]
+        assert second.result(timeout=60).values == [str(marker)]
+    finally:
+        backend.shutdown()
+
+
+def test_a_large_task_waits_in_the_caller_until_its_worker_is_free():
+    """A large one would fill the pipe, and block the caller, while the worker is busy."""
+    backend = ProcessesBackend(1)
+    try:
+        first = backend.submit(Task(Call(sleepy), range(1), [0.3]))
+        big = backend.submit(Task(Call(len), range(1), [b"x" * 100_000]))
+        small = backend.submit(Task(Call(abs), range(1), [-1]))
+        assert len(backend._workers[0].jobs) == 1 and len(backend._pending) == 2
+        assert first.result(timeout=60).values == [0.3]
+        assert big.result(timeout=60).values == [100_000]
+        assert small.result(timeout=60).values == [1]
+    finally:
+        backend.shutdown()
+
+
+def test_a_task_queued_behind_one_that_kills_its_worker_runs_unharmed():
+    backend = ProcessesBackend(1, retries=0)
+    try:
+        doomed = backend.submit(Task(Call(exit_three), range(1), [2]))
+        queued = backend.submit(Task(Call(exit_three), range(1), [4]))
+        assert len(backend._workers[0].jobs) == 2
+        result = doomed.result(timeout=60)
+        assert isinstance(result.failure.exception, WorkerDiedError)
+        assert queued.result(timeout=60).values == [4]  # not counted as a death, not lost
+    finally:
+        backend.shutdown()
+
+
 def test_idle_workers_exit_after_the_timeout():
     backend = ProcessesBackend(2, idle_timeout=0.5)
     assert pmap(abs, range(-4, 4), backend=backend, bar=False, serial=False) == [
