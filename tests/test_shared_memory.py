@@ -429,3 +429,38 @@ def test_a_worker_dies_and_stops_cleanly_with_descriptors_above_1023(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "died: The worker running input item" in done.stdout
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("setting", "granted"), [
+    ("always within_size [advise] never deny force", True),
+    ("[always] madvise never", True),
+    ("always within_size advise [never] deny force", False),
+    ("always within_size advise never [deny] force", False),
+])
+def test_huge_pages_are_asked_for_where_the_system_grants_them(tmp_path, monkeypatch, setting,
+                                                               granted):
+    from parfor_core import _shared
+
+    path = tmp_path / "shmem_enabled"
+    path.write_text(setting + "\n")
+    monkeypatch.setattr(_shared, "SHMEM_HUGE_PAGES", str(path))
+    assert _shared.huge_pages_on_request.__wrapped__() is granted
+    monkeypatch.setattr(_shared, "SHMEM_HUGE_PAGES", str(tmp_path / "absent"))
+    assert _shared.huge_pages_on_request.__wrapped__() is False
+
+
+@pytest.mark.parametrize("through_mapping", [True, False])
+def test_a_large_segment_holds_its_parts_however_it_is_written(monkeypatch, through_mapping):
+    """Through a mapping asked for huge pages where the system grants them; else pwrite."""
+    from parfor_core import _shared
+
+    monkeypatch.setattr(_shared, "huge_pages_on_request", lambda: through_mapping)
+    parts = [numpy.arange(300_000, dtype=numpy.float64), numpy.arange(7, dtype=numpy.int8),
+             numpy.full(10, 2.5)]
+    segment, spans = _shared.Segment.holding([memoryview(p).cast("B") for p in parts])
+    assert segment.address.size >= _shared.HUGE_PAGE
+    memory = memoryview(_shared.attach(segment.address, shared=False))
+    for part, (start, end) in zip(parts, spans, strict=True):
+        assert start % _shared.ALIGNMENT == 0
+        assert numpy.array_equal(numpy.frombuffer(memory[start:end], dtype=part.dtype), part)
+    segment.release()
