@@ -202,17 +202,29 @@ def _tree_pss() -> int:
     return total
 
 
+#: A serial loop quicker than this is run again before every contender, and each contender is
+#: compared with the loop run just before it: how fast a short loop runs depends on the state
+#: the previous contender left (the allocator's, the caches'), by up to a third.
+PAIRED_SECONDS = 0.05
+
+
 def median_ratios(names: list[str], actions: dict[str, Callable[[], Any]],
                   baseline: Callable[[], Any], repeats: int) -> tuple[float, dict[str, float]]:
     """Median time of the serial loop, and each contender's median time as a ratio to it."""
-    times: dict[str, list[float]] = {name: [] for name in names}
+    ratios: dict[str, list[float]] = {name: [] for name in names}
     base: list[float] = []
+    paired = timed(baseline) < PAIRED_SECONDS
     for repeat in range(repeats):  # interleaved, so that noise hits every contender alike
-        base.append(timed(baseline))
+        if not paired:
+            base.append(timed(baseline))
         for name in _rotated(names, repeat, repeats):
-            times[name].append(timed(actions[name]))
+            if paired:
+                base.append(timed(baseline))
+            elapsed = timed(actions[name])
+            ratios[name].append(elapsed / base[-1] if paired else elapsed)
     serial = statistics.median(base)
-    return serial, {name: statistics.median(t) / serial for name, t in times.items()}
+    return serial, {name: statistics.median(r) / (1.0 if paired else serial)
+                    for name, r in ratios.items()}
 
 
 def _rotated(names: list[str], repeat: int, repeats: int) -> list[str]:
