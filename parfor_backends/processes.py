@@ -127,17 +127,27 @@ class ProcessesBackend(Backend):
         return worker
 
     def _stop_if_idle(self) -> None:
-        with self._lock:
+        with self._lock:  # looked at and taken in one go: a task may come in at any moment
             if self._pending or any(w.jobs for w in self._workers):
                 return
-        self._stop(kill=False)
+            workers, jobs = self._take_all()
+        self._end(workers, jobs, kill=False)
 
     def _stop(self, kill: bool) -> None:
         with self._lock:
-            workers, self._workers = self._workers, []
-            jobs = [job for w in workers for job in w.jobs] + list(self._pending)
-            self._pending.clear()
-            self._idle.close()
+            workers, jobs = self._take_all()
+        self._end(workers, jobs, kill)
+
+    def _take_all(self) -> tuple[list[_Worker], list[Job]]:
+        """With the lock held: take every worker and job from the pool, which is then empty."""
+        workers, self._workers = self._workers, []
+        jobs = [job for w in workers for job in w.jobs] + list(self._pending)
+        self._pending.clear()
+        self._idle.close()
+        return workers, jobs
+
+    def _end(self, workers: list[_Worker], jobs: list[Job], kill: bool) -> None:
+        """Cancel ``jobs`` and end ``workers`` (taken from the pool)."""
         for job in jobs:
             job.future.cancel()
             release_shared(job.items)
