@@ -9,13 +9,15 @@ _LENGTH = struct.Struct("!Q")
 COUNT = struct.Struct("!Q")
 
 
-def write_frame(stream: BinaryIO, kind: bytes, *body: bytes) -> None:
+def write_frame(stream: BinaryIO, kind: bytes, *body: bytes, flush: bool = True) -> None:
     """Write one message: its kind (one byte) and its body, given in parts so that large ones
-    are not copied to be joined; the caller serializes writers."""
+    are not copied to be joined; the caller serializes writers. Without ``flush`` it may wait
+    in the stream's buffer for the next message, to go out with it in one system call."""
     stream.write(_LENGTH.pack(1 + sum(len(part) for part in body)) + kind)
     for part in body:
         stream.write(part)
-    stream.flush()
+    if flush:
+        stream.flush()
 
 
 def read_frame(stream: BinaryIO) -> tuple[bytes, memoryview] | None:

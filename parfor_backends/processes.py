@@ -274,8 +274,8 @@ class _Worker:
         self.jobs.append(job)
         call = job.task.call
         try:
-            if call.id not in self.known_calls:
-                self._send(b"C", call.id.encode(), share_call(call))
+            if call.id not in self.known_calls:  # sent with the task, in one write
+                self._send(b"C", call.id.encode(), share_call(call), flush=False)
                 self.known_calls.add(call.id)
                 call.releasers.append(lambda: self._forget(call.id))
             self._send(b"T", call.id.encode(), job.items)
@@ -311,8 +311,8 @@ class _Worker:
         except (BrokenPipeError, ValueError):
             pass  # it died, or is stopping: its memory goes with it
 
-    def _send(self, kind: bytes, *body: bytes) -> None:
-        write_frame(self.process.stdin, kind, *body)
+    def _send(self, kind: bytes, *body: bytes, flush: bool = True) -> None:
+        write_frame(self.process.stdin, kind, *body, flush=flush)
 
     def _read_results(self) -> None:
         while self._take_message():
