@@ -7,6 +7,7 @@ would start a thread at the end of every call, which costs a short call a tenth 
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable
 from time import monotonic
 
@@ -38,6 +39,12 @@ class IdleWatch:
         """The pool has work: the thread, if waiting for a deadline, finds none when it wakes."""
         self._deadline = None
 
+    @property
+    def armed(self) -> bool:
+        """Whether a deadline is set: ``on_idle`` sees False, unless the pool was armed again
+        (idle anew) since the deadline it fires for."""
+        return self._deadline is not None
+
     def close(self) -> None:
         """End the thread (the pool has stopped); a later `arm` starts another."""
         with self._changed:
@@ -56,12 +63,15 @@ class IdleWatch:
                     self._asleep = False
                     continue
                 left = deadline - monotonic()
-                if left > 0:
-                    self._changed.wait(left)
+                if left > 0:  # an endless timeout (inf) waits in the longest steps there are
+                    self._changed.wait(min(left, threading.TIMEOUT_MAX))
                     continue
                 self._deadline = None
                 self._changed.release()  # on_idle takes the pool's lock, which arm's callers hold
                 try:
                     self._on_idle()
+                except Exception as exc:  # the watch goes on: the next idle spell tries again
+                    warnings.warn(f"parfor: an idle pool could not be stopped: {exc!r}",
+                                  RuntimeWarning, stacklevel=1)
                 finally:
                     self._changed.acquire()

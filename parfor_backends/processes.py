@@ -39,12 +39,6 @@ from parfor_core import (
 IDLE_TIMEOUT = SETTINGS["idle_timeout"].default
 #: How often an item that killed its worker is run again, alone, before it fails.
 RETRIES = SETTINGS["retries"].default
-#: Tasks a worker holds at once: the one it runs, and the next, already in its pipe, which it
-#: starts without waiting for its last result to reach the caller and a task to come back.
-TASKS_PER_WORKER = 2
-#: The most bytes queued behind a running task (a task, and its call if the worker lacks it):
-#: more could fill the pipe, and block the caller, until the worker is done with the first.
-QUEUED_BYTES = 16 * 1024
 
 
 class ProcessesBackend(Backend):
@@ -70,8 +64,12 @@ class ProcessesBackend(Backend):
 
     @property
     def idle_timeout(self) -> float:
-        """Seconds the pool keeps its workers after its last task."""
+        """Seconds the pool keeps its workers after its last task (from its next idle spell)."""
         return self._idle.timeout
+
+    @idle_timeout.setter
+    def idle_timeout(self, seconds: float) -> None:
+        self._idle.timeout = seconds
 
     def submit(self, task: Task) -> Future[Result]:
         share_call(task.call)  # serialized here, so that what cannot be sent fails the caller
@@ -99,37 +97,32 @@ class ProcessesBackend(Backend):
     # -- scheduling (all with self._lock held) -------------------------------------------------
 
     def _pump(self) -> None:
-        """Hand pending jobs out, in order, while some worker can take the next one."""
+        """Hand pending jobs to idle workers, starting workers up to ``n_workers``.
+
+        A worker gets its next task only once its last result is back: a task queued in a busy
+        worker's pipe could no longer be cancelled, nor given to a worker that frees up first.
+        """
         self._idle.disarm()
         while self._pending:
             job = self._pending[0]
             if job.future.cancelled():
                 release_shared(self._pending.popleft().items)
                 continue
-            worker = self._worker_for(job)
+            worker = next((w for w in self._workers if w.job is None), None)
             if worker is None:
-                break
+                if len(self._workers) >= self.n_workers:
+                    return
+                worker = _Worker.start(self)
+                self._workers.append(worker)
             self._pending.popleft()
             worker.run(job)
-        if self._workers and not any(w.jobs for w in self._workers):
+        if self._workers and not any(w.job for w in self._workers):
             self._idle.arm()
-
-    def _worker_for(self, job: Job) -> _Worker | None:
-        """An idle worker; else a new one, up to ``n_workers``; else, for a small job, a busy
-        worker with room for a next task."""
-        worker = next((w for w in self._workers if not w.jobs), None)
-        if worker is None and len(self._workers) < self.n_workers:
-            worker = _Worker.start(self)
-            self._workers.append(worker)
-        if worker is None:
-            worker = next((w for w in self._workers if len(w.jobs) < TASKS_PER_WORKER
-                           and w.bytes_to_send(job) <= QUEUED_BYTES), None)
-        return worker
 
     def _stop_if_idle(self) -> None:
         with self._lock:  # looked at and taken in one go: a task may come in at any moment
-            if self._pending or any(w.jobs for w in self._workers):
-                return
+            if self._idle.armed or self._pending or any(w.job for w in self._workers):
+                return  # armed again (idle anew) since the watch fired, or busy
             workers, jobs = self._take_all()
         self._end(workers, jobs, kill=False)
 
@@ -141,7 +134,7 @@ class ProcessesBackend(Backend):
     def _take_all(self) -> tuple[list[_Worker], list[Job]]:
         """With the lock held: take every worker and job from the pool, which is then empty."""
         workers, self._workers = self._workers, []
-        jobs = [job for w in workers for job in w.jobs] + list(self._pending)
+        jobs = [w.job for w in workers if w.job] + list(self._pending)
         self._pending.clear()
         self._idle.close()
         return workers, jobs
@@ -165,7 +158,7 @@ class ProcessesBackend(Backend):
         """The worker answered its job: a Result, or the error that reading the answer raised."""
         outcome = None
         with self._lock:
-            job = worker.jobs.popleft() if worker.jobs else None
+            job, worker.job = worker.job, None
             if job is not None:
                 if isinstance(answer, Exception):
                     release_shared(job.items)
@@ -185,9 +178,7 @@ class ProcessesBackend(Backend):
                 return
             self._workers.remove(worker)
             worker.release()
-            queued, worker.jobs = worker.jobs, deque()
-            job = queued.popleft() if queued else None  # the one it was running
-            self._pending.extendleft(reversed(queued))  # never started: they go first, as is
+            job, worker.job = worker.job, None
             if job is not None:
                 if job.future.cancelled():
                     release_shared(job.items)
@@ -235,7 +226,7 @@ class _Worker:
         self.backend = backend
         self.process = process
         self.pid = process.pid
-        self.jobs: deque[Job] = deque()  # the one it runs, then those queued in its pipe
+        self.job: Job | None = None
         self.known_calls: set[str] = set()
         self._lifeline = lifeline
         self._results = results
@@ -263,15 +254,9 @@ class _Worker:
         worker._send(b"I", pickle.dumps((sys.path, backend.worker_output)))
         return worker
 
-    def bytes_to_send(self, job: Job) -> int:
-        """What sending ``job`` would put in this worker's pipe."""
-        call = job.task.call
-        return len(job.items) + (0 if call.id in self.known_calls else len(share_call(call)))
-
     def run(self, job: Job) -> None:
-        """Send ``job`` to this worker, and the call first if the worker lacks it; the worker
-        runs it after those it holds."""
-        self.jobs.append(job)
+        """Send ``job`` to this idle worker, and the call first if the worker lacks it."""
+        self.job = job
         call = job.task.call
         try:
             if call.id not in self.known_calls:  # sent with the task, in one write
@@ -331,7 +316,7 @@ class _Worker:
         if kind == b"R":
             self._on_result(body)
         elif kind == b"P":
-            job = self.jobs[0] if self.jobs else None
+            job = self.job
             if job is not None and job.task.report is not None:
                 job.task.report(COUNT.unpack(body)[0])
         else:  # b"O" or b"E": lines the worker printed

@@ -93,8 +93,11 @@ class Segment:
         """This process's own writable mapping of the segment; a large one is asked for huge
         pages before its first write, which is when the memory is placed."""
         mapping = mmap.mmap(self.fd, self.address.size)
-        if self.address.size >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
-            mapping.madvise(mmap.MADV_HUGEPAGE)
+        if self.address.size >= HUGE_PAGE and huge_pages_on_request():
+            try:
+                mapping.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:  # a kernel that refuses it for shared mappings: 4 KiB pages, then
+                pass
         return mapping
 
     def release(self) -> None:

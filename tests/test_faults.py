@@ -180,53 +180,82 @@ def touch(path: str) -> str:
     return path
 
 
-def test_a_worker_holds_its_next_small_task_and_runs_it_without_the_caller(tmp_path):
-    """The next task waits in the worker's pipe: it runs even while the caller cannot yet
-    take the first result (its lock held here)."""
+def test_a_cancelled_task_waiting_for_a_busy_worker_never_runs(tmp_path):
+    """A task goes to a worker only once the worker is free: until then it can be cancelled
+    (a task already in a busy worker's pipe could not be)."""
     backend = ProcessesBackend(1)
-    marker = tmp_path / "second ran"
-    try:
-        backend.submit(Task(Call(abs), range(1), [-1])).result(timeout=60)  # started
-        with backend._lock:
-            first = backend.submit(Task(Call(sleepy), range(1), [0.2]))
-            second = backend.submit(Task(Call(touch), range(1), [str(marker)]))
-            assert len(backend._workers[0].jobs) == 2
-            deadline = time.monotonic() + 10
-            while not marker.exists() and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert marker.exists()
-        assert first.result(timeout=60).values == [0.2]
-        assert second.result(timeout=60).values == [str(marker)]
-    finally:
-        backend.shutdown()
-
-
-def test_a_large_task_waits_in_the_caller_until_its_worker_is_free():
-    """A large one would fill the pipe, and block the caller, while the worker is busy."""
-    backend = ProcessesBackend(1)
+    marker = tmp_path / "ran"
     try:
         first = backend.submit(Task(Call(sleepy), range(1), [0.3]))
-        big = backend.submit(Task(Call(len), range(1), [b"x" * 100_000]))
-        small = backend.submit(Task(Call(abs), range(1), [-1]))
-        assert len(backend._workers[0].jobs) == 1 and len(backend._pending) == 2
+        second = backend.submit(Task(Call(touch), range(1), [str(marker)]))
+        assert second.cancel()
         assert first.result(timeout=60).values == [0.3]
-        assert big.result(timeout=60).values == [100_000]
-        assert small.result(timeout=60).values == [1]
+        assert pmap(abs, [-1], backend=backend, bar=False, serial=False) == [1]  # after it
     finally:
         backend.shutdown()
+    assert not marker.exists()
 
 
-def test_a_task_queued_behind_one_that_kills_its_worker_runs_unharmed():
+def test_a_task_waits_for_the_first_free_worker(tmp_path):
+    """Not queued behind a long task while another worker frees up."""
+    backend = ProcessesBackend(2)
+    try:
+        futures = [backend.submit(Task(Call(sleepy_pid), range(1), [seconds]))
+                   for seconds in (1.0, 0.05, 0.05)]
+        (long, _), (short, _), (last, _) = (f.result(timeout=60).values[0] for f in futures)
+    finally:
+        backend.shutdown()
+    assert last == short != long
+
+
+def sleepy_pid(seconds: float) -> tuple[int, float]:
+    time.sleep(seconds)
+    return os.getpid(), seconds
+
+
+def large_then_exit(i: int) -> object:
+    if i == 1:
+        os._exit(3)
+    import numpy
+
+    return numpy.full(1 << 17, 7.0)
+
+
+def test_a_large_result_survives_its_worker_dying_on_the_next_task():
+    """The worker lets go of a result's shared memory only once the caller has read it."""
     backend = ProcessesBackend(1, retries=0)
     try:
-        doomed = backend.submit(Task(Call(exit_three), range(1), [2]))
-        queued = backend.submit(Task(Call(exit_three), range(1), [4]))
-        assert len(backend._workers[0].jobs) == 2
-        result = doomed.result(timeout=60)
-        assert isinstance(result.failure.exception, WorkerDiedError)
-        assert queued.result(timeout=60).values == [4]  # not counted as a death, not lost
+        first = backend.submit(Task(Call(large_then_exit), range(1), [0]))
+        second = backend.submit(Task(Call(large_then_exit), range(1), [1]))
+        assert first.result(timeout=60).values[0].sum() == 7.0 * (1 << 17)
+        assert isinstance(second.result(timeout=60).failure.exception, WorkerDiedError)
     finally:
         backend.shutdown()
+
+
+def test_an_idle_stop_that_comes_after_the_pool_was_armed_again_keeps_the_workers():
+    backend = ProcessesBackend(1)
+    try:
+        assert pmap(abs, [-1, -2], backend=backend, bar=False, serial=False) == [1, 2]
+        workers = list(backend._workers)
+        assert backend._idle.armed  # idle anew, as after any call
+        backend._stop_if_idle()  # a watch that fired for an older deadline
+        assert backend._workers == workers
+        backend._idle.disarm()
+        backend._stop_if_idle()  # the deadline it fired for is the last one
+        assert backend._workers == []
+    finally:
+        backend.shutdown()
+
+
+def test_the_idle_timeout_can_be_changed_on_a_backend():
+    backend = ProcessesBackend(1, idle_timeout=30)
+    backend.idle_timeout = 0.3
+    assert backend.idle_timeout == 0.3
+    assert pmap(abs, [-1, -2], backend=backend, bar=False, serial=False) == [1, 2]
+    worker = psutil.Process(backend._workers[0].pid)
+    worker.wait(timeout=10)  # it exits, idle for 0.3 s
+    backend.shutdown()
 
 
 def test_idle_workers_exit_after_the_timeout():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from parfor_backends._idle import IdleWatch
 
 
@@ -66,4 +68,44 @@ def test_closing_it_ends_its_thread_and_it_can_be_armed_after():
     watch.timeout = 0.1
     watch.arm()
     assert fired.wait(10)
+    watch.close()
+
+
+def test_it_says_whether_it_is_armed():
+    watch, fired = _watch(30)
+    assert not watch.armed
+    watch.arm()
+    assert watch.armed
+    watch.disarm()
+    assert not watch.armed
+    watch.close()
+
+
+def test_an_endless_timeout_never_fires():
+    watch, fired = _watch(float("inf"))
+    watch.arm()
+    assert not fired.wait(0.5)
+    assert watch._thread is not None and watch._thread.is_alive()
+    watch.close()
+
+
+def test_a_failing_action_is_reported_and_the_watch_goes_on():
+    calls: list[int] = []
+
+    def fail_first() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("no such worker")
+
+    watch = IdleWatch(0.1, fail_first)
+    with pytest.warns(RuntimeWarning, match="no such worker"):
+        watch.arm()
+        deadline = time.monotonic() + 10
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.02)
+    watch.arm()
+    deadline = time.monotonic() + 10
+    while len(calls) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(calls) == 2
     watch.close()
