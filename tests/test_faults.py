@@ -127,25 +127,13 @@ def sleepy(i: float) -> float:
     return i
 
 
-def test_progress_is_reported_during_a_long_task():
+@pytest.mark.parametrize("quick_tasks_first", [0, 20])
+def test_progress_is_reported_during_a_long_task(quick_tasks_first):
+    """Also after quick tasks, between which the worker's reporter is not woken."""
     backend = ProcessesBackend(1)
     reports: list[int] = []
     try:
-        task = Task(Call(sleepy), range(10), [0.1] * 10, reports.append)
-        result = backend.submit(task).result(timeout=60)
-    finally:
-        backend.shutdown()
-    assert result.values == [0.1] * 10
-    assert reports == sorted(reports) and any(0 < n < 10 for n in reports), reports
-
-
-def test_progress_is_reported_for_a_long_task_after_quick_ones():
-    """Between quick tasks the worker's reporter is not woken; it still reports the next
-    long one."""
-    backend = ProcessesBackend(1)
-    reports: list[int] = []
-    try:
-        for _ in range(20):
+        for _ in range(quick_tasks_first):
             backend.submit(Task(Call(sleepy), range(1), [0.0])).result(timeout=60)
         task = Task(Call(sleepy), range(10), [0.1] * 10, reports.append)
         result = backend.submit(task).result(timeout=60)
