@@ -22,7 +22,9 @@ class IdleWatch:
         self._changed = threading.Condition(threading.Lock())
         self._deadline: float | None = None
         self._thread: threading.Thread | None = None
-        self._asleep = False  # the thread waits without a deadline: only a notify wakes it
+        #: The thread that waits without a deadline, which only a notify wakes; a thread, not
+        #: a flag, so that a closed one waking late cannot clear the mark of its successor.
+        self._sleeper: threading.Thread | None = None
 
     def arm(self) -> None:
         """The pool has just become idle."""
@@ -32,8 +34,8 @@ class IdleWatch:
                 self._thread = threading.Thread(target=self._watch, name="parfor-idle-watch",
                                                 daemon=True)
                 self._thread.start()
-            elif self._asleep:
-                self._changed.notify()
+            elif self._sleeper is not None:
+                self._changed.notify_all()
 
     def disarm(self) -> None:
         """The pool has work: the thread, if waiting for a deadline, finds none when it wakes."""
@@ -58,9 +60,10 @@ class IdleWatch:
             while self._thread is me:
                 deadline = self._deadline
                 if deadline is None:
-                    self._asleep = True
+                    self._sleeper = me
                     self._changed.wait()
-                    self._asleep = False
+                    if self._sleeper is me:
+                        self._sleeper = None
                     continue
                 left = deadline - monotonic()
                 if left > 0:  # an endless timeout (inf) waits in the longest steps there are
