@@ -104,8 +104,9 @@ class ClusterBackend(Backend):
 
     @abstractmethod
     def _lost_worker(self, error: BaseException) -> tuple[str, bool] | None:
-        """When ``error`` means that the task's worker was lost: how, and whether the call's
-        shipment may have gone with it (then it is shipped again); None for other errors."""
+        """When ``error`` means that the task's worker was lost: how, and whether it was data
+        lost with a worker, the call's shipment perhaps among it (then the call is shipped
+        again, and the task runs again whole, its items not blamed); None for other errors."""
 
     # -- the Backend contract ---------------------------------------------------------------------
 
@@ -174,9 +175,10 @@ class ClusterBackend(Backend):
                 if lost is None:
                     raise
                 how, shipment_lost = lost
-                if shipment_lost:
+                if shipment_lost:  # data lost with a worker: not the items' doing
                     self._unship(job.task.call.id)
-                outcome = job.after_death(f"a {self.name} worker", how, self.retries, self.name)
+                outcome = job.after_death(f"a {self.name} worker", how, self.retries, self.name,
+                                          blame=not shipment_lost)
             if isinstance(outcome, Job):
                 self._start(outcome)
             else:

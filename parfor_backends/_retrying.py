@@ -12,11 +12,15 @@ from typing import Any
 
 from parfor_core import Failure, Result, Task, WorkerDiedError, dump_items, release_shared
 
+#: How often a task whose data was lost with a worker (not killed by its items) runs again.
+LOST_DATA_RETRIES = 3
+
 
 class Job:
     """A task on its way through a backend; after a worker death, its items one at a time."""
 
-    __slots__ = ("task", "future", "local", "items", "done", "rest", "elapsed", "deaths")
+    __slots__ = ("task", "future", "local", "items", "done", "rest", "elapsed", "deaths",
+                 "losses")
 
     def __init__(self, task: Task, future: Future[Result], local: bool,
                  done: list[Any] | None = None, rest: list[tuple[int, Any]] | None = None,
@@ -29,6 +33,7 @@ class Job:
         self.rest = rest or []  # items still to run, one by one
         self.elapsed = elapsed
         self.deaths = 0
+        self.losses = 0
 
     @classmethod
     def of(cls, task: Task, local: bool = False) -> Job:
@@ -43,11 +48,30 @@ class Job:
             return self._next(values, elapsed)
         return Result(values, elapsed, result.failure)
 
-    def after_death(self, worker: str, how: str, retries: int, backend: str) -> Job | Result:
+    def after_death(self, worker: str, how: str, retries: int, backend: str,
+                    blame: bool = True) -> Job | Result:
         """The job to run after ``worker`` died (``how`` says how, and what that suggests):
         its items alone, or this item again; or, when the item has killed workers too often,
-        the Result that fails it."""
+        the Result that fails it.
+
+        Without ``blame`` the task's data was lost with a worker that something else ended
+        (a cluster's scheduler says so): the task runs again whole, up to `LOST_DATA_RETRIES`
+        times, and its items count no death.
+        """
         task = self.task
+        if not blame:
+            self.losses += 1
+            if self.losses <= LOST_DATA_RETRIES:
+                return self
+            release_shared(self.items)
+            error = WorkerDiedError(
+                f"The data of input items {task.indices[0]} to {task.indices[-1]} was lost with "
+                f"a worker {self.losses} times in a row: {how}",
+                backend=backend, indices=list(task.indices),
+            )
+            failure = Failure.capture(task.indices[0], task.items[0], error)
+            failure.worker = worker
+            return Result(self.done, self.elapsed, failure)
         if len(task.items) > 1:  # isolate the item that kills: one at a time from now on
             release_shared(self.items)
             self.rest = list(zip(task.indices, task.items, strict=True)) + self.rest
