@@ -63,15 +63,11 @@ class Job:
             self.losses += 1
             if self.losses <= LOST_DATA_RETRIES:
                 return self
-            release_shared(self.items)
-            error = WorkerDiedError(
+            return self._failed(worker, WorkerDiedError(
                 f"The data of input items {task.indices[0]} to {task.indices[-1]} was lost with "
                 f"a worker {self.losses} times in a row: {how}",
                 backend=backend, indices=list(task.indices),
-            )
-            failure = Failure.capture(task.indices[0], task.items[0], error)
-            failure.worker = worker
-            return Result(self.done, self.elapsed, failure)
+            ))
         if len(task.items) > 1:  # isolate the item that kills: one at a time from now on
             release_shared(self.items)
             self.rest = list(zip(task.indices, task.items, strict=True)) + self.rest
@@ -79,13 +75,17 @@ class Job:
         self.deaths += 1
         if self.deaths <= retries:
             return self
-        release_shared(self.items)
-        index, item = task.indices[0], task.items[0]
-        error = WorkerDiedError(
+        index = task.indices[0]
+        return self._failed(worker, WorkerDiedError(
             f"The worker running input item {index} died {self.deaths} times in a row: {how}",
             backend=backend, indices=[index],
-        )
-        failure = Failure.capture(index, item, error)
+        ))
+
+    def _failed(self, worker: str, error: WorkerDiedError) -> Result:
+        """The Result that fails this job's first item with ``error``, seen in ``worker``,
+        keeping the values before it."""
+        release_shared(self.items)
+        failure = Failure.capture(self.task.indices[0], self.task.items[0], error)
         failure.worker = worker
         return Result(self.done, self.elapsed, failure)
 
