@@ -13,14 +13,19 @@ import functools
 import mmap
 import os
 import weakref
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from .errors import ParforError
+
+if TYPE_CHECKING:
+    from ._in_place import Block
 
 #: Buffers are placed at multiples of this, so that any dtype's alignment holds.
 ALIGNMENT = 64
 #: Segments at least this large are asked for huge pages, where the system grants them.
 HUGE_PAGE = 2 * 2**20
+#: Parts of numpy arrays this large are shared in place, where shared memory gets huge pages.
+IN_PLACE_BYTES = 16 * 2**20
 #: Linux's setting for transparent huge pages in shared memory.
 SHMEM_HUGE_PAGES = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
 
@@ -49,7 +54,8 @@ class Segment:
     """A block of shared memory owned by this process; `release` (or garbage collection)
     gives it up, and the memory goes when the last process that maps it lets go."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, room: int = 0) -> None:
+        """``room``: how far the file reaches past ``size``, unwritten (`_in_place.ROOM`)."""
         size = max(size, 1)  # an empty file cannot be mapped
         if hasattr(os, "memfd_create"):
             fd = os.memfd_create("parfor", os.MFD_CLOEXEC)
@@ -60,24 +66,45 @@ class Segment:
 
             fd, path = tempfile.mkstemp(prefix="parfor-shared-")  # mode 0600
             self._release = weakref.finalize(self, _close_and_remove, fd, path)
-        os.ftruncate(fd, size)
+        os.ftruncate(fd, size + room)
         self.fd = fd
         self.address = Address(_machine(), path, os.fstat(fd).st_ino, size)
 
     @classmethod
     def holding(cls, parts: list[memoryview]) -> tuple[Segment, list[tuple[int, int]]]:
         """A new segment with ``parts`` written one after another (aligned), and where each
-        lies in it as ``(start, end)``."""
-        spans, end = [], 0
-        for part in parts:
-            start = -(-end // ALIGNMENT) * ALIGNMENT
-            end = start + part.nbytes
-            spans.append((start, end))
-        segment = cls(end)
+        lies in it as ``(start, end)``.
+
+        Where shared memory gets huge pages, a part of a large numpy array is then shared in
+        place: the array's own memory becomes the segment's (see `_in_place`)."""
+        blocks = _blocks(parts)
+        spans: list[tuple[int, int]] = []
+        places: dict[Block, int] = {}  # where each block goes in the segment
+        end = 0
+        for part, found in zip(parts, blocks, strict=True):
+            if found is None:
+                start = -(-end // ALIGNMENT) * ALIGNMENT
+            else:  # at the same place within a huge page as in the caller, to map it over
+                block, offset = found
+                if block not in places:
+                    places[block] = end + (block.start - end) % HUGE_PAGE
+                    end = places[block] + block.length
+                start = places[block] + offset
+            spans.append((start, start + part.nbytes))
+            end = max(end, start + part.nbytes)
+        if not places:
+            segment = cls(end)
+        else:
+            from . import _in_place
+
+            segment = cls(end, room=_in_place.ROOM)
         if end >= HUGE_PAGE and huge_pages_on_request():
             with segment.map() as mapping, memoryview(mapping) as memory:
-                for part, (start, stop) in zip(parts, spans, strict=True):
-                    memory[start:stop] = part
+                for part, found, (start, stop) in zip(parts, blocks, spans, strict=True):
+                    if found is None:
+                        memory[start:stop] = part
+                for block, at in places.items():
+                    _in_place.move(block, memory, segment.fd, at)
         else:
             for part, (start, _) in zip(parts, spans, strict=True):
                 segment.write(start, part)
@@ -118,6 +145,17 @@ def huge_pages_on_request() -> bool:
         return False
     chosen = setting[setting.find("[") + 1:setting.find("]")]
     return hasattr(mmap, "MADV_HUGEPAGE") and chosen not in ("never", "deny", "")
+
+
+def _blocks(parts: list[memoryview]) -> list[tuple[Block, int] | None]:
+    """For each part, the block it may be shared in place from, and where it lies in it: only
+    where shared memory gets huge pages (with 4 KiB pages, the caller's array would be slower
+    to read from then on)."""
+    if not huge_pages_on_request() or all(part.nbytes < IN_PLACE_BYTES for part in parts):
+        return [None] * len(parts)
+    from ._in_place import find_block  # not at import: it loads ctypes
+
+    return [find_block(part) if part.nbytes >= IN_PLACE_BYTES else None for part in parts]
 
 
 def _close_and_remove(fd: int, path: str) -> None:
