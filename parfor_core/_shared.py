@@ -78,26 +78,18 @@ class Segment:
         Where shared memory gets huge pages, a part of a large numpy array is then shared in
         place: the array's own memory becomes the segment's (see `_in_place`)."""
         blocks = _blocks(parts)
-        spans: list[tuple[int, int]] = []
-        places: dict[Block, int] = {}  # where each block goes in the segment
-        end = 0
-        for part, found in zip(parts, blocks, strict=True):
-            if found is None:
-                start = -(-end // ALIGNMENT) * ALIGNMENT
-            else:  # at the same place within a huge page as in the caller, to map it over
-                block, offset = found
-                if block not in places:
-                    places[block] = end + (block.start - end) % HUGE_PAGE
-                    end = places[block] + block.length
-                start = places[block] + offset
-            spans.append((start, start + part.nbytes))
-            end = max(end, start + part.nbytes)
+        spans, places, end = _layout(parts, blocks)
         if not places:
             segment = cls(end)
         else:
             from . import _in_place
 
-            segment = cls(end, room=_in_place.ROOM)
+            try:
+                segment = cls(end, room=_in_place.ROOM)
+            except OSError:  # a file size limit, say: copied as usual
+                blocks = [None] * len(parts)
+                spans, places, end = _layout(parts, blocks)
+                segment = cls(end)
         if end >= HUGE_PAGE and huge_pages_on_request():
             with segment.map() as mapping, memoryview(mapping) as memory:
                 for part, found, (start, stop) in zip(parts, blocks, spans, strict=True):
@@ -145,6 +137,28 @@ def huge_pages_on_request() -> bool:
         return False
     chosen = setting[setting.find("[") + 1:setting.find("]")]
     return hasattr(mmap, "MADV_HUGEPAGE") and chosen not in ("never", "deny", "")
+
+
+def _layout(parts: list[memoryview], blocks: list[tuple[Block, int] | None]
+            ) -> tuple[list[tuple[int, int]], dict[Block, int], int]:
+    """Where each part goes in a segment (``(start, end)``), where each block shared in place
+    goes, and the segment's size. A block lies at the same place within a huge page as in the
+    process, so that it can be mapped over with huge pages."""
+    spans: list[tuple[int, int]] = []
+    places: dict[Block, int] = {}
+    end = 0
+    for part, found in zip(parts, blocks, strict=True):
+        if found is None:
+            start = -(-end // ALIGNMENT) * ALIGNMENT
+        else:
+            block, offset = found
+            if block not in places:
+                places[block] = end + (block.start - end) % HUGE_PAGE
+                end = places[block] + block.length
+            start = places[block] + offset
+        spans.append((start, start + part.nbytes))
+        end = max(end, start + part.nbytes)
+    return spans, places, end
 
 
 def _blocks(parts: list[memoryview]) -> list[tuple[Block, int] | None]:

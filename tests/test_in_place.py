@@ -177,3 +177,27 @@ def test_an_array_shared_in_place_can_still_grow_in_place():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert f"grown {4 * (_block_bytes() // 8)}" in done.stdout
+
+
+def test_where_the_file_cannot_reach_that_far_the_array_is_copied_as_usual():
+    """A limit on file sizes (``ulimit -f``) refuses the room kept past the data."""
+    code = textwrap.dedent(f"""
+        import resource
+        import numpy
+        from parfor import pmap
+        from parfor_core import _shared
+        _shared.huge_pages_on_request = lambda: True
+        def total(i, array):
+            return float(array.sum())
+        if __name__ == "__main__":
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 30, 1 << 30))
+            array = numpy.ones({_block_bytes() // 8})
+            assert pmap(total, range(2), (array,), backend="processes", bar=False) == [
+                float(array.size)] * 2, "results"
+            with open("/proc/self/maps") as maps:
+                print("in place" if "memfd:parfor" in maps.read() else "copied")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "copied"
