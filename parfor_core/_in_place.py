@@ -1,15 +1,22 @@
-"""A large numpy array's own memory turned into shared memory, in place, so that its data exists
-once on the machine rather than once in the caller and once more for the workers.
+"""A large numpy array's own memory turned into shared memory, in place, so that the data sent
+to workers exists once on the machine rather than once in the caller and once more for them.
 
 Once a piece of the array is copied into a segment, the segment is mapped over the array's own
-pages, privately (copy-on-write), and the kernel frees those pages. The array keeps its
-address, contents and meaning: what the caller writes into it afterwards gets pages of its own,
-and the workers' view stays as it was sent.
+pages, privately (copy-on-write), and the kernel frees those pages. The array keeps its address,
+contents and meaning: what the caller writes into it afterwards gets pages of its own (a copy
+each, as after a fork), and the workers' view stays as it was sent.
 
-It is done only where nothing else can notice: memory that numpy's default allocator took from
-glibc's ``malloc`` as a block mapped for it alone (which ``free`` unmaps whole), in a private
-anonymous mapping (or one shared in place before), on Linux. Anything else (another allocator,
-a memory-mapped file, the heap) is left alone and copied as usual.
+An array the caller writes into between calls gets memory of its own back at the next call,
+and is copied as usual from then on: each call would otherwise cost its writes a page copy.
+
+It is done only where nothing else can notice: the whole pages of the part sent (never the
+block's first page, which glibc's header lies in), of memory that numpy's default allocator
+took from glibc's ``malloc`` as a block mapped for it alone (which ``free`` unmaps whole), in
+private anonymous mappings (or ones shared in place before) that carry no special setting
+(locked, not inherited by forks, left out of core dumps, ...), on Linux. Since the block is
+then made of several mappings, glibc grows or shrinks it by copying, as for any other block,
+not by remapping it. Anything else (another allocator, a memory-mapped file, the heap) is left
+alone and copied as usual.
 """
 
 from __future__ import annotations
@@ -20,71 +27,115 @@ import mmap
 import os
 import struct
 import sys
+import weakref
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 #: Copied, then mapped over, at a time: the data never exists twice in full, even briefly.
 PIECE = 2 * 2**20
-#: File room kept past the data. glibc grows such a block in place by remapping it
-#: (``ndarray.resize``), which extends the mapping over the file; a touch past the file's end
-#: would be a bus error. Room in a memory file costs nothing until written.
-ROOM = 1 << 40
+#: Given back memory of its own at a time: the extra memory that takes, and each is a
+#: mapping of its own from then on.
+RESTORED_AT_ONCE = 32 * PIECE
 #: glibc's header just before the memory ``malloc`` gives: the block's offset and its size,
 #: whose low bits are flags.
 _HEADER = struct.Struct("=QQ")
 _FLAGS = 0b111
 _IS_MMAPPED = 0b010
-#: Linux's value of MAP_FIXED on the machines where it is used.
+#: Linux's flags for mmap on the machines where this is done.
 _MAP_FIXED = 0x10
+_MAP_FIXED_NOREPLACE = 0x100000
+_MREMAP_MAYMOVE, _MREMAP_FIXED = 1, 2
+_RW = mmap.PROT_READ | mmap.PROT_WRITE
+_MAP_FAILED = ctypes.c_void_p(-1).value
 _MACHINES = ("x86_64", "aarch64")
 #: How Linux names a mapping of a parfor segment whose descriptor is closed.
 _SHARED_BEFORE = "/memfd:parfor (deleted)"
+#: mincore's answer for a page, which is its lowest bit (the others are reserved).
+_LOWEST_BIT = bytes(byte & 1 for byte in range(256))
+#: Settings of a mapping (smaps' VmFlags) that mapping a segment over it would drop: locked,
+#: not inherited or wiped by forks, left out of core dumps, I/O or raw page frames, watched by
+#: userfaultfd, memory tagging.
+_REFUSED = frozenset({"lo", "dc", "wf", "dd", "io", "pf", "um", "uw", "ui", "mt"})
 
 
-class Block(NamedTuple):
-    """Memory ``malloc`` mapped for one array alone: its address and length, whole pages."""
+#: The blocks of arrays the caller wrote into after they were shared in place, while those
+#: live: copied as usual from then on, in memory of their own again.
+_written_after_sharing: set[int] = set()
+
+
+class Pages(NamedTuple):
+    """Whole pages of an array's memory that may be shared in place: address and length."""
 
     start: int
     length: int
 
 
-def find_block(part: memoryview) -> tuple[Block, int] | None:
-    """The block holding ``part``'s memory, and where the part starts in it, if the block may be
-    shared in place (see the module's docstring); else None."""
-    if _map_fixed() is None:
+def find_pages(part: memoryview) -> tuple[int, Pages] | None:
+    """Where ``part``'s memory starts, and its whole pages that may be shared in place (see
+    the module's docstring); None if none may."""
+    libc = _libc()
+    if libc is None:
         return None
     owner = _owning_array(part.obj)
     if owner is None:
         return None
     data = owner.__array_interface__["data"][0]
-    start = data - _HEADER.size
-    if start % mmap.PAGESIZE or not _private_memory(start, data + owner.nbytes):
+    block = data - _HEADER.size
+    if block % mmap.PAGESIZE or block in _written_after_sharing:
         return None
-    offset, size = _HEADER.unpack(ctypes.string_at(start, _HEADER.size))
-    length = size & ~_FLAGS
-    if (offset or size & _FLAGS != _IS_MMAPPED or length % mmap.PAGESIZE
-            or length < _HEADER.size + owner.nbytes
-            or not _private_memory(start, start + length)):
+    mappings = _plain_mappings(block, data + owner.nbytes)
+    if mappings is None:
         return None
-    return Block(start, length), _address(part) - start
+    if any(mapping.written_since for mapping in mappings):
+        _stop_sharing(owner, block, mappings, libc)
+        return None
+    offset, size_and_flags = _HEADER.unpack(ctypes.string_at(block, _HEADER.size))
+    size = size_and_flags & ~_FLAGS
+    if (offset or size_and_flags & _FLAGS != _IS_MMAPPED or size % mmap.PAGESIZE
+            or size < _HEADER.size + owner.nbytes):
+        return None
+    address = _address(part)
+    if not data <= address <= address + part.nbytes <= data + owner.nbytes:
+        return None
+    start = -(-address // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (address + part.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end <= start or not libc.all_in_memory(start, end - start):
+        return None  # pages never touched (or swapped out) would take memory for nothing
+    return address, Pages(start, end - start)
 
 
-def move(block: Block, memory: memoryview, fd: int, offset: int) -> None:
-    """Copy ``block`` into ``memory`` (the segment ``fd``, mapped) at ``offset``, which must
-    lie at the same place as the block within a `PIECE`; map each copied piece over the
-    block's own pages. A piece the kernel will not map keeps its private pages."""
-    map_fixed = _map_fixed()
-    source = memoryview((ctypes.c_char * block.length).from_address(block.start)).cast("B")
-    position, mapping = 0, map_fixed is not None
-    while position < block.length:
-        size = min(PIECE - (block.start + position) % PIECE, block.length - position)
-        memory[offset + position:offset + position + size] = source[position:position + size]
-        if mapping:
-            mapping = map_fixed(block.start + position, size, fd, offset + position)
+def _stop_sharing(owner: Any, block: int, mappings: list[_Mapping], libc: _Libc) -> None:
+    """Give an array the caller writes into between calls memory of its own again, and copy
+    it as usual from then on: shared again, it would pay a page copy for each page written,
+    after every call, and keep the pages it replaced."""
+    _written_after_sharing.add(block)
+    weakref.finalize(owner, _written_after_sharing.discard, block)
+    for mapping in mappings:
+        if mapping.shared_before:
+            libc.restore(mapping.start, mapping.end - mapping.start)
+
+
+def move(part: memoryview, address: int, pages: Pages, memory: memoryview, fd: int,
+         offset: int) -> None:
+    """Copy ``part`` (at ``address``) into ``memory`` (the segment ``fd``, mapped) at
+    ``offset``, which lies where ``address`` does within a `PIECE`; map each copied piece of
+    ``pages`` over the part's own pages. Once the kernel refuses to map a piece, the rest is
+    only copied."""
+    libc = _libc()
+    mapping = libc is not None
+    position = 0
+    while position < part.nbytes:
+        here = address + position
+        size = min(PIECE - here % PIECE, part.nbytes - position)
+        memory[offset + position:offset + position + size] = part[position:position + size]
+        low, high = max(here, pages.start), min(here + size, pages.start + pages.length)
+        if mapping and low < high:
+            copied = memory[offset + low - address:offset + high - address]
+            mapping = libc.map_over(low, high - low, fd, offset + low - address, copied)
         position += size
 
 
-def _owning_array(obj: object) -> object | None:
+def _owning_array(obj: object) -> Any:
     """The numpy array that owns ``obj``'s memory, if numpy's default allocator made it."""
     numpy = sys.modules.get("numpy")
     if numpy is None:
@@ -97,8 +148,8 @@ def _owning_array(obj: object) -> object | None:
     return obj if handler_name is not None and handler_name(obj) == "default_allocator" else None
 
 
-def _handler_name(numpy: object) -> Callable[[object], str | None] | None:
-    for module in ("_core", "core"):
+def _handler_name(numpy: Any) -> Callable[[object], str | None] | None:
+    for module in ("_core", "core"):  # numpy 2, then 1 (whose _core is not loaded)
         found = getattr(getattr(getattr(numpy, module, None), "multiarray", None),
                         "get_handler_name", None)
         if found is not None:
@@ -112,51 +163,135 @@ def _address(part: memoryview) -> int:
     return numpy.frombuffer(part, dtype=numpy.uint8).__array_interface__["data"][0]
 
 
-def _private_memory(start: int, end: int) -> bool:
-    """Whether ``[start, end)`` lies in private, readable and writable mappings that are
-    anonymous or shared in place before, with nothing else (a file, the heap, the stack)."""
-    reached = start
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split(maxsplit=5)
-            low, high = (int(bound, 16) for bound in fields[0].split("-"))
-            if high <= reached:
-                continue
-            name = fields[5].rstrip("\n") if len(fields) > 5 else ""
-            if low > reached or fields[1] != "rw-p" or not (
-                    (fields[4] == "0" and (not name or name.startswith("[anon:")))
-                    or name == _SHARED_BEFORE):
-                return False
-            reached = high
-            if reached >= end:
-                return True
-    return False
+class _Mapping(NamedTuple):
+    """A mapping over an array's memory: its range, whether it is a segment shared in place
+    before, and whether the array was written into there since."""
+
+    start: int
+    end: int
+    shared_before: bool
+    written_since: bool
+
+
+def _plain_mappings(start: int, end: int) -> list[_Mapping] | None:
+    """The mappings over ``[start, end)``, if they are private, readable and writable, and
+    anonymous or shared in place before, with nothing else among them (a file, the heap, the
+    stack) and no setting that mapping over them would drop; else None."""
+    found: list[_Mapping] = []
+    reached, current = start, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            key, _, rest = line.partition(" ")
+            if not key.endswith(":"):  # a mapping's first line: its range, mode, file
+                if reached >= end:
+                    return found
+                low, high = (int(bound, 16) for bound in key.split("-"))
+                current = high > reached
+                if not current:
+                    continue
+                fields = rest.split(maxsplit=4)
+                name = fields[4].rstrip("\n") if len(fields) > 4 else ""
+                shared_before = name == _SHARED_BEFORE
+                if low > reached or fields[0] != "rw-p" or not (
+                        shared_before
+                        or fields[3] == "0" and (not name or name.startswith("[anon:"))):
+                    return None
+                found.append(_Mapping(max(low, start), min(high, end), shared_before, False))
+                reached = high
+            elif current and (key == "VmFlags:" and not _REFUSED.isdisjoint(rest.split())
+                              or key == "ProtectionKey:" and rest.strip() != "0"):
+                return None
+            elif current and key == "Anonymous:" and found[-1].shared_before:
+                found[-1] = found[-1]._replace(written_since=int(rest.split()[0]) > 0)
+    return found if reached >= end else None
+
+
+class _Libc:
+    """The two system calls in-place sharing needs, through glibc."""
+
+    def __init__(self, glibc: ctypes.CDLL) -> None:
+        self._mmap = glibc.mmap
+        self._mmap.restype = ctypes.c_void_p
+        self._mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                               ctypes.c_int, ctypes.c_long]
+        self._munmap = glibc.munmap
+        self._munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        self._mincore = glibc.mincore
+        self._mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+        self._mremap = glibc.mremap
+        self._mremap.restype = ctypes.c_void_p
+        self._mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
+                                 ctypes.c_int, ctypes.c_void_p]
+        self._madvise = glibc.madvise
+        self._madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+    def all_in_memory(self, address: int, length: int) -> bool:
+        """Whether every page of the range is in memory (one never touched is not)."""
+        pages = ctypes.create_string_buffer(length // mmap.PAGESIZE)
+        if self._mincore(address, length, pages) != 0:
+            return False
+        return 0 not in pages.raw.translate(_LOWEST_BIT)
+
+    def map_over(self, address: int, length: int, fd: int, offset: int,
+                 copied: memoryview) -> bool:
+        """Map the file privately over the range, replacing its pages; whether it did. If it
+        did not, the range holds what it held, or else what ``copied`` holds."""
+        placed = self._mmap(address, length, _RW, mmap.MAP_PRIVATE | _MAP_FIXED, fd, offset)
+        if placed == address:
+            return True
+        self._put_back(address, length, ctypes.addressof(ctypes.c_char.from_buffer(copied)))
+        return False
+
+    def restore(self, address: int, length: int) -> None:
+        """Make the range private anonymous memory again, holding what it holds, so that the
+        file it maps goes (it is then mapped nowhere); `RESTORED_AT_ONCE` at a time."""
+        end = address + length
+        while address < end:
+            size = min(RESTORED_AT_ONCE - address % RESTORED_AT_ONCE, end - address)
+            self._restore_piece(address, size)
+            address += size
+
+    def _restore_piece(self, address: int, length: int) -> None:
+        scratch = self._mmap(None, length + PIECE, _RW, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                             -1, 0)
+        if scratch in (None, _MAP_FAILED):
+            return  # no memory to be had: the range keeps its mapping, and its contents
+        copy = scratch + (address - scratch) % PIECE  # where it lies within a huge page
+        self._madvise(copy, length, mmap.MADV_HUGEPAGE)  # as numpy asks for its arrays
+        ctypes.memmove(copy, address, length)
+        if self._mremap(copy, length, length, _MREMAP_MAYMOVE | _MREMAP_FIXED,
+                        address) == address:
+            self._munmap(scratch, copy - scratch)  # the scratch's rest, before and after it
+            self._munmap(copy + length, scratch + length + PIECE - copy - length)
+        else:
+            self._put_back(address, length, copy)
+            self._munmap(scratch, length + PIECE)
+
+    def _put_back(self, address: int, length: int, source: int) -> None:
+        """After a failed remapping of the range: kernels before 6.12 could drop its old pages
+        before failing; if they are gone, map memory there and copy ``source`` into it."""
+        placed = self._mmap(address, length, _RW, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                            | _MAP_FIXED_NOREPLACE, -1, 0)
+        if placed == address:
+            ctypes.memmove(address, source, length)
+        elif placed not in (None, _MAP_FAILED):  # a kernel without NOREPLACE: it chose a place
+            self._munmap(placed, length)
 
 
 @functools.cache
-def _map_fixed() -> Callable[[int, int, int, int], bool] | None:
-    """``map_fixed(address, length, fd, offset)``: map the file privately over ``address``,
-    replacing what was there; whether it did. None where in-place sharing cannot be done:
-    not Linux, not glibc's ``malloc``, or an unknown value of MAP_FIXED."""
-    if sys.platform != "linux" or os.uname().machine not in _MACHINES:
+def _libc() -> _Libc | None:
+    """glibc's calls, or None where in-place sharing cannot be done: not Linux on a known
+    machine, or ``malloc`` is not glibc's."""
+    if sys.platform != "linux" or os.uname().machine not in _MACHINES or sys.maxsize < 2**32:
         return None
     try:
         os.confstr("CS_GNU_LIBC_VERSION")
-        process, glibc = ctypes.CDLL(None, use_errno=True), ctypes.CDLL("libc.so.6")
+        process, glibc = ctypes.CDLL(None), ctypes.CDLL("libc.so.6")
     except (OSError, ValueError):
         return None
     if _symbol(process.malloc) != _symbol(glibc.malloc):  # another allocator is preloaded
         return None
-    mmap_ = glibc.mmap
-    mmap_.restype = ctypes.c_void_p
-    mmap_.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                      ctypes.c_int, ctypes.c_long]
-    protection, flags = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | _MAP_FIXED
-
-    def map_fixed(address: int, length: int, fd: int, offset: int) -> bool:
-        return mmap_(address, length, protection, flags, fd, offset) == address
-
-    return map_fixed
+    return _Libc(glibc)
 
 
 def _symbol(function: object) -> int | None:

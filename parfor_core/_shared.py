@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from .errors import ParforError
 
 if TYPE_CHECKING:
-    from ._in_place import Block
+    from ._in_place import Pages
 
 #: Buffers are placed at multiples of this, so that any dtype's alignment holds.
 ALIGNMENT = 64
@@ -54,8 +54,7 @@ class Segment:
     """A block of shared memory owned by this process; `release` (or garbage collection)
     gives it up, and the memory goes when the last process that maps it lets go."""
 
-    def __init__(self, size: int, room: int = 0) -> None:
-        """``room``: how far the file reaches past ``size``, unwritten (`_in_place.ROOM`)."""
+    def __init__(self, size: int) -> None:
         size = max(size, 1)  # an empty file cannot be mapped
         if hasattr(os, "memfd_create"):
             fd = os.memfd_create("parfor", os.MFD_CLOEXEC)
@@ -66,7 +65,7 @@ class Segment:
 
             fd, path = tempfile.mkstemp(prefix="parfor-shared-")  # mode 0600
             self._release = weakref.finalize(self, _close_and_remove, fd, path)
-        os.ftruncate(fd, size + room)
+        os.ftruncate(fd, size)
         self.fd = fd
         self.address = Address(_machine(), path, os.fstat(fd).st_ino, size)
 
@@ -75,28 +74,27 @@ class Segment:
         """A new segment with ``parts`` written one after another (aligned), and where each
         lies in it as ``(start, end)``.
 
-        Where shared memory gets huge pages, a part of a large numpy array is then shared in
+        Where shared memory gets huge pages, a large numpy array's part is then shared in
         place: the array's own memory becomes the segment's (see `_in_place`)."""
-        blocks = _blocks(parts)
-        spans, places, end = _layout(parts, blocks)
-        if not places:
-            segment = cls(end)
-        else:
-            from . import _in_place
-
-            try:
-                segment = cls(end, room=_in_place.ROOM)
-            except OSError:  # a file size limit, say: copied as usual
-                blocks = [None] * len(parts)
-                spans, places, end = _layout(parts, blocks)
-                segment = cls(end)
+        in_place = _in_place_pages(parts)
+        spans, end = [], 0
+        for part, found in zip(parts, in_place, strict=True):
+            if found is None:
+                start = -(-end // ALIGNMENT) * ALIGNMENT
+            else:  # where it lies within a huge page in this process, to map it over
+                start = end + (found[0] - end) % HUGE_PAGE
+            end = start + part.nbytes
+            spans.append((start, end))
+        segment = cls(end)
         if end >= HUGE_PAGE and huge_pages_on_request():
             with segment.map() as mapping, memoryview(mapping) as memory:
-                for part, found, (start, stop) in zip(parts, blocks, spans, strict=True):
+                for part, found, (start, stop) in zip(parts, in_place, spans, strict=True):
                     if found is None:
                         memory[start:stop] = part
-                for block, at in places.items():
-                    _in_place.move(block, memory, segment.fd, at)
+                    else:
+                        from ._in_place import move
+
+                        move(part, *found, memory, segment.fd, start)
         else:
             for part, (start, _) in zip(parts, spans, strict=True):
                 segment.write(start, part)
@@ -139,37 +137,15 @@ def huge_pages_on_request() -> bool:
     return hasattr(mmap, "MADV_HUGEPAGE") and chosen not in ("never", "deny", "")
 
 
-def _layout(parts: list[memoryview], blocks: list[tuple[Block, int] | None]
-            ) -> tuple[list[tuple[int, int]], dict[Block, int], int]:
-    """Where each part goes in a segment (``(start, end)``), where each block shared in place
-    goes, and the segment's size. A block lies at the same place within a huge page as in the
-    process, so that it can be mapped over with huge pages."""
-    spans: list[tuple[int, int]] = []
-    places: dict[Block, int] = {}
-    end = 0
-    for part, found in zip(parts, blocks, strict=True):
-        if found is None:
-            start = -(-end // ALIGNMENT) * ALIGNMENT
-        else:
-            block, offset = found
-            if block not in places:
-                places[block] = end + (block.start - end) % HUGE_PAGE
-                end = places[block] + block.length
-            start = places[block] + offset
-        spans.append((start, start + part.nbytes))
-        end = max(end, start + part.nbytes)
-    return spans, places, end
-
-
-def _blocks(parts: list[memoryview]) -> list[tuple[Block, int] | None]:
-    """For each part, the block it may be shared in place from, and where it lies in it: only
+def _in_place_pages(parts: list[memoryview]) -> list[tuple[int, Pages] | None]:
+    """For each part, where it starts and the pages of it that may be shared in place: only
     where shared memory gets huge pages (with 4 KiB pages, the caller's array would be slower
     to read from then on)."""
     if not huge_pages_on_request() or all(part.nbytes < IN_PLACE_BYTES for part in parts):
         return [None] * len(parts)
-    from ._in_place import find_block  # not at import: it loads ctypes
+    from ._in_place import find_pages  # not at import: it loads ctypes
 
-    return [find_block(part) if part.nbytes >= IN_PLACE_BYTES else None for part in parts]
+    return [find_pages(part) if part.nbytes >= IN_PLACE_BYTES else None for part in parts]
 
 
 def _close_and_remove(fd: int, path: str) -> None:

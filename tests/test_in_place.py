@@ -3,7 +3,9 @@ array itself becomes the shared memory the workers map, so that its data exists 
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import mmap
 import subprocess
 import sys
 import textwrap
@@ -17,6 +19,7 @@ from parfor import gmap, pmap
 from parfor_core import _in_place, _shared
 
 MIB = 2**20
+PAGE = mmap.PAGESIZE
 
 
 @pytest.fixture
@@ -38,17 +41,29 @@ def _mappings(array: numpy.ndarray) -> list[dict[str, str]]:
                 current = None
                 if high > address and low < address + array.nbytes:
                     current = {"name": fields[5] if len(fields) > 5 else "",
-                               "inode": fields[4]}
+                               "inode": fields[4], "range": (low, high)}
                     found.append(current)
             elif current is not None:
                 current[fields[0].rstrip(":")] = fields[1]
     return found
 
 
+def _bytes_in_place(array: numpy.ndarray) -> int:
+    """How many bytes of the array's memory are a parfor segment; raises if such a mapping
+    holds private pages too (the caller's own copy)."""
+    address = array.__array_interface__["data"][0]
+    mapped = 0
+    for mapping in _mappings(array):
+        if mapping["name"] == "/memfd:parfor":
+            assert mapping["Anonymous"] == "0", mapping
+            low, high = mapping["range"]
+            mapped += min(high, address + array.nbytes) - max(low, address)
+    return mapped
+
+
 def _shared_in_place(array: numpy.ndarray) -> bool:
-    """Whether all of the array's memory is a parfor segment, with no private page left."""
-    mappings = _mappings(array)
-    return all(m["name"] == "/memfd:parfor" and m["Anonymous"] == "0" for m in mappings)
+    """Whether the array's memory is a segment but for its first and last partial pages."""
+    return _bytes_in_place(array) >= array.nbytes - 2 * PAGE
 
 
 def _block_bytes() -> int:
@@ -74,15 +89,31 @@ def total(i: int, array: numpy.ndarray) -> float:
 
 
 @pytest.mark.parametrize("backend", MACHINE_BACKENDS)
-def test_what_the_caller_writes_afterwards_is_its_own_and_reaches_the_next_call(huge_pages,
-                                                                                 backend):
+def test_an_array_written_between_calls_gets_its_own_memory_back_and_is_copied(huge_pages,
+                                                                              backend):
+    """Shared again, it would pay a page copy for each page written, after every call."""
     array = numpy.ones(_block_bytes() // 8)
     pmap(total, range(4), (array,), backend=backend, bar=False)
-    array[::1000] = 3.0
+    assert _shared_in_place(array)
+    array[::1000] = 3.0  # the pages written become the caller's own
     assert float(array.sum()) == array.size + 2 * len(array[::1000])
     assert pmap(total, range(4), (array,), backend=backend, bar=False) == [
         float(array.sum())] * 4
-    assert _shared_in_place(array)  # shared again, with what the caller wrote
+    assert _bytes_in_place(array) == 0  # its own memory again, all of it
+    assert float(array.sum()) == array.size + 2 * len(array[::1000])
+    before = _mappings(array)
+    array[1] = 5.0
+    assert pmap(total, range(4), (array,), backend=backend, bar=False) == [
+        float(array.sum())] * 4
+    assert _mappings(array) == before  # copied as usual
+
+
+def test_an_array_read_between_calls_stays_shared(huge_pages):
+    array = numpy.ones(_block_bytes() // 8)
+    for _ in range(3):
+        assert pmap(total, range(4), (array,), backend="processes", bar=False) == [
+            float(array.sum())] * 4
+        assert _shared_in_place(array)
 
 
 def slow_total(i: int, array: numpy.ndarray) -> float:
@@ -101,18 +132,41 @@ def test_a_lazy_call_keeps_its_argument_as_sent_while_the_caller_writes_it(huge_
     assert float(array.sum()) == 0.0
 
 
-def first_of_each(i: int, low: numpy.ndarray, high: numpy.ndarray) -> tuple[float, float]:
-    return float(low[0]), float(high[-1])
+def first_and_last(i: int, part: numpy.ndarray) -> tuple[float, float]:
+    return float(part[0]), float(part[-1])
 
 
-def test_views_into_one_large_array_share_its_memory_once(huge_pages):
-    array = numpy.arange(_block_bytes() // 8, dtype=numpy.float64)
-    half = array.size // 2
-    results = pmap(first_of_each, range(4), (array[1:half], array[half:-1]),
-                   backend="processes", bar=False)
-    assert results == [(1.0, float(array.size - 2))] * 4
-    assert _shared_in_place(array)
-    assert len({m["inode"] for m in _mappings(array)}) == 1
+def test_a_view_shares_only_its_own_pages(huge_pages):
+    array = numpy.arange(2 * _block_bytes() // 8, dtype=numpy.float64)
+    half = array[: array.size // 2]
+    assert pmap(first_and_last, range(4), (half,), backend="processes", bar=False) == [
+        (0.0, float(half.size - 1))] * 4
+    assert _shared_in_place(half)
+    assert _bytes_in_place(array[array.size // 2:]) == 0  # the rest was not sent
+    assert numpy.array_equal(array, numpy.arange(array.size, dtype=numpy.float64))
+
+
+def row_total(row: numpy.ndarray) -> float:
+    return float(row.sum())
+
+
+def test_rows_sent_as_items_are_each_shared_in_place(huge_pages):
+    table = numpy.ones((4, _block_bytes() // 8))
+    table[:, 0] = numpy.arange(4)
+    assert pmap(row_total, list(table), backend="processes", bar=False) == [
+        float(table.shape[1] - 1 + row) for row in range(4)]
+    assert all(_shared_in_place(row) for row in table)
+
+
+def test_an_array_with_pages_never_touched_is_copied_as_usual(huge_pages):
+    """Shared in place, they would take memory (in the segment) for as long as the array
+    lives; copied, only while the call runs."""
+    array = numpy.zeros(_block_bytes() // 8)  # no memory yet, but where written
+    array[: array.size // 2] = 1.0
+    before = _mappings(array)
+    assert pmap(total, range(2), (array,), backend="processes", bar=False) == [
+        float(array.size // 2)] * 2
+    assert _mappings(array) == before
 
 
 def test_memory_numpy_did_not_allocate_is_copied_as_usual(huge_pages, tmp_path):
@@ -125,7 +179,7 @@ def test_memory_numpy_did_not_allocate_is_copied_as_usual(huge_pages, tmp_path):
         assert pmap(total, range(2), (array,), backend="processes", bar=False) == [
             float(array.sum())] * 2
         assert _mappings(array) == before
-    assert _in_place.find_block(memoryview(on_disk)) is None
+    assert _in_place.find_pages(memoryview(on_disk)) is None
 
 
 def test_arrays_below_the_threshold_are_copied_as_usual(huge_pages):
@@ -147,7 +201,7 @@ def test_without_huge_pages_in_shared_memory_the_array_is_left_alone(monkeypatch
 def test_an_array_shared_in_place_lets_its_memory_go_with_it(huge_pages):
     array = numpy.ones(_block_bytes() // 8)
     pmap(total, range(4), (array,), backend="processes", bar=False)
-    inode = _mappings(array)[0]["inode"]
+    [inode] = {m["inode"] for m in _mappings(array) if m["name"] == "/memfd:parfor"}
     del array
     gc.collect()
     with open("/proc/self/maps") as maps:
@@ -155,8 +209,8 @@ def test_an_array_shared_in_place_lets_its_memory_go_with_it(huge_pages):
 
 
 def test_an_array_shared_in_place_can_still_grow_in_place():
-    """glibc grows such an array by remapping it over the file, past the data (ndarray.resize):
-    the file reaches far enough that this reads zeros, not a bus error."""
+    """An array shared in place is made of several mappings, so glibc grows it by copying it
+    (as any block), not by remapping it over the file, past its end (a bus error)."""
     code = textwrap.dedent(f"""
         import numpy
         from parfor import pmap
@@ -171,6 +225,11 @@ def test_an_array_shared_in_place_can_still_grow_in_place():
             array.resize(4 * size, refcheck=False)
             array[-1] = 5.0
             assert array[size - 1] == size - 1 and array[size:-1].sum() == 0, "contents"
+            address = array.__array_interface__["data"][0]
+            with open("/proc/self/maps") as maps:
+                for line in maps:
+                    low, high = (int(bound, 16) for bound in line.split()[0].split("-"))
+                    assert not (low <= address < high and "memfd" in line), "not copied"
             print("grown", array.size)
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -179,25 +238,30 @@ def test_an_array_shared_in_place_can_still_grow_in_place():
     assert f"grown {4 * (_block_bytes() // 8)}" in done.stdout
 
 
-def test_where_the_file_cannot_reach_that_far_the_array_is_copied_as_usual():
-    """A limit on file sizes (``ulimit -f``) refuses the room kept past the data."""
-    code = textwrap.dedent(f"""
-        import resource
-        import numpy
-        from parfor import pmap
-        from parfor_core import _shared
-        _shared.huge_pages_on_request = lambda: True
-        def total(i, array):
-            return float(array.sum())
-        if __name__ == "__main__":
-            resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 30, 1 << 30))
-            array = numpy.ones({_block_bytes() // 8})
-            assert pmap(total, range(2), (array,), backend="processes", bar=False) == [
-                float(array.size)] * 2, "results"
-            with open("/proc/self/maps") as maps:
-                print("in place" if "memfd:parfor" in maps.read() else "copied")
-    """)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "copied"
+def test_memory_with_a_setting_a_new_mapping_would_drop_is_copied_as_usual(huge_pages):
+    array = numpy.ones(_block_bytes() // 8)
+    address = array.__array_interface__["data"][0]
+    start = -(-address // PAGE) * PAGE
+    madvise = ctypes.CDLL(None).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    assert madvise(start, 16 * PAGE, 16) == 0  # MADV_DONTDUMP: left out of core dumps
+    assert _in_place.find_pages(memoryview(array).cast("B")) is None
+    before = _mappings(array)
+    pmap(total, range(2), (array,), backend="processes", bar=False)
+    assert _mappings(array) == before
+
+
+@pytest.mark.parametrize("pages_gone", [False, True])
+def test_a_piece_the_kernel_refuses_to_map_keeps_its_data(pages_gone):
+    """Before Linux 6.12, a failing mmap over a range could drop its pages: they are put back."""
+    libc = _in_place._libc()
+    area = mmap.mmap(-1, 8 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    area.write(bytes(range(256)) * (8 * PAGE // 256))
+    address = ctypes.addressof(ctypes.c_char.from_buffer(area))
+    copied = memoryview(bytearray(area[2 * PAGE:4 * PAGE]))
+    if pages_gone:
+        munmap = ctypes.CDLL(None).munmap
+        munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        assert munmap(address + 2 * PAGE, 2 * PAGE) == 0
+    assert not libc.map_over(address + 2 * PAGE, 2 * PAGE, -1, 0, copied)  # no such file
+    assert area[:] == bytes(range(256)) * (8 * PAGE // 256)
