@@ -125,6 +125,9 @@ SETTINGS: dict[str, Setting] = {setting.name: setting for setting in [
             "seconds a pool without work keeps its worker processes"),
     Setting("retries", _whole(0), 1, "how often an item that killed its worker is run again"),
     Setting("worker_output", _boolean, True, "show what workers print"),
+    Setting("share_in_place", _boolean, True,
+            "let a large numpy array become the shared memory its workers map (where shared "
+            "memory gets huge pages)"),
     Setting("disable_plugins", _names, (), "backend plugins (entry-point names) not to load"),
     Setting("backends", _tables, {}, "options for one backend: [tool.parfor.backends.NAME]"),
 ]}

@@ -143,6 +143,10 @@ def _in_place_pages(parts: list[memoryview]) -> list[tuple[int, Pages] | None]:
     to read from then on)."""
     if not huge_pages_on_request() or all(part.nbytes < IN_PLACE_BYTES for part in parts):
         return [None] * len(parts)
+    from ._config import current
+
+    if not current()["share_in_place"]:
+        return [None] * len(parts)
     from ._in_place import find_pages  # not at import: it loads ctypes
 
     return [find_pages(part) if part.nbytes >= IN_PLACE_BYTES else None for part in parts]

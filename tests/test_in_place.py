@@ -15,6 +15,7 @@ import numpy
 import pytest
 from test_shared_memory import MACHINE_BACKENDS, inspect_argument
 
+import parfor
 from parfor import gmap, pmap
 from parfor_core import _in_place, _shared
 
@@ -265,3 +266,13 @@ def test_a_piece_the_kernel_refuses_to_map_keeps_its_data(pages_gone):
         assert munmap(address + 2 * PAGE, 2 * PAGE) == 0
     assert not libc.map_over(address + 2 * PAGE, 2 * PAGE, -1, 0, copied)  # no such file
     assert area[:] == bytes(range(256)) * (8 * PAGE // 256)
+
+
+def test_the_setting_turns_it_off(huge_pages):
+    array = numpy.ones(_block_bytes() // 8)
+    before = _mappings(array)
+    with parfor.config(share_in_place=False):
+        pmap(total, range(2), (array,), backend="processes", bar=False)
+    assert _mappings(array) == before
+    pmap(total, range(2), (array,), backend="processes", bar=False)
+    assert _shared_in_place(array)
