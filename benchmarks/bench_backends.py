@@ -274,6 +274,13 @@ def versions() -> str:
     return ", ".join(f"{name} {version(name)}" for name in ("parfor", "loky", *INSTALLED))
 
 
+def shared_memory_pages() -> str:
+    """Linux's setting for huge pages in shared memory, on which W3 depends (large-data.md)."""
+    from parfor_core._shared import shmem_huge_pages
+
+    return f"shmem huge pages: {shmem_huge_pages() or 'none'}"
+
+
 def plot(rows: dict[str, dict[str, str]], path: str, title: str) -> None:
     """A bar chart per figure of the table, parfor's contenders in one colour, peers in another."""
     import matplotlib
@@ -342,7 +349,7 @@ def main() -> None:
     print(f"# parfor benchmark: {platform.python_implementation()} {platform.python_version()}, "
           f"{platform.machine()}, {n_workers} CPUs, {psutil.virtual_memory().total / 2**30:.0f} "
           f"GiB; {'quick smoke run' if quick else f'medians of {repeats} interleaved runs'}")
-    print(f"# {versions()}")
+    print(f"# {versions()}; {shared_memory_pages()}")
     if options.scaling:
         scaling(quick, repeats)
         return

@@ -128,13 +128,17 @@ def huge_pages_on_request() -> bool:
     setting is not "never"). A scan over memory in 4 KiB pages can take nearly twice as long
     (in a virtual machine, say); but where they cannot be had, writing through a mapping,
     a fault per 4 KiB page, is slower than ``pwrite``."""
+    return hasattr(mmap, "MADV_HUGEPAGE") and shmem_huge_pages() not in (None, "never", "deny")
+
+
+def shmem_huge_pages() -> str | None:
+    """Linux's setting for huge pages in shared memory (``never``, ``advise``, ...), if any."""
     try:
         with open(SHMEM_HUGE_PAGES) as file:
             setting = file.read()
     except OSError:
-        return False
-    chosen = setting[setting.find("[") + 1:setting.find("]")]
-    return hasattr(mmap, "MADV_HUGEPAGE") and chosen not in ("never", "deny", "")
+        return None
+    return setting[setting.find("[") + 1:setting.find("]")] or None
 
 
 def _in_place_pages(parts: list[memoryview]) -> list[tuple[int, Pages] | None]:
