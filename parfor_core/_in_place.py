@@ -33,8 +33,9 @@ from typing import Any, NamedTuple
 
 #: Copied, then mapped over, at a time: the data never exists twice in full, even briefly.
 PIECE = 2 * 2**20
-#: Given back memory of its own at a time: the extra memory that takes, and each is a
-#: mapping of its own from then on.
+#: Given back memory of its own at a time; each is a mapping of its own from then on. (The
+#: segment's memory goes only once the last piece is restored: restoring an array needs its
+#: size again, briefly, as copying it does.)
 RESTORED_AT_ONCE = 32 * PIECE
 #: glibc's header just before the memory ``malloc`` gives: the block's offset and its size,
 #: whose low bits are flags.
@@ -50,8 +51,9 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 _MACHINES = ("x86_64", "aarch64")
 #: How Linux names a mapping of a parfor segment whose descriptor is closed.
 _SHARED_BEFORE = "/memfd:parfor (deleted)"
-#: mincore's answer for a page, which is its lowest bit (the others are reserved).
-_LOWEST_BIT = bytes(byte & 1 for byte in range(256))
+#: A page's bits in /proc/self/pagemap: in memory; mapped by this process alone.
+_PRESENT = 1 << 63
+_EXCLUSIVE = 1 << 56
 #: Settings of a mapping (smaps' VmFlags) that mapping a segment over it would drop: locked,
 #: not inherited or wiped by forks, left out of core dumps, I/O or raw page frames, watched by
 #: userfaultfd, memory tagging.
@@ -64,10 +66,11 @@ _written_after_sharing: set[int] = set()
 
 
 class Pages(NamedTuple):
-    """Whole pages of an array's memory that may be shared in place: address and length."""
+    """Whole pages of an array's memory that may be shared in place: where they start and
+    end."""
 
     start: int
-    length: int
+    end: int
 
 
 def find_pages(part: memoryview) -> tuple[int, Pages] | None:
@@ -83,7 +86,8 @@ def find_pages(part: memoryview) -> tuple[int, Pages] | None:
     block = data - _HEADER.size
     if block % mmap.PAGESIZE or block in _written_after_sharing:
         return None
-    mappings = _plain_mappings(block, data + owner.nbytes)
+    page = mmap.PAGESIZE
+    mappings = _plain_mappings(block, -(-(data + owner.nbytes) // page) * page)
     if mappings is None:
         return None
     if any(mapping.written_since for mapping in mappings):
@@ -91,17 +95,53 @@ def find_pages(part: memoryview) -> tuple[int, Pages] | None:
         return None
     offset, size_and_flags = _HEADER.unpack(ctypes.string_at(block, _HEADER.size))
     size = size_and_flags & ~_FLAGS
-    if (offset or size_and_flags & _FLAGS != _IS_MMAPPED or size % mmap.PAGESIZE
+    if (offset or size_and_flags & _FLAGS != _IS_MMAPPED or size % page
             or size < _HEADER.size + owner.nbytes):
         return None
     address = _address(part)
     if not data <= address <= address + part.nbytes <= data + owner.nbytes:
         return None
-    start = -(-address // mmap.PAGESIZE) * mmap.PAGESIZE
-    end = (address + part.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
-    if end <= start or not libc.all_in_memory(start, end - start):
-        return None  # pages never touched (or swapped out) would take memory for nothing
-    return address, Pages(start, end - start)
+    pages = Pages(-(-address // page) * page, (address + part.nbytes) // page * page)
+    if pages.end <= pages.start or _partly_replaced(pages, mappings):
+        return None
+    if not _own_pages_in_memory(pages, mappings):
+        return None  # pages never written (the zero page), shared with a fork, or swapped out
+    return address, pages
+
+
+def _partly_replaced(pages: Pages, mappings: list[_Mapping]) -> bool:
+    """Whether sharing ``pages`` would replace part of an earlier segment's mappings only: the
+    rest would keep that segment, with the replaced pages, for as long as the array lives."""
+    overlapped = {m.inode for m in mappings
+                  if m.shared_before and m.start < pages.end and pages.start < m.end}
+    return any(m.inode in overlapped and not pages.start <= m.start < m.end <= pages.end
+               for m in mappings)
+
+
+def _own_pages_in_memory(pages: Pages, mappings: list[_Mapping]) -> bool:
+    """Whether every page is in memory, and each page of anonymous memory is this process's
+    alone: a page never written is the shared zero page, and a page inherited by a fork is the
+    parent's too; a segment would hold a copy of either for as long as the array lives."""
+    numpy = sys.modules["numpy"]
+    page = mmap.PAGESIZE
+    with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+        for mapping in mappings:
+            low, high = max(mapping.start, pages.start), min(mapping.end, pages.end)
+            if low >= high:
+                continue
+            entries = bytearray((high - low) // page * 8)
+            with memoryview(entries) as view:
+                read = 0
+                while read < len(entries):
+                    got = os.preadv(pagemap.fileno(), [view[read:]], low // page * 8 + read)
+                    if got <= 0:
+                        return False
+                    read += got
+            required = _PRESENT | (0 if mapping.shared_before else _EXCLUSIVE)
+            bits = numpy.frombuffer(entries, dtype=numpy.uint64) & numpy.uint64(required)
+            if not bool((bits == numpy.uint64(required)).all()):
+                return False
+    return True
 
 
 def _stop_sharing(owner: Any, block: int, mappings: list[_Mapping], libc: _Libc) -> None:
@@ -128,7 +168,7 @@ def move(part: memoryview, address: int, pages: Pages, memory: memoryview, fd: i
         here = address + position
         size = min(PIECE - here % PIECE, part.nbytes - position)
         memory[offset + position:offset + position + size] = part[position:position + size]
-        low, high = max(here, pages.start), min(here + size, pages.start + pages.length)
+        low, high = max(here, pages.start), min(here + size, pages.end)
         if mapping and low < high:
             copied = memory[offset + low - address:offset + high - address]
             mapping = libc.map_over(low, high - low, fd, offset + low - address, copied)
@@ -164,12 +204,13 @@ def _address(part: memoryview) -> int:
 
 
 class _Mapping(NamedTuple):
-    """A mapping over an array's memory: its range, whether it is a segment shared in place
-    before, and whether the array was written into there since."""
+    """A mapping over an array's memory: its range, whether it is a segment (which one) shared
+    in place before, and whether the array was written into there since."""
 
     start: int
     end: int
     shared_before: bool
+    inode: str
     written_since: bool
 
 
@@ -179,30 +220,35 @@ def _plain_mappings(start: int, end: int) -> list[_Mapping] | None:
     stack) and no setting that mapping over them would drop; else None."""
     found: list[_Mapping] = []
     reached, current = start, False
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            key, _, rest = line.partition(" ")
-            if not key.endswith(":"):  # a mapping's first line: its range, mode, file
-                if reached >= end:
-                    return found
-                low, high = (int(bound, 16) for bound in key.split("-"))
-                current = high > reached
-                if not current:
-                    continue
-                fields = rest.split(maxsplit=4)
-                name = fields[4].rstrip("\n") if len(fields) > 4 else ""
-                shared_before = name == _SHARED_BEFORE
-                if low > reached or fields[0] != "rw-p" or not (
-                        shared_before
-                        or fields[3] == "0" and (not name or name.startswith("[anon:"))):
-                    return None
-                found.append(_Mapping(max(low, start), min(high, end), shared_before, False))
-                reached = high
-            elif current and (key == "VmFlags:" and not _REFUSED.isdisjoint(rest.split())
-                              or key == "ProtectionKey:" and rest.strip() != "0"):
+    try:
+        with open("/proc/self/smaps") as smaps:
+            lines = smaps.readlines()
+    except OSError:
+        return None
+    for line in lines:
+        key, _, rest = line.partition(" ")
+        if not key.endswith(":"):  # a mapping's first line: its range, mode, file
+            if reached >= end:
+                return found
+            low, high = (int(bound, 16) for bound in key.split("-"))
+            current = high > reached
+            if not current:
+                continue
+            fields = rest.split(maxsplit=4)
+            name = fields[4].rstrip("\n") if len(fields) > 4 else ""
+            shared_before = name == _SHARED_BEFORE
+            if low > reached or fields[0] != "rw-p" or not (
+                    shared_before
+                    or fields[3] == "0" and (not name or name.startswith("[anon:"))):
                 return None
-            elif current and key == "Anonymous:" and found[-1].shared_before:
-                found[-1] = found[-1]._replace(written_since=int(rest.split()[0]) > 0)
+            found.append(_Mapping(max(low, start), min(high, end), shared_before, fields[3],
+                                  False))
+            reached = high
+        elif current and (key == "VmFlags:" and not _REFUSED.isdisjoint(rest.split())
+                          or key == "ProtectionKey:" and rest.strip() != "0"):
+            return None
+        elif current and key == "Anonymous:" and found[-1].shared_before:
+            found[-1] = found[-1]._replace(written_since=int(rest.split()[0]) > 0)
     return found if reached >= end else None
 
 
@@ -216,21 +262,12 @@ class _Libc:
                                ctypes.c_int, ctypes.c_long]
         self._munmap = glibc.munmap
         self._munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        self._mincore = glibc.mincore
-        self._mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
         self._mremap = glibc.mremap
         self._mremap.restype = ctypes.c_void_p
         self._mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
                                  ctypes.c_int, ctypes.c_void_p]
         self._madvise = glibc.madvise
         self._madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-
-    def all_in_memory(self, address: int, length: int) -> bool:
-        """Whether every page of the range is in memory (one never touched is not)."""
-        pages = ctypes.create_string_buffer(length // mmap.PAGESIZE)
-        if self._mincore(address, length, pages) != 0:
-            return False
-        return 0 not in pages.raw.translate(_LOWEST_BIT)
 
     def map_over(self, address: int, length: int, fd: int, offset: int,
                  copied: memoryview) -> bool:

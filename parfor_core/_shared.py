@@ -24,8 +24,11 @@ if TYPE_CHECKING:
 ALIGNMENT = 64
 #: Segments at least this large are asked for huge pages, where the system grants them.
 HUGE_PAGE = 2 * 2**20
-#: Parts of numpy arrays this large are shared in place, where shared memory gets huge pages.
+#: Parts of numpy arrays this large are shared in place, where shared memory gets huge pages ...
 IN_PLACE_BYTES = 16 * 2**20
+#: ... if the other parts of their segment, which live as long as the array then, are at most
+#: this large together.
+IN_PLACE_COMPANY = 2**20
 #: Linux's setting for transparent huge pages in shared memory.
 SHMEM_HUGE_PAGES = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
 
@@ -142,18 +145,23 @@ def shmem_huge_pages() -> str | None:
 
 
 def _in_place_pages(parts: list[memoryview]) -> list[tuple[int, Pages] | None]:
-    """For each part, where it starts and the pages of it that may be shared in place: only
+    """For each part, where it starts and the pages of it to share in place, if any: only
     where shared memory gets huge pages (with 4 KiB pages, the caller's array would be slower
-    to read from then on)."""
-    if not huge_pages_on_request() or all(part.nbytes < IN_PLACE_BYTES for part in parts):
-        return [None] * len(parts)
+    to read from then on), and only for one large part among small ones, since the array's
+    mapping keeps the whole segment, all its parts, for as long as the array lives."""
+    large = [i for i, part in enumerate(parts) if part.nbytes >= IN_PLACE_BYTES]
+    none: list[tuple[int, Pages] | None] = [None] * len(parts)
+    if (len(large) != 1 or not huge_pages_on_request()
+            or sum(part.nbytes for part in parts) - parts[large[0]].nbytes > IN_PLACE_COMPANY):
+        return none
     from ._config import current
 
     if not current()["share_in_place"]:
-        return [None] * len(parts)
+        return none
     from ._in_place import find_pages  # not at import: it loads ctypes
 
-    return [find_pages(part) if part.nbytes >= IN_PLACE_BYTES else None for part in parts]
+    none[large[0]] = find_pages(parts[large[0]])
+    return none
 
 
 def _close_and_remove(fd: int, path: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import mmap
+import os
 import subprocess
 import sys
 import textwrap
@@ -47,6 +48,11 @@ def _mappings(array: numpy.ndarray) -> list[dict[str, str]]:
             elif current is not None:
                 current[fields[0].rstrip(":")] = fields[1]
     return found
+
+
+def _layout(array: numpy.ndarray) -> list[tuple[str, str, tuple[int, int]]]:
+    """What the array's memory is: each mapping's name, file (inode) and range."""
+    return [(m["name"], m["inode"], m["range"]) for m in _mappings(array)]
 
 
 def _bytes_in_place(array: numpy.ndarray) -> int:
@@ -102,11 +108,11 @@ def test_an_array_written_between_calls_gets_its_own_memory_back_and_is_copied(h
         float(array.sum())] * 4
     assert _bytes_in_place(array) == 0  # its own memory again, all of it
     assert float(array.sum()) == array.size + 2 * len(array[::1000])
-    before = _mappings(array)
+    before = _layout(array)
     array[1] = 5.0
     assert pmap(total, range(4), (array,), backend=backend, bar=False) == [
         float(array.sum())] * 4
-    assert _mappings(array) == before  # copied as usual
+    assert _layout(array) == before  # copied as usual
 
 
 def test_an_array_read_between_calls_stays_shared(huge_pages):
@@ -164,10 +170,10 @@ def test_an_array_with_pages_never_touched_is_copied_as_usual(huge_pages):
     lives; copied, only while the call runs."""
     array = numpy.zeros(_block_bytes() // 8)  # no memory yet, but where written
     array[: array.size // 2] = 1.0
-    before = _mappings(array)
+    before = _layout(array)
     assert pmap(total, range(2), (array,), backend="processes", bar=False) == [
         float(array.size // 2)] * 2
-    assert _mappings(array) == before
+    assert _layout(array) == before
 
 
 def test_memory_numpy_did_not_allocate_is_copied_as_usual(huge_pages, tmp_path):
@@ -176,27 +182,27 @@ def test_memory_numpy_did_not_allocate_is_copied_as_usual(huge_pages, tmp_path):
                            shape=_block_bytes())
     on_disk[::4096] = 1
     for array in (borrowed, on_disk):
-        before = _mappings(array)
+        before = _layout(array)
         assert pmap(total, range(2), (array,), backend="processes", bar=False) == [
             float(array.sum())] * 2
-        assert _mappings(array) == before
+        assert _layout(array) == before
     assert _in_place.find_pages(memoryview(on_disk)) is None
 
 
 def test_arrays_below_the_threshold_are_copied_as_usual(huge_pages):
     array = numpy.ones((_shared.IN_PLACE_BYTES - 4096) // 8)
-    before = _mappings(array)
+    before = _layout(array)
     pmap(total, range(2), (array,), backend="processes", bar=False)
-    assert _mappings(array) == before
+    assert _layout(array) == before
 
 
 def test_without_huge_pages_in_shared_memory_the_array_is_left_alone(monkeypatch):
     """With 4 KiB pages, the caller's own reads of the array would be slower from then on."""
     monkeypatch.setattr(_shared, "huge_pages_on_request", lambda: False)
     array = numpy.ones(_block_bytes() // 8)
-    before = _mappings(array)
+    before = _layout(array)
     pmap(total, range(2), (array,), backend="processes", bar=False)
-    assert _mappings(array) == before
+    assert _layout(array) == before
 
 
 def test_an_array_shared_in_place_lets_its_memory_go_with_it(huge_pages):
@@ -247,9 +253,9 @@ def test_memory_with_a_setting_a_new_mapping_would_drop_is_copied_as_usual(huge_
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     assert madvise(start, 16 * PAGE, 16) == 0  # MADV_DONTDUMP: left out of core dumps
     assert _in_place.find_pages(memoryview(array).cast("B")) is None
-    before = _mappings(array)
+    before = _layout(array)
     pmap(total, range(2), (array,), backend="processes", bar=False)
-    assert _mappings(array) == before
+    assert _layout(array) == before
 
 
 @pytest.mark.parametrize("pages_gone", [False, True])
@@ -270,9 +276,60 @@ def test_a_piece_the_kernel_refuses_to_map_keeps_its_data(pages_gone):
 
 def test_the_setting_turns_it_off(huge_pages):
     array = numpy.ones(_block_bytes() // 8)
-    before = _mappings(array)
+    before = _layout(array)
     with parfor.config(share_in_place=False):
         pmap(total, range(2), (array,), backend="processes", bar=False)
-    assert _mappings(array) == before
+    assert _layout(array) == before
     pmap(total, range(2), (array,), backend="processes", bar=False)
     assert _shared_in_place(array)
+
+
+def both_totals(i: int, first: numpy.ndarray, second: numpy.ndarray) -> float:
+    return float(first.sum() + second.sum())
+
+
+@pytest.mark.parametrize("other_bytes", [2 * MIB, 40 * MIB])
+def test_an_array_sent_with_other_large_data_is_copied_as_usual(huge_pages, other_bytes):
+    """Shared in place, it would keep the whole segment, the other data too, while it lives."""
+    array, other = numpy.ones(_block_bytes() // 8), numpy.ones(other_bytes // 8)
+    before = _layout(array), _layout(other)
+    assert pmap(both_totals, range(2), (array, other), backend="processes", bar=False) == [
+        float(array.size + other.size)] * 2
+    assert (_layout(array), _layout(other)) == before
+
+
+def test_an_array_only_read_since_it_was_made_is_copied_as_usual(huge_pages):
+    """Its pages are the kernel's one zero page: a segment would hold a copy of each."""
+    array = numpy.zeros(_block_bytes() // 8)
+    assert float(array.sum()) == 0.0
+    before = _layout(array)
+    pmap(total, range(2), (array,), backend="processes", bar=False)
+    assert _layout(array) == before
+
+
+def test_an_array_a_forked_process_shares_with_its_parent_is_not_shared_in_place():
+    array = numpy.ones(_block_bytes() // 8)
+    part = memoryview(array).cast("B")
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the pages are still the parent's too
+        os.write(write, b"none" if _in_place.find_pages(part) is None else b"found")
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    with os.fdopen(read, "rb") as answer:
+        assert answer.read() == b"none"
+    assert _in_place.find_pages(part) is not None  # the parent's alone again
+
+
+def test_sending_part_of_an_array_shared_in_place_before_copies_that_part(huge_pages):
+    """Sharing it in place would leave the rest keeping the old segment, with the part's old
+    pages, for as long as the array lives."""
+    array = numpy.arange(2 * _block_bytes() // 8, dtype=numpy.float64)
+    pmap(total, range(2), (array,), backend="processes", bar=False)
+    assert _shared_in_place(array)
+    before = _layout(array)
+    half = array[: array.size // 2]
+    assert pmap(total, range(2), (half,), backend="processes", bar=False) == [
+        float(half.sum())] * 2
+    assert _layout(array) == before
