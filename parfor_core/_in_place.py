@@ -119,15 +119,16 @@ def _partly_replaced(pages: Pages, mappings: list[_Mapping]) -> bool:
 
 
 def _own_pages_in_memory(pages: Pages, mappings: list[_Mapping]) -> bool:
-    """Whether every page is in memory, and each page of anonymous memory is this process's
-    alone: a page never written is the shared zero page, and a page inherited by a fork is the
-    parent's too; a segment would hold a copy of either for as long as the array lives."""
+    """Whether every page of anonymous memory is in memory and this process's alone: a page
+    never written is the shared zero page, and a page inherited by a fork is the parent's too;
+    a segment would hold a copy of either for as long as the array lives. (The pages of a
+    segment shared in place before are all written; this process maps only those it read.)"""
     numpy = sys.modules["numpy"]
     page = mmap.PAGESIZE
     with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
         for mapping in mappings:
             low, high = max(mapping.start, pages.start), min(mapping.end, pages.end)
-            if low >= high:
+            if mapping.shared_before or low >= high:
                 continue
             entries = bytearray((high - low) // page * 8)
             with memoryview(entries) as view:
@@ -137,9 +138,9 @@ def _own_pages_in_memory(pages: Pages, mappings: list[_Mapping]) -> bool:
                     if got <= 0:
                         return False
                     read += got
-            required = _PRESENT | (0 if mapping.shared_before else _EXCLUSIVE)
-            bits = numpy.frombuffer(entries, dtype=numpy.uint64) & numpy.uint64(required)
-            if not bool((bits == numpy.uint64(required)).all()):
+            required = numpy.uint64(_PRESENT | _EXCLUSIVE)
+            if not bool(((numpy.frombuffer(entries, dtype=numpy.uint64) & required)
+                         == required).all()):
                 return False
     return True
 

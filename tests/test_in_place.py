@@ -115,12 +115,16 @@ def test_an_array_written_between_calls_gets_its_own_memory_back_and_is_copied(h
     assert _layout(array) == before  # copied as usual
 
 
-def test_an_array_read_between_calls_stays_shared(huge_pages):
+def test_an_array_only_read_between_calls_is_shared_anew_each_call(huge_pages):
     array = numpy.ones(_block_bytes() // 8)
-    for _ in range(3):
-        assert pmap(total, range(4), (array,), backend="processes", bar=False) == [
-            float(array.sum())] * 4
-        assert _shared_in_place(array)
+    expected = [float(array.size)] * 4
+    segments = []
+    for _ in range(3):  # back to back: this process maps none of the segment's pages between
+        assert pmap(total, range(4), (array,), backend="processes", bar=False) == expected
+        segments.append({m["inode"] for m in _mappings(array) if m["name"] == "/memfd:parfor"})
+    assert all(len(inodes) == 1 for inodes in segments)
+    assert len(set.union(*segments)) == 3
+    assert _shared_in_place(array) and float(array.sum()) == array.size
 
 
 def slow_total(i: int, array: numpy.ndarray) -> float:
