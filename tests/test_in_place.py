@@ -55,8 +55,12 @@ def _mappings(array: numpy.ndarray) -> list[dict[str, str]]:
 
 
 def _layout(array: numpy.ndarray) -> list[tuple[str, str, tuple[int, int]]]:
-    """What the array's memory is: each mapping's name, file (inode) and range."""
-    return [(m["name"], m["inode"], m["range"]) for m in _mappings(array)]
+    """What the array's memory is: each mapping's name, file (inode) and range over it (a
+    neighbour that merges with a mapping changes only what lies outside)."""
+    address = array.__array_interface__["data"][0]
+    return [(m["name"], m["inode"], (max(m["range"][0], address),
+                                     min(m["range"][1], address + array.nbytes)))
+            for m in _mappings(array)]
 
 
 def _bytes_in_place(array: numpy.ndarray) -> int:
