@@ -82,11 +82,11 @@ def find_pages(part: memoryview) -> tuple[int, Pages] | None:
     owner = _owning_array(part.obj)
     if owner is None:
         return None
+    page = mmap.PAGESIZE
     data = owner.__array_interface__["data"][0]
     block = data - _HEADER.size
-    if block % mmap.PAGESIZE or block in _written_after_sharing:
+    if block % page or block in _written_after_sharing:
         return None
-    page = mmap.PAGESIZE
     mappings = _plain_mappings(block, -(-(data + owner.nbytes) // page) * page)
     if mappings is None:
         return None

@@ -150,18 +150,18 @@ def _in_place_pages(parts: list[memoryview]) -> list[tuple[int, Pages] | None]:
     to read from then on), and only for one large part among small ones, since the array's
     mapping keeps the whole segment, all its parts, for as long as the array lives."""
     large = [i for i, part in enumerate(parts) if part.nbytes >= IN_PLACE_BYTES]
-    none: list[tuple[int, Pages] | None] = [None] * len(parts)
+    found: list[tuple[int, Pages] | None] = [None] * len(parts)
     if (len(large) != 1 or not huge_pages_on_request()
             or sum(part.nbytes for part in parts) - parts[large[0]].nbytes > IN_PLACE_COMPANY):
-        return none
+        return found
     from ._config import current
 
     if not current()["share_in_place"]:
-        return none
+        return found
     from ._in_place import find_pages  # not at import: it loads ctypes
 
-    none[large[0]] = find_pages(parts[large[0]])
-    return none
+    found[large[0]] = find_pages(parts[large[0]])
+    return found
 
 
 def _close_and_remove(fd: int, path: str) -> None:
