@@ -31,7 +31,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-#: Copied, then mapped over, at a time: the data never exists twice in full, even briefly.
+#: Copied, then mapped over, at a time: an array sent for the first time never exists twice in
+#: full, even briefly.
 PIECE = 2 * 2**20
 #: Given back memory of its own at a time; each is a mapping of its own from then on. (The
 #: segment's memory goes only once the last piece is restored: restoring an array needs its
@@ -49,7 +50,7 @@ _MREMAP_MAYMOVE, _MREMAP_FIXED = 1, 2
 _RW = mmap.PROT_READ | mmap.PROT_WRITE
 _MAP_FAILED = ctypes.c_void_p(-1).value
 _MACHINES = ("x86_64", "aarch64")
-#: How Linux names a mapping of a parfor segment whose descriptor is closed.
+#: How Linux names a mapping of a parfor segment (a memory file, which has no name on disk).
 _SHARED_BEFORE = "/memfd:parfor (deleted)"
 #: A page's bits in /proc/self/pagemap: in memory; mapped by this process alone.
 _PRESENT = 1 << 63
@@ -254,7 +255,8 @@ def _plain_mappings(start: int, end: int) -> list[_Mapping] | None:
 
 
 class _Libc:
-    """The two system calls in-place sharing needs, through glibc."""
+    """The system calls in-place sharing needs (mmap, munmap, mremap, madvise), through
+    glibc."""
 
     def __init__(self, glibc: ctypes.CDLL) -> None:
         self._mmap = glibc.mmap
@@ -299,8 +301,9 @@ class _Libc:
         ctypes.memmove(copy, address, length)
         if self._mremap(copy, length, length, _MREMAP_MAYMOVE | _MREMAP_FIXED,
                         address) == address:
-            self._munmap(scratch, copy - scratch)  # the scratch's rest, before and after it
-            self._munmap(copy + length, scratch + length + PIECE - copy - length)
+            if copy > scratch:  # the scratch's rest, before and after it
+                self._munmap(scratch, copy - scratch)
+            self._munmap(copy + length, scratch + PIECE - copy)
         else:
             self._put_back(address, length, copy)
             self._munmap(scratch, length + PIECE)
