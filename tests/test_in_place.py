@@ -239,16 +239,20 @@ def test_an_array_shared_in_place_can_still_grow_in_place():
             return float(array.sum())
         if __name__ == "__main__":
             array = numpy.arange({_block_bytes() // 8}, dtype=numpy.float64)
+            def in_a_segment(address):
+                with open("/proc/self/maps") as maps:
+                    for line in maps:
+                        low, high = (int(bound, 16) for bound in line.split()[0].split("-"))
+                        if low <= address < high and "memfd:parfor" in line:
+                            return True
+                return False
             pmap(total, range(2), (array,), backend="processes", bar=False)
+            assert in_a_segment(array.__array_interface__["data"][0] + 8192), "not shared"
             size = array.size
             array.resize(4 * size, refcheck=False)
             array[-1] = 5.0
             assert array[size - 1] == size - 1 and array[size:-1].sum() == 0, "contents"
-            address = array.__array_interface__["data"][0]
-            with open("/proc/self/maps") as maps:
-                for line in maps:
-                    low, high = (int(bound, 16) for bound in line.split()[0].split("-"))
-                    assert not (low <= address < high and "memfd" in line), "not copied"
+            assert not in_a_segment(array.__array_interface__["data"][0]), "not copied"
             print("grown", array.size)
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
