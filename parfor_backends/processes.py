@@ -21,7 +21,6 @@ from concurrent.futures import Future
 from typing import IO
 
 from parfor_backends._framing import COUNT, read_frame, write_frame
-from parfor_backends._idle import IdleWatch
 from parfor_backends._retrying import Job, settle
 from parfor_core import (
     SETTINGS,
@@ -34,6 +33,7 @@ from parfor_core import (
     release_shared,
     share_call,
 )
+from parfor_core._idle import IdleWatch
 
 #: Seconds a pool with nothing to do keeps its workers (the configured default).
 IDLE_TIMEOUT = SETTINGS["idle_timeout"].default

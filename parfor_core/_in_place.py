@@ -80,8 +80,8 @@ def find_pages(part: memoryview) -> tuple[int, Pages] | None:
     libc = _libc()
     if libc is None:
         return None
-    owner = _owning_array(part.obj)
-    if owner is None:
+    owner = owning_array(part.obj)
+    if owner is None or not _default_allocated(owner):
         return None
     page = mmap.PAGESIZE
     data = owner.__array_interface__["data"][0]
@@ -99,7 +99,7 @@ def find_pages(part: memoryview) -> tuple[int, Pages] | None:
     if (offset or size_and_flags & _FLAGS != _IS_MMAPPED or size % page
             or size < _HEADER.size + owner.nbytes):
         return None
-    address = _address(part)
+    address = buffer_address(part)
     if not data <= address <= address + part.nbytes <= data + owner.nbytes:
         return None
     pages = Pages(-(-address // page) * page, (address + part.nbytes) // page * page)
@@ -177,17 +177,20 @@ def move(part: memoryview, address: int, pages: Pages, memory: memoryview, fd: i
         position += size
 
 
-def _owning_array(obj: object) -> Any:
-    """The numpy array that owns ``obj``'s memory, if numpy's default allocator made it."""
+def owning_array(obj: object) -> Any:
+    """The numpy array that owns ``obj``'s memory (the base of a view), if any."""
     numpy = sys.modules.get("numpy")
     if numpy is None:
         return None
     while isinstance(obj, numpy.ndarray) and not obj.flags.owndata:
         obj = obj.base
-    if not isinstance(obj, numpy.ndarray):
-        return None
-    handler_name = _handler_name(numpy)
-    return obj if handler_name is not None and handler_name(obj) == "default_allocator" else None
+    return obj if isinstance(obj, numpy.ndarray) else None
+
+
+def _default_allocated(array: Any) -> bool:
+    """Whether numpy's default allocator made the array's memory (with glibc's ``malloc``)."""
+    handler_name = _handler_name(sys.modules["numpy"])
+    return handler_name is not None and handler_name(array) == "default_allocator"
 
 
 def _handler_name(numpy: Any) -> Callable[[object], str | None] | None:
@@ -199,7 +202,7 @@ def _handler_name(numpy: Any) -> Callable[[object], str | None] | None:
     return None
 
 
-def _address(part: memoryview) -> int:
+def buffer_address(part: memoryview) -> int:
     """Where a buffer's memory starts."""
     numpy = sys.modules["numpy"]
     return numpy.frombuffer(part, dtype=numpy.uint8).__array_interface__["data"][0]

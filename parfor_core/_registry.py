@@ -284,13 +284,17 @@ class Registry:
         backend.shutdown()
 
     def shutdown(self) -> None:
-        """Shut every backend instance down, pooled or still leased (at interpreter exit)."""
+        """Shut every backend instance down, pooled or still leased (at interpreter exit), and
+        let go of the shared memory kept for calls to come."""
         with self._lock:
             instances = [backend for backend, _ in self._instances.values()] + [
                 backend for backend in self._retired if id(backend) in self._leases]
             self._instances = {}
         for backend in instances:
             backend.shutdown()
+        kept = sys.modules.get("parfor_core._kept")  # loaded by the first call that kept any
+        if kept is not None:
+            kept.release_all()
 
     def _exit(self) -> None:
         """At interpreter exit: shut everything down; calls still open (an abandoned gmap)

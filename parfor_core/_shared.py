@@ -42,6 +42,10 @@ class Address(NamedTuple):
     size: int
 
 
+#: Where a buffer lies in shared memory: its segment's address, and its start and end there.
+Placement = tuple[Address, int, int]
+
+
 def _machine() -> str:
     """This machine's identity for this boot: a segment address is meaningless elsewhere."""
     try:

@@ -24,7 +24,7 @@ from functools import partial
 from typing import Any
 
 from ._pickling import dumps, loads
-from ._shared import Address, Segment, attach, still_shared
+from ._shared import Address, Placement, Segment, attach, still_shared
 from ._task import Call, Failure, Result, Task, describe_worker, run_task
 from .errors import ParforError, SerializationError, rebuild_exception
 
@@ -97,22 +97,36 @@ def share_call(call: Call) -> bytes:
         buffers: list[pickle.PickleBuffer] = []
         data = _serialize_call(call, buffers)
         if buffers or len(data) >= LARGE_CALL_BYTES:
-            segment, spans = Segment.holding([memoryview(data), *_raw(buffers)])
-            call.releasers.append(segment.release)
-            call._shared = pickle.dumps((None, segment.address, spans))
+            call._shared = pickle.dumps((None, _placed_for(call, data, list(_raw(buffers)))))
         else:
-            call._shared = pickle.dumps((data, None, None))
+            call._shared = pickle.dumps((data, None))
     return call._shared
+
+
+def _placed_for(call: Call, data: bytes, buffers: list[memoryview]) -> list[Placement]:
+    """Where a call's serialized body and buffers lie in shared memory: its large arrays in
+    segments of their own, kept for the next call (`_kept`), the rest in one segment that
+    goes with the call."""
+    from ._kept import lease  # not at import: it loads ctypes
+
+    kept, done = lease(buffers)
+    call.releasers.append(done)
+    rest = [memoryview(data),
+            *(part for part, place in zip(buffers, kept, strict=True) if place is None)]
+    segment, spans = Segment.holding(rest)
+    call.releasers.append(segment.release)
+    own = iter([(segment.address, start, end) for start, end in spans])
+    return [next(own), *(place or next(own) for place in kept)]
 
 
 def load_shared_call(call_id: str, shared: bytes | memoryview) -> Call:
     """Worker side: the Call that `share_call` made ``shared`` from. Its large buffers stay in
     the shared memory, mapped copy-on-write: what a task writes into them stays in its worker.
     """
-    data, address, spans = pickle.loads(shared)
-    if address is None:
+    data, placed = pickle.loads(shared)
+    if placed is None:
         return load_call(call_id, data)
-    body, *buffers = _mapped(address, spans)
+    body, *buffers = _mapped(placed)
     return load_call(call_id, body, buffers)
 
 
@@ -150,7 +164,7 @@ def _loads_local(data: bytes | memoryview) -> Any:
     if data[:1] != _SHARED:
         return loads(data)
     body, address, spans = pickle.loads(memoryview(data)[1:])
-    return loads(body, _mapped(address, spans))
+    return loads(body, _mapped([(address, start, end) for start, end in spans]))
 
 
 def _keeping(data: bytes, segment: Segment | None) -> bytes:
@@ -175,10 +189,16 @@ def _raw(buffers: list[pickle.PickleBuffer]) -> Iterator[memoryview]:
     return (buffer.raw() for buffer in buffers)
 
 
-def _mapped(address: Address, spans: list[tuple[int, int]]) -> list[memoryview]:
-    """The parts of a segment another process placed, mapped here copy-on-write."""
-    memory = memoryview(attach(address, shared=False))
-    return [memory[start:end] for start, end in spans]
+def _mapped(placed: list[Placement]) -> list[memoryview]:
+    """The parts another process placed in shared memory, mapped here copy-on-write (each
+    segment once)."""
+    segments: dict[Address, memoryview] = {}
+    parts = []
+    for address, start, end in placed:
+        if address not in segments:
+            segments[address] = memoryview(attach(address, shared=False))
+        parts.append(segments[address][start:end])
+    return parts
 
 
 def dump_items(task: Task, local: bool = False) -> bytes:
@@ -271,9 +291,9 @@ def _load_and_watch(call_id: str, shared: bytes) -> Call:
     """Load a shared call (with `_worker_calls_lock` held), and watch its shared memory."""
     global _sweeper
     call = load_shared_call(call_id, shared)
-    address = pickle.loads(shared)[1]
-    if address is not None:
-        _worker_segments[call_id] = address
+    placed = pickle.loads(shared)[1]
+    if placed is not None:  # the body's segment, which goes with the call
+        _worker_segments[call_id] = placed[0][0]
         if _sweeper is None:
             _sweeper = threading.Thread(target=_sweep, name="parfor-shared-memory", daemon=True)
             _sweeper.start()

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from parfor_backends._idle import IdleWatch
+from parfor_core._idle import IdleWatch
 
 
 def _watch(timeout: float) -> tuple[IdleWatch, threading.Event]:

@@ -17,7 +17,7 @@ from test_shared_memory import MACHINE_BACKENDS, inspect_argument
 
 import parfor
 from parfor import gmap, pmap
-from parfor_core import _in_place, _shared
+from parfor_core import _in_place, _kept, _shared
 
 MIB = 2**20
 PAGE = mmap.PAGESIZE
@@ -26,6 +26,15 @@ PAGE = mmap.PAGESIZE
 pytestmark = pytest.mark.skipif(
     _in_place._libc() is None,
     reason="in-place sharing needs Linux on x86-64 or ARM64 with glibc's malloc")
+
+
+@pytest.fixture(autouse=True)
+def no_kept_segments():
+    """Each test starts with no segment kept from another (whose array may have had the same
+    address and contents)."""
+    _kept.release_all()
+    yield
+    _kept.release_all()
 
 
 @pytest.fixture
@@ -123,13 +132,30 @@ def test_an_array_written_between_calls_gets_its_own_memory_back_and_is_copied(h
     assert _layout(array) == before  # copied as usual
 
 
-def test_an_array_only_read_between_calls_is_shared_anew_each_call(huge_pages):
+def _segments_over(array: numpy.ndarray) -> set[str]:
+    return {m["inode"] for m in _mappings(array) if m["name"] == "/memfd:parfor"}
+
+
+def test_an_array_only_read_between_calls_is_sent_again_in_the_same_segment(huge_pages):
     array = numpy.ones(_block_bytes() // 8)
     expected = [float(array.size)] * 4
     segments = []
-    for _ in range(3):  # back to back: this process maps none of the segment's pages between
+    for _ in range(3):
         assert pmap(total, range(4), (array,), backend="processes", bar=False) == expected
-        segments.append({m["inode"] for m in _mappings(array) if m["name"] == "/memfd:parfor"})
+        segments.append(_segments_over(array))
+    assert all(len(inodes) == 1 for inodes in segments)
+    assert len(set.union(*segments)) == 1
+    assert _shared_in_place(array) and float(array.sum()) == array.size
+
+
+def test_an_array_sent_after_its_kept_segment_went_is_shared_anew(huge_pages):
+    array = numpy.ones(_block_bytes() // 8)
+    expected = [float(array.size)] * 4
+    segments = []
+    for _ in range(3):  # this process maps none of the old segment's pages between
+        assert pmap(total, range(4), (array,), backend="processes", bar=False) == expected
+        segments.append(_segments_over(array))
+        _kept.release_all()
     assert all(len(inodes) == 1 for inodes in segments)
     assert len(set.union(*segments)) == 3
     assert _shared_in_place(array) and float(array.sum()) == array.size
@@ -296,6 +322,7 @@ def test_the_setting_turns_it_off(huge_pages):
     with parfor.config(share_in_place=False):
         pmap(total, range(2), (array,), backend="processes", bar=False)
     assert _layout(array) == before
+    _kept.release_all()  # else the next call sends the copy again
     pmap(total, range(2), (array,), backend="processes", bar=False)
     assert _shared_in_place(array)
 
@@ -304,14 +331,22 @@ def both_totals(i: int, first: numpy.ndarray, second: numpy.ndarray) -> float:
     return float(first.sum() + second.sum())
 
 
-@pytest.mark.parametrize("other_bytes", [2 * MIB, 40 * MIB])
-def test_an_array_sent_with_other_large_data_is_copied_as_usual(huge_pages, other_bytes):
-    """Shared in place, it would keep the whole segment, the other data too, while it lives."""
-    array, other = numpy.ones(_block_bytes() // 8), numpy.ones(other_bytes // 8)
-    before = _layout(array), _layout(other)
+def test_each_large_array_of_a_call_is_shared_in_place_in_a_segment_of_its_own(huge_pages):
+    first, second = numpy.ones(_block_bytes() // 8), numpy.full(_block_bytes() // 8, 2.0)
+    assert pmap(both_totals, range(2), (first, second), backend="processes", bar=False) == [
+        float(first.size + 2 * second.size)] * 2
+    assert _shared_in_place(first) and _shared_in_place(second)
+    assert _segments_over(first) != _segments_over(second)
+
+
+def test_an_array_below_the_threshold_goes_with_the_call_and_is_copied(huge_pages):
+    """Only the large array has a segment of its own; the call's segment, with the small
+    one in it, goes with the call."""
+    array, other = numpy.ones(_block_bytes() // 8), numpy.ones(2 * MIB // 8)
+    before = _layout(other)
     assert pmap(both_totals, range(2), (array, other), backend="processes", bar=False) == [
         float(array.size + other.size)] * 2
-    assert (_layout(array), _layout(other)) == before
+    assert _shared_in_place(array) and _layout(other) == before
 
 
 def test_an_array_only_read_since_it_was_made_is_copied_as_usual(huge_pages):

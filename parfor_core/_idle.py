@@ -1,6 +1,7 @@
-"""IdleWatch: runs an action once a pool has had nothing to do for a given time.
+"""IdleWatch: runs an action once something (a pool, kept shared memory) has had nothing to do
+for a given time.
 
-One thread per pool, re-armed by setting a deadline: a ``threading.Timer`` per idle spell
+One thread per watch, re-armed by setting a deadline: a ``threading.Timer`` per idle spell
 would start a thread at the end of every call, which costs a short call a tenth of its time.
 """
 

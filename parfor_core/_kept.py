@@ -1,0 +1,161 @@
+"""Large arrays' shared memory, kept for a short while after the call that sent them: a call
+that sends the same array again, unchanged, reuses it. That costs a comparison of the array
+with the memory (a third of a copy's time) instead of a copy, and no second copy in memory.
+
+Each large array of a call gets a segment of its own, so that any of them can be kept (or
+shared in place) whatever else the call sends. A kept segment goes at the next call that does
+not send its array, or `KEPT_SECONDS` after its last call, whichever comes first: it holds as
+much memory as its array (unless it is the array's own, shared in place), even after the array
+is gone. (A weak reference to the array would tell when it goes, but numpy refuses to resize an
+array that has one.)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import mmap
+import sys
+import threading
+from collections.abc import Callable
+from functools import partial
+
+from ._idle import IdleWatch
+from ._in_place import buffer_address, owning_array
+from ._shared import IN_PLACE_BYTES, Placement, Segment
+
+#: Arrays this large get a segment of their own, which is kept after the call.
+KEPT_BYTES = IN_PLACE_BYTES
+#: How long a kept segment waits after its last call for another call to send its array.
+KEPT_SECONDS = 5.0
+
+
+class _Kept:
+    """A segment that holds one array's data, as it was when sent."""
+
+    def __init__(self, segment: Segment, start: int, key: tuple[int, int]) -> None:
+        self.segment = segment
+        self.start = start  # where the data lies in it
+        self.key = key  # the memory it was copied from: address and size
+        self.users = 0  # calls running with it
+        self._view: mmap.mmap | None = None
+
+    @property
+    def placement(self) -> Placement:
+        return self.segment.address, self.start, self.start + self.key[1]
+
+    def holds_now(self, address: int) -> bool:
+        """Whether the memory at ``address`` holds what was copied from there."""
+        if self._view is None:
+            self._view = mmap.mmap(self.segment.fd, self.segment.address.size,
+                                   access=mmap.ACCESS_READ)
+        numpy = sys.modules["numpy"]
+        view = numpy.frombuffer(self._view, dtype=numpy.uint8)
+        try:
+            return _memcmp()(view.ctypes.data + self.start, address, self.key[1]) == 0
+        finally:
+            del view
+
+    def release(self) -> None:
+        self.segment.release()
+        self._view = None
+
+
+_lock = threading.Lock()
+#: The kept segments, by where the memory they hold was copied from.
+_kept: dict[tuple[int, int], _Kept] = {}
+_watch: IdleWatch | None = None
+
+
+def lease(parts: list[memoryview]) -> tuple[list[Placement | None], Callable[[], None]]:
+    """Where kept segments hold a call's buffers (None for each that is not kept: small, or
+    not a numpy array's memory; the caller places those), and what to call when the call is
+    over. Kept segments of earlier calls that this call does not use go now."""
+    used: list[_Kept] = []
+    placements: list[Placement | None] = []
+    for part in parts:
+        kept = _kept_for(part) if part.nbytes >= KEPT_BYTES else None
+        placements.append(None if kept is None else kept.placement)
+        if kept is not None:
+            used.append(kept)
+    with _lock:
+        for kept in list(_kept.values()):
+            if kept not in used:
+                _drop(kept)
+        if _watch is not None:
+            _watch.disarm()
+    return placements, partial(_done, used)
+
+
+def _kept_for(part: memoryview) -> _Kept | None:
+    """The kept segment holding ``part`` now (its users counting one more), made if need be;
+    None if ``part`` is not a numpy array's memory (whose comparison needs numpy)."""
+    if owning_array(part.obj) is None:
+        return None
+    key = (buffer_address(part), part.nbytes)
+    with _lock:
+        kept = _kept.get(key)
+        if kept is not None:
+            kept.users += 1
+    if kept is not None:
+        if kept.holds_now(key[0]):
+            return kept
+        _done([kept])
+    segment, [(start, _)] = Segment.holding([part])
+    kept = _Kept(segment, start, key)
+    kept.users = 1
+    with _lock:
+        replaced = _kept.get(key)
+        _kept[key] = kept
+        if replaced is not None:  # sent by another thread meanwhile
+            _drop(replaced)
+    return kept
+
+
+def _done(used: list[_Kept]) -> None:
+    """A call that used these is over: each goes if it was replaced meanwhile; the rest wait
+    `KEPT_SECONDS` for the next call."""
+    global _watch
+    with _lock:
+        for kept in used:
+            kept.users -= 1
+            if kept.users == 0 and _kept.get(kept.key) is not kept:
+                kept.release()
+        if _kept and all(kept.users == 0 for kept in _kept.values()):
+            if _watch is None:
+                _watch = IdleWatch(KEPT_SECONDS, _drop_idle)
+            _watch.timeout = KEPT_SECONDS
+            _watch.arm()
+
+
+def _drop(kept: _Kept) -> None:
+    """Stop keeping a segment (with `_lock` held); it goes now, or when its last call ends."""
+    if _kept.get(kept.key) is kept:
+        del _kept[kept.key]
+    if kept.users == 0:
+        kept.release()
+
+
+def _drop_idle() -> None:
+    with _lock:
+        if _watch is not None and _watch.armed:
+            return  # a call ended since the deadline this fired for
+        for kept in list(_kept.values()):
+            if kept.users == 0:
+                _drop(kept)
+
+
+def release_all() -> None:
+    """Let every kept segment go (those in use, when their calls end)."""
+    with _lock:
+        for kept in list(_kept.values()):
+            _drop(kept)
+
+
+@functools.cache
+def _memcmp() -> Callable[[int, int, int], int]:
+    libc = ctypes.cdll.msvcrt if sys.platform == "win32" else ctypes.CDLL(None)
+    memcmp = libc.memcmp
+    memcmp.restype = ctypes.c_int
+    memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    return memcmp

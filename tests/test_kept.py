@@ -1,0 +1,145 @@
+"""A large array's shared memory is kept for a short while after its call: the same array sent
+again, unchanged, reuses it instead of being copied again; changed, it is sent anew."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy
+import pytest
+from test_shared_memory import MACHINE_BACKENDS
+
+from parfor import gmap, pmap
+from parfor_core import _kept
+from parfor_core._shared import still_shared
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/maps")
+
+#: Large enough to be kept.
+SIZE = _kept.KEPT_BYTES // 8 + 1024
+
+
+@pytest.fixture(autouse=True)
+def no_kept_segments():
+    _kept.release_all()
+    yield
+    _kept.release_all()
+
+
+def _segment_of(array: numpy.ndarray) -> str:
+    """The inode of the parfor segment this process maps the array's data from."""
+    address = array.__array_interface__["data"][0]
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            low, high = (int(bound, 16) for bound in fields[0].split("-"))
+            if low <= address < high and "memfd:parfor" in line:
+                return fields[4]
+    raise AssertionError("the array is not in shared memory")
+
+
+def total_and_segment(i: int, array: numpy.ndarray, offset: float = 0.0) -> tuple[float, str]:
+    return float(array.sum()) + offset, _segment_of(array)
+
+
+def _kept_addresses() -> list:
+    return [kept.segment.address for kept in _kept._kept.values()]
+
+
+@pytest.mark.parametrize("backend", MACHINE_BACKENDS)
+def test_an_unchanged_array_is_sent_again_in_the_same_memory(backend):
+    array = numpy.random.default_rng(2).random(SIZE)
+    first = pmap(total_and_segment, range(4), (array,), backend=backend, bar=False)
+    second = pmap(total_and_segment, range(4), (array,), backend=backend, bar=False)
+    assert {total for total, _ in first + second} == {float(array.sum())}
+    assert len({segment for _, segment in first + second}) == 1
+
+
+@pytest.mark.parametrize("backend", MACHINE_BACKENDS)
+@pytest.mark.parametrize("where", [0, SIZE // 2, SIZE - 1])
+def test_a_changed_array_is_sent_anew(backend, where):
+    array = numpy.ones(SIZE)
+    first = pmap(total_and_segment, range(4), (array,), backend=backend, bar=False)
+    array[where] = 3.0
+    second = pmap(total_and_segment, range(4), (array,), backend=backend, bar=False)
+    assert {total for total, _ in first} == {float(SIZE)}
+    assert {total for total, _ in second} == {float(SIZE) + 2.0}
+    assert {segment for _, segment in first}.isdisjoint(segment for _, segment in second)
+
+
+def test_the_other_arguments_may_change():
+    array = numpy.ones(SIZE)
+    results = [pmap(total_and_segment, range(2), (array, offset), backend="processes",
+                    bar=False) for offset in (1.0, 2.0)]
+    assert [{total for total, _ in each} for each in results] == [{SIZE + 1.0}, {SIZE + 2.0}]
+    assert len({segment for each in results for _, segment in each}) == 1
+
+
+def test_a_kept_segment_goes_at_the_next_call_without_its_array():
+    first, second = numpy.ones(SIZE), numpy.zeros(SIZE) + 2.0
+    pmap(total_and_segment, range(2), (first,), backend="processes", bar=False)
+    [address] = _kept_addresses()
+    pmap(total_and_segment, range(2), (second,), backend="processes", bar=False)
+    assert not still_shared(address)
+    [other] = _kept_addresses()
+    assert other != address and still_shared(other)
+
+
+def test_a_kept_segment_goes_after_a_while(monkeypatch):
+    monkeypatch.setattr(_kept, "KEPT_SECONDS", 0.2)
+    pmap(total_and_segment, range(2), (numpy.ones(SIZE),), backend="processes", bar=False)
+    [address] = _kept_addresses()
+    deadline = time.monotonic() + 10
+    while still_shared(address) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not still_shared(address) and not _kept_addresses()
+
+
+def slow_total(i: int, array: numpy.ndarray) -> float:
+    time.sleep(0.05)
+    return float(array.sum())
+
+
+def test_a_segment_in_use_stays_until_its_call_ends():
+    """A call that does not send a kept array drops its segment only once no call uses it."""
+    first, second = numpy.ones(SIZE), numpy.zeros(SIZE) + 2.0
+    running = gmap(slow_total, range(16), (first,), backend="processes", bar=False)
+    results = [next(running)]
+    [address] = _kept_addresses()
+    assert pmap(slow_total, range(2), (second,), backend="processes", bar=False) == [
+        float(second.sum())] * 2
+    assert still_shared(address)  # no longer kept for later calls, but still in use
+    results += list(running)
+    assert results == [float(SIZE)] * 16
+    assert not still_shared(address)
+
+
+def test_arrays_below_the_threshold_are_not_kept():
+    array = numpy.ones(SIZE - 2048)
+    pmap(total_and_segment, range(2), (array,), backend="processes", bar=False)
+    assert not _kept_addresses()
+
+
+def test_shutting_parfor_down_lets_kept_memory_go():
+    code = textwrap.dedent(f"""
+        import numpy
+        from parfor import pmap
+        from parfor_core import _kept, registry
+        from parfor_core._shared import still_shared
+        def total(i, array):
+            return float(array.sum())
+        if __name__ == "__main__":
+            pmap(total, range(2), (numpy.ones({SIZE}),), backend="processes", bar=False)
+            [kept] = _kept._kept.values()
+            assert still_shared(kept.segment.address)
+            registry.shutdown()
+            assert not still_shared(kept.segment.address)
+            print("released")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "released" in done.stdout
