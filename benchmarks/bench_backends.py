@@ -31,6 +31,7 @@ import psutil
 
 from parfor import gmap, pmap
 from parfor_core import registry
+from parfor_core._kept import release_all
 
 #: "auto" is a plain call: no backend named, a progress bar (drawn to /dev/null), as users run it.
 #: joblib and mpire come from the benchmarks extra; they are left out where it is not installed.
@@ -382,8 +383,11 @@ def main() -> None:
         from parfor import SharedArray
 
         shared = SharedArray.from_array(array)  # as a user who makes the data there from the start
+        for name in CONTENDERS:  # every pool's workers import numpy before, not during, W3
+            run(name, peers, array_sum, [0, 1], numpy.ones(8))
         for name in [*CONTENDERS, SHARED]:
             argument = shared if name == SHARED else array
+            release_all()  # each contender pays for its copy: none reuses the last one's block
             time.sleep(0.5)  # workers let go of the previous contender's shared memory
             with PeakMemory() as memory:
                 seconds = statistics.median(
