@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import mmap
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -28,6 +29,10 @@ from ._shared import IN_PLACE_BYTES, Placement, Segment
 KEPT_BYTES = IN_PLACE_BYTES
 #: How long a kept segment waits after its last call for another call to send its array.
 KEPT_SECONDS = 5.0
+#: An array is compared with its kept segment by up to this many threads, each comparing at
+#: least `COMPARED_PER_THREAD` bytes (200 MB: 30 ms with one thread, 18 ms with two, here).
+COMPARING_THREADS = min(4, os.cpu_count() or 1)
+COMPARED_PER_THREAD = 32 * 2**20
 
 
 class _Kept:
@@ -52,7 +57,7 @@ class _Kept:
         numpy = sys.modules["numpy"]
         view = numpy.frombuffer(self._view, dtype=numpy.uint8)
         try:
-            return _memcmp()(view.ctypes.data + self.start, address, self.key[1]) == 0
+            return _same(view.ctypes.data + self.start, address, self.key[1])
         finally:
             del view
 
@@ -150,6 +155,27 @@ def release_all() -> None:
     with _lock:
         for kept in list(_kept.values()):
             _drop(kept)
+
+
+def _same(first: int, second: int, size: int) -> bool:
+    """Whether two stretches of memory hold the same bytes, compared by several threads at
+    once (memcmp releases the GIL): one core cannot read memory as fast as a few can."""
+    pieces = max(1, min(COMPARING_THREADS, size // COMPARED_PER_THREAD))
+    step = -(-size // pieces)
+    differs: list[bool] = []
+
+    def compare(start: int) -> None:
+        if _memcmp()(first + start, second + start, min(step, size - start)):
+            differs.append(True)
+
+    threads = [threading.Thread(target=compare, args=(start,))
+               for start in range(step, size, step)]
+    for thread in threads:
+        thread.start()
+    compare(0)
+    for thread in threads:
+        thread.join()
+    return not differs
 
 
 @functools.cache

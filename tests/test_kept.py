@@ -143,3 +143,14 @@ def test_shutting_parfor_down_lets_kept_memory_go():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert "released" in done.stdout
+
+
+@pytest.mark.parametrize("where", [0, 2**20 - 1, 2**20, 3 * 2**20 + 5, 4 * 2**20 + 6])
+def test_a_comparison_in_several_threads_finds_a_difference_anywhere(monkeypatch, where):
+    monkeypatch.setattr(_kept, "COMPARING_THREADS", 4)
+    monkeypatch.setattr(_kept, "COMPARED_PER_THREAD", 2**20)
+    first = numpy.zeros(4 * 2**20 + 7, dtype=numpy.uint8)  # pieces of 1 MiB + 2 bytes
+    second = first.copy()
+    assert _kept._same(first.ctypes.data, second.ctypes.data, first.size)
+    second[where] = 1
+    assert not _kept._same(first.ctypes.data, second.ctypes.data, first.size)
