@@ -3,11 +3,11 @@ that sends the same array again, unchanged, reuses it. That costs a comparison o
 with the memory (a third of a copy's time) instead of a copy, and no second copy in memory.
 
 Each large array of a call gets a segment of its own, so that any of them can be kept (or
-shared in place) whatever else the call sends. A kept segment goes at the next call that does
-not send its array, or `KEPT_SECONDS` after its last call, whichever comes first: it holds as
-much memory as its array (unless it is the array's own, shared in place), even after the array
-is gone. (A weak reference to the array would tell when it goes, but numpy refuses to resize an
-array that has one.)
+shared in place) whatever else the call sends. A kept segment goes when a call sends large
+data without its array, or `KEPT_SECONDS` after its last call ends, whichever comes first: it
+holds as much memory as its array (unless it is the array's own, shared in place), even after
+the array is gone. (A weak reference to the array would tell when it goes, but numpy refuses to
+resize an array that has one.)
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import mmap
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 
 from ._idle import IdleWatch
@@ -69,7 +71,21 @@ class _Kept:
 _lock = threading.Lock()
 #: The kept segments, by where the memory they hold was copied from.
 _kept: dict[tuple[int, int], _Kept] = {}
+#: Uses that ended, not yet counted: a call may end in a garbage collection (of an abandoned
+#: gmap) that starts while this very thread holds `_lock`, so ending never waits for it.
+_ended: deque[_Kept] = deque()
 _watch: IdleWatch | None = None
+
+
+@contextmanager
+def _locked() -> Iterator[None]:
+    """Hold `_lock`; count the uses that ended meanwhile before letting go, and after (a use
+    that ended while the lock was held elsewhere is counted by whoever held it)."""
+    with _lock:
+        yield
+        _count_ended()
+    if _ended:
+        _settle()
 
 
 def lease(parts: list[memoryview]) -> tuple[list[Placement | None], Callable[[], None]]:
@@ -78,17 +94,19 @@ def lease(parts: list[memoryview]) -> tuple[list[Placement | None], Callable[[],
     over. Kept segments of earlier calls that this call does not use go now."""
     used: list[_Kept] = []
     placements: list[Placement | None] = []
-    for part in parts:
-        kept = _kept_for(part) if part.nbytes >= KEPT_BYTES else None
-        placements.append(None if kept is None else kept.placement)
-        if kept is not None:
-            used.append(kept)
-    with _lock:
+    try:
+        for part in parts:
+            kept = _kept_for(part) if part.nbytes >= KEPT_BYTES else None
+            placements.append(None if kept is None else kept.placement)
+            if kept is not None:
+                used.append(kept)
+    except BaseException:  # a failed copy, Ctrl-C: the segments so far are not in use
+        _done(used)
+        raise
+    with _locked():
         for kept in list(_kept.values()):
             if kept not in used:
                 _drop(kept)
-        if _watch is not None:
-            _watch.disarm()
     return placements, partial(_done, used)
 
 
@@ -98,18 +116,25 @@ def _kept_for(part: memoryview) -> _Kept | None:
     if owning_array(part.obj) is None:
         return None
     key = (buffer_address(part), part.nbytes)
-    with _lock:
+    with _locked():
         kept = _kept.get(key)
         if kept is not None:
             kept.users += 1
     if kept is not None:
-        if kept.holds_now(key[0]):
+        try:
+            same = kept.holds_now(key[0])
+        except BaseException:
+            _done([kept])
+            raise
+        if same:
             return kept
+        with _locked():  # stale: it goes before the new copy is made, not after
+            _drop(kept)
         _done([kept])
     segment, [(start, _)] = Segment.holding([part])
     kept = _Kept(segment, start, key)
     kept.users = 1
-    with _lock:
+    with _locked():
         replaced = _kept.get(key)
         _kept[key] = kept
         if replaced is not None:  # sent by another thread meanwhile
@@ -118,19 +143,34 @@ def _kept_for(part: memoryview) -> _Kept | None:
 
 
 def _done(used: list[_Kept]) -> None:
-    """A call that used these is over: each goes if it was replaced meanwhile; the rest wait
+    """A call that used these is over: each goes if it is no longer kept; the rest wait
     `KEPT_SECONDS` for the next call."""
+    _ended.extend(used)
+    _settle()
+
+
+def _settle() -> None:
+    """Count the uses that ended, unless another holds `_lock` (who will count them)."""
+    while _ended and _lock.acquire(blocking=False):
+        try:
+            _count_ended()
+        finally:
+            _lock.release()
+
+
+def _count_ended() -> None:
+    """With `_lock` held: count the ended uses; wait for the next call, if any is idle."""
     global _watch
-    with _lock:
-        for kept in used:
-            kept.users -= 1
-            if kept.users == 0 and _kept.get(kept.key) is not kept:
-                kept.release()
-        if _kept and all(kept.users == 0 for kept in _kept.values()):
-            if _watch is None:
-                _watch = IdleWatch(KEPT_SECONDS, _drop_idle)
-            _watch.timeout = KEPT_SECONDS
-            _watch.arm()
+    while _ended:
+        kept = _ended.popleft()
+        kept.users -= 1
+        if kept.users == 0 and _kept.get(kept.key) is not kept:
+            kept.release()
+    if any(kept.users == 0 for kept in _kept.values()):
+        if _watch is None:
+            _watch = IdleWatch(KEPT_SECONDS, _drop_idle)
+        _watch.timeout = KEPT_SECONDS
+        _watch.arm()
 
 
 def _drop(kept: _Kept) -> None:
@@ -142,7 +182,8 @@ def _drop(kept: _Kept) -> None:
 
 
 def _drop_idle() -> None:
-    with _lock:
+    """`KEPT_SECONDS` after a call ended: the segments no call has used since go."""
+    with _locked():
         if _watch is not None and _watch.armed:
             return  # a call ended since the deadline this fired for
         for kept in list(_kept.values()):
@@ -152,30 +193,34 @@ def _drop_idle() -> None:
 
 def release_all() -> None:
     """Let every kept segment go (those in use, when their calls end)."""
-    with _lock:
+    with _locked():
         for kept in list(_kept.values()):
             _drop(kept)
 
 
 def _same(first: int, second: int, size: int) -> bool:
     """Whether two stretches of memory hold the same bytes, compared by several threads at
-    once (memcmp releases the GIL): one core cannot read memory as fast as a few can."""
+    once (memcmp releases the GIL): one core cannot read memory as fast as a few can. A piece
+    whose comparison fails to run counts as different."""
     pieces = max(1, min(COMPARING_THREADS, size // COMPARED_PER_THREAD))
-    step = -(-size // pieces)
-    differs: list[bool] = []
+    starts = range(0, size, max(1, -(-size // pieces)))
+    equal: list[bool] = []
 
     def compare(start: int) -> None:
-        if _memcmp()(first + start, second + start, min(step, size - start)):
-            differs.append(True)
+        if not _memcmp()(first + start, second + start, min(starts.step, size - start)):
+            equal.append(True)
 
-    threads = [threading.Thread(target=compare, args=(start,))
-               for start in range(step, size, step)]
-    for thread in threads:
-        thread.start()
-    compare(0)
-    for thread in threads:
-        thread.join()
-    return not differs
+    threads: list[threading.Thread] = []
+    try:
+        for start in starts[1:]:
+            threads.append(threading.Thread(target=compare, args=(start,)))
+            threads[-1].start()
+        compare(0)
+    finally:  # no thread may read the memory once this returns: the caller may unmap it
+        for thread in threads:
+            if thread.ident is not None:
+                thread.join()
+    return len(equal) == len(starts)
 
 
 @functools.cache

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy
@@ -154,3 +155,75 @@ def test_a_comparison_in_several_threads_finds_a_difference_anywhere(monkeypatch
     assert _kept._same(first.ctypes.data, second.ctypes.data, first.size)
     second[where] = 1
     assert not _kept._same(first.ctypes.data, second.ctypes.data, first.size)
+
+
+def _wait_until(condition, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+def test_a_call_still_running_does_not_keep_other_segments_from_going(monkeypatch):
+    monkeypatch.setattr(_kept, "KEPT_SECONDS", 0.2)
+    first, second = numpy.ones(SIZE), numpy.zeros(SIZE) + 2.0
+    running = gmap(slow_total, range(8), (first,), backend="processes", bar=False)
+    next(running)
+    pmap(total_and_segment, range(2), (first, second), backend="processes", bar=False)
+    [address] = [kept.segment.address for kept in _kept._kept.values()
+                 if kept.key[0] == second.__array_interface__["data"][0]]
+    assert _wait_until(lambda: not still_shared(address))
+    assert list(running) == [float(SIZE)] * 7
+
+
+def test_a_call_that_fails_while_copying_leaves_no_segment_in_use(monkeypatch):
+    first, second = numpy.ones(SIZE), numpy.zeros(SIZE) + 2.0
+    pmap(total_and_segment, range(2), (first,), backend="processes", bar=False)
+    holding = _kept.Segment.holding
+
+    def no_memory_for_the_second(parts):
+        if parts[0].nbytes == second.nbytes and parts[0].obj is second:
+            raise MemoryError("no memory for the second array")
+        return holding(parts)
+
+    monkeypatch.setattr(_kept.Segment, "holding", no_memory_for_the_second)
+    with pytest.raises(MemoryError):
+        pmap(total_and_segment, range(2), (first, second), backend="processes", bar=False)
+    assert [kept.users for kept in _kept._kept.values()] == [0]
+    monkeypatch.setattr(_kept, "KEPT_SECONDS", 0.2)
+    pmap(total_and_segment, range(2), (first,), backend="processes", bar=False)
+    assert _wait_until(lambda: not _kept._kept)
+
+
+def test_a_changed_array_lets_its_old_segment_go_before_it_is_copied_again(monkeypatch):
+    array = numpy.ones(SIZE)
+    pmap(total_and_segment, range(2), (array,), backend="processes", bar=False)
+    [old] = _kept_addresses()
+    holding = _kept.Segment.holding
+    seen = []
+    monkeypatch.setattr(_kept.Segment, "holding",
+                        lambda parts: (seen.append(still_shared(old)), holding(parts))[1])
+    array[-1] = 0.0
+    pmap(total_and_segment, range(2), (array,), backend="processes", bar=False)
+    assert seen and not any(seen)  # the new copy, and the call's own segment
+
+
+def test_a_call_that_ends_while_this_thread_holds_the_lock_does_not_wait_for_it():
+    """As when a garbage collection closes an abandoned gmap while this thread is in `_kept`:
+    waiting for the lock would deadlock."""
+    array = numpy.ones(SIZE)
+    running = gmap(slow_total, range(8), (array,), backend="processes", bar=False)
+    next(running)
+    [kept] = _kept._kept.values()
+    closed = threading.Event()
+
+    def close_while_locked() -> None:
+        with _kept._locked():
+            running.close()
+            closed.set()
+
+    thread = threading.Thread(target=close_while_locked, daemon=True)
+    thread.start()
+    thread.join(30)
+    assert closed.is_set() and not thread.is_alive()
+    assert kept.users == 0 and still_shared(kept.segment.address)  # kept for the next call
