@@ -4,7 +4,8 @@ with the memory (a third of a copy's time) instead of a copy, and no second copy
 
 Each large array of a call gets a segment of its own, so that any of them can be kept (or
 shared in place) whatever else the call sends. A kept segment goes when a call sends large
-data without its array, or `KEPT_SECONDS` after its last call ends, whichever comes first: it
+data without its array, or some seconds (the setting ``keep_shared``, 5 by default) after its
+last call ends, whichever comes first: it
 holds as much memory as its array (unless it is the array's own, shared in place), even after
 the array is gone. (A weak reference to the array would tell when it goes, but numpy refuses to
 resize an array that has one.)
@@ -23,14 +24,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 
+from ._config import current
 from ._idle import IdleWatch
 from ._in_place import buffer_address, owning_array
 from ._shared import IN_PLACE_BYTES, Placement, Segment
 
 #: Arrays this large get a segment of their own, which is kept after the call.
 KEPT_BYTES = IN_PLACE_BYTES
-#: How long a kept segment waits after its last call for another call to send its array.
-KEPT_SECONDS = 5.0
 #: An array is compared with its kept segment by up to this many threads, each comparing at
 #: least `COMPARED_PER_THREAD` bytes (200 MB: 30 ms with one thread, 18 ms with two, here).
 COMPARING_THREADS = min(4, os.cpu_count() or 1)
@@ -75,6 +75,9 @@ _kept: dict[tuple[int, int], _Kept] = {}
 #: gmap) that starts while this very thread holds `_lock`, so ending never waits for it.
 _ended: deque[_Kept] = deque()
 _watch: IdleWatch | None = None
+#: How long a kept segment waits after its last call for another call to send its array: the
+#: setting ``keep_shared`` of the latest call.
+_keep_seconds = 0.0
 
 
 @contextmanager
@@ -92,11 +95,13 @@ def lease(parts: list[memoryview]) -> tuple[list[Placement | None], Callable[[],
     """Where kept segments hold a call's buffers (None for each that is not kept: small, or
     not a numpy array's memory; the caller places those), and what to call when the call is
     over. Kept segments of earlier calls that this call does not use go now."""
+    global _keep_seconds
+    _keep_seconds = current()["keep_shared"]
     used: list[_Kept] = []
     placements: list[Placement | None] = []
     try:
         for part in parts:
-            kept = _kept_for(part) if part.nbytes >= KEPT_BYTES else None
+            kept = _kept_for(part, _keep_seconds > 0) if part.nbytes >= KEPT_BYTES else None
             placements.append(None if kept is None else kept.placement)
             if kept is not None:
                 used.append(kept)
@@ -110,9 +115,10 @@ def lease(parts: list[memoryview]) -> tuple[list[Placement | None], Callable[[],
     return placements, partial(_done, used)
 
 
-def _kept_for(part: memoryview) -> _Kept | None:
-    """The kept segment holding ``part`` now (its users counting one more), made if need be;
-    None if ``part`` is not a numpy array's memory (whose comparison needs numpy)."""
+def _kept_for(part: memoryview, keep: bool) -> _Kept | None:
+    """The kept segment holding ``part`` now (its users counting one more), made if need be
+    (and kept, if ``keep``); None if ``part`` is not a numpy array's memory (whose comparison
+    needs numpy)."""
     if owning_array(part.obj) is None:
         return None
     key = (buffer_address(part), part.nbytes)
@@ -134,17 +140,18 @@ def _kept_for(part: memoryview) -> _Kept | None:
     segment, [(start, _)] = Segment.holding([part])
     kept = _Kept(segment, start, key)
     kept.users = 1
-    with _locked():
-        replaced = _kept.get(key)
-        _kept[key] = kept
-        if replaced is not None:  # sent by another thread meanwhile
-            _drop(replaced)
+    if keep:
+        with _locked():
+            replaced = _kept.get(key)
+            _kept[key] = kept
+            if replaced is not None:  # sent by another thread meanwhile
+                _drop(replaced)
     return kept
 
 
 def _done(used: list[_Kept]) -> None:
-    """A call that used these is over: each goes if it is no longer kept; the rest wait
-    `KEPT_SECONDS` for the next call."""
+    """A call that used these is over: each goes if it is not kept; the rest wait
+    ``keep_shared`` seconds for the next call."""
     _ended.extend(used)
     _settle()
 
@@ -168,8 +175,8 @@ def _count_ended() -> None:
             kept.release()
     if any(kept.users == 0 for kept in _kept.values()):
         if _watch is None:
-            _watch = IdleWatch(KEPT_SECONDS, _drop_idle)
-        _watch.timeout = KEPT_SECONDS
+            _watch = IdleWatch(_keep_seconds, _drop_idle)
+        _watch.timeout = _keep_seconds
         _watch.arm()
 
 
@@ -182,7 +189,7 @@ def _drop(kept: _Kept) -> None:
 
 
 def _drop_idle() -> None:
-    """`KEPT_SECONDS` after a call ended: the segments no call has used since go."""
+    """``keep_shared`` seconds after a call ended: the segments no call used since go."""
     with _locked():
         if _watch is not None and _watch.armed:
             return  # a call ended since the deadline this fired for

@@ -90,7 +90,7 @@ def test_a_kept_segment_goes_at_the_next_call_without_its_array():
 
 
 def test_a_kept_segment_goes_after_a_while(monkeypatch):
-    monkeypatch.setattr(_kept, "KEPT_SECONDS", 0.2)
+    monkeypatch.setenv("PARFOR_KEEP_SHARED", "0.2")
     pmap(total_and_segment, range(2), (numpy.ones(SIZE),), backend="processes", bar=False)
     [address] = _kept_addresses()
     deadline = time.monotonic() + 10
@@ -165,7 +165,7 @@ def _wait_until(condition, seconds: float = 10.0) -> bool:
 
 
 def test_a_call_still_running_does_not_keep_other_segments_from_going(monkeypatch):
-    monkeypatch.setattr(_kept, "KEPT_SECONDS", 0.2)
+    monkeypatch.setenv("PARFOR_KEEP_SHARED", "0.2")
     first, second = numpy.ones(SIZE), numpy.zeros(SIZE) + 2.0
     running = gmap(slow_total, range(8), (first,), backend="processes", bar=False)
     next(running)
@@ -190,7 +190,7 @@ def test_a_call_that_fails_while_copying_leaves_no_segment_in_use(monkeypatch):
     with pytest.raises(MemoryError):
         pmap(total_and_segment, range(2), (first, second), backend="processes", bar=False)
     assert [kept.users for kept in _kept._kept.values()] == [0]
-    monkeypatch.setattr(_kept, "KEPT_SECONDS", 0.2)
+    monkeypatch.setenv("PARFOR_KEEP_SHARED", "0.2")
     pmap(total_and_segment, range(2), (first,), backend="processes", bar=False)
     assert _wait_until(lambda: not _kept._kept)
 
@@ -227,3 +227,18 @@ def test_a_call_that_ends_while_this_thread_holds_the_lock_does_not_wait_for_it(
     thread.join(30)
     assert closed.is_set() and not thread.is_alive()
     assert kept.users == 0 and still_shared(kept.segment.address)  # kept for the next call
+
+
+def segments_of_both(i: int, first: numpy.ndarray, second: numpy.ndarray) -> tuple[str, str]:
+    return _segment_of(first), _segment_of(second)
+
+
+def test_the_setting_at_0_keeps_nothing(monkeypatch):
+    """Each large array still gets a segment of its own, for that call only."""
+    monkeypatch.setenv("PARFOR_KEEP_SHARED", "0")
+    first, second = numpy.ones(SIZE), numpy.full(SIZE, 2.0)
+    results = pmap(segments_of_both, range(2), (first, second), backend="processes", bar=False)
+    assert len(set(results)) == 1 and len(set(results[0])) == 2
+    assert not _kept_addresses()
+    again = pmap(segments_of_both, range(2), (first, second), backend="processes", bar=False)
+    assert set(results[0]).isdisjoint(again[0])
