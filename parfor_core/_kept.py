@@ -230,6 +230,20 @@ def _same(first: int, second: int, size: int) -> bool:
     return len(equal) == len(starts)
 
 
+def _forget_in_child() -> None:
+    """A forked child keeps nothing: the segments are its parent's (their addresses name the
+    parent's process), and another thread of the parent may have held the lock."""
+    global _lock, _watch
+    _lock = threading.Lock()
+    _kept.clear()  # the child's copies of the descriptors close with their segments
+    _ended.clear()
+    _watch = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
+
+
 @functools.cache
 def _memcmp() -> Callable[[int, int, int], int]:
     libc = ctypes.cdll.msvcrt if sys.platform == "win32" else ctypes.CDLL(None)

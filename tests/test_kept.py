@@ -242,3 +242,30 @@ def test_the_setting_at_0_keeps_nothing(monkeypatch):
     assert not _kept_addresses()
     again = pmap(segments_of_both, range(2), (first, second), backend="processes", bar=False)
     assert set(results[0]).isdisjoint(again[0])
+
+
+def test_a_forked_child_keeps_nothing_of_its_parent():
+    """In a process of its own: forking this one, which runs threads, could deadlock."""
+    code = textwrap.dedent(f"""
+        import os
+        import numpy
+        from parfor import pmap
+        from parfor_core import _kept
+        def total(i, array):
+            return float(array.sum())
+        if __name__ == "__main__":
+            pmap(total, range(2), (numpy.ones({SIZE}),), backend="processes", bar=False)
+            assert len(_kept._kept) == 1
+            with _kept._lock:  # held by the parent's thread at the fork
+                child = os.fork()
+            if child == 0:
+                free = _kept._lock.acquire(timeout=5)
+                print("child", len(_kept._kept), free, flush=True)
+                os._exit(0)
+            os.waitpid(child, 0)
+            print("parent", len(_kept._kept))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["child 0 True", "parent 1"]
