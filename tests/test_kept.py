@@ -124,8 +124,11 @@ def test_arrays_below_the_threshold_are_not_kept():
     assert not _kept_addresses()
 
 
-def test_shutting_parfor_down_lets_kept_memory_go():
-    code = textwrap.dedent(f"""
+def _in_a_process(main: str) -> str:
+    """What a fresh interpreter prints that first sends a kept array to `processes` workers,
+    then runs ``main``."""
+    code = textwrap.dedent("""
+        import os
         import numpy
         from parfor import pmap
         from parfor_core import _kept, registry
@@ -133,17 +136,21 @@ def test_shutting_parfor_down_lets_kept_memory_go():
         def total(i, array):
             return float(array.sum())
         if __name__ == "__main__":
-            pmap(total, range(2), (numpy.ones({SIZE}),), backend="processes", bar=False)
+            pmap(total, range(2), (numpy.ones(%d),), backend="processes", bar=False)
             [kept] = _kept._kept.values()
-            assert still_shared(kept.segment.address)
-            registry.shutdown()
-            assert not still_shared(kept.segment.address)
-            print("released")
-    """)
+    """) % SIZE + textwrap.indent(textwrap.dedent(main), "    ")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "released" in done.stdout
+    return done.stdout
+
+
+def test_shutting_parfor_down_lets_kept_memory_go():
+    assert _in_a_process("""
+        assert still_shared(kept.segment.address)
+        registry.shutdown()
+        print(still_shared(kept.segment.address))
+    """) == "False\n"
 
 
 @pytest.mark.parametrize("where", [0, 2**20 - 1, 2**20, 3 * 2**20 + 5, 4 * 2**20 + 6])
@@ -246,26 +253,14 @@ def test_the_setting_at_0_keeps_nothing(monkeypatch):
 
 def test_a_forked_child_keeps_nothing_of_its_parent():
     """In a process of its own: forking this one, which runs threads, could deadlock."""
-    code = textwrap.dedent(f"""
-        import os
-        import numpy
-        from parfor import pmap
-        from parfor_core import _kept
-        def total(i, array):
-            return float(array.sum())
-        if __name__ == "__main__":
-            pmap(total, range(2), (numpy.ones({SIZE}),), backend="processes", bar=False)
-            assert len(_kept._kept) == 1
-            with _kept._lock:  # held by the parent's thread at the fork
-                child = os.fork()
-            if child == 0:
-                free = _kept._lock.acquire(timeout=5)
-                print("child", len(_kept._kept), free, flush=True)
-                os._exit(0)
-            os.waitpid(child, 0)
-            print("parent", len(_kept._kept))
+    printed = _in_a_process("""
+        with _kept._lock:  # held by the parent's thread at the fork
+            child = os.fork()
+        if child == 0:
+            free = _kept._lock.acquire(timeout=5)
+            print("child", len(_kept._kept), free, flush=True)
+            os._exit(0)
+        os.waitpid(child, 0)
+        print("parent", len(_kept._kept))
     """)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split("\n")[:2] == ["child 0 True", "parent 1"]
+    assert printed.split("\n")[:2] == ["child 0 True", "parent 1"]
