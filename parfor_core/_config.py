@@ -61,13 +61,13 @@ def _whole(minimum: int) -> Callable[[object], int]:
 
 
 def _seconds(value: object) -> float:
-    seconds = _seconds_or_none(value)
+    seconds = _seconds_or_zero(value)
     if not seconds > 0:
         raise ValueError("must be a number of seconds above 0")
     return seconds
 
 
-def _seconds_or_none(value: object) -> float:
+def _seconds_or_zero(value: object) -> float:
     try:
         seconds = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -135,7 +135,7 @@ SETTINGS: dict[str, Setting] = {setting.name: setting for setting in [
     Setting("share_in_place", _boolean, True,
             "let a large numpy array become the shared memory its workers map (where shared "
             "memory gets huge pages)"),
-    Setting("keep_shared", _seconds_or_none, 5.0,
+    Setting("keep_shared", _seconds_or_zero, 5.0,
             "seconds a large numpy argument's shared memory is kept after its call, so that "
             "the next call sends the unchanged array without a copy (0: not kept)"),
     Setting("disable_plugins", _names, (), "backend plugins (entry-point names) not to load"),

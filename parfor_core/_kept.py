@@ -56,12 +56,8 @@ class _Kept:
         if self._view is None:
             self._view = mmap.mmap(self.segment.fd, self.segment.address.size,
                                    access=mmap.ACCESS_READ)
-        numpy = sys.modules["numpy"]
-        view = numpy.frombuffer(self._view, dtype=numpy.uint8)
-        try:
-            return _same(view.ctypes.data + self.start, address, self.key[1])
-        finally:
-            del view
+        with memoryview(self._view) as view:
+            return _same(buffer_address(view) + self.start, address, self.key[1])
 
     def release(self) -> None:
         self.segment.release()
