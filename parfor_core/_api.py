@@ -9,7 +9,7 @@ from typing import Any, NamedTuple, TypeVar
 from ._arguments import make_call, settings_for, show_bar, total_of
 from ._chunking import ChunkSizer
 from ._dispatch import dispatch
-from ._probe import run_while_cheap, worth_probing
+from ._probe import Gathered, run_while_cheap, worth_probing
 from ._progress import Progress, check_bar
 from ._registry import SERIAL, Selection, registry
 from ._task import Call, inside_worker
@@ -57,9 +57,9 @@ def _batches(fun: Callable[..., Any], iterable: Iterable[Any], args: Sequence[An
              bar: bool | Callable[[int], object] | None, serial: bool | None,
              length: int | None, n_processes: int | None, ordered: bool, with_index: bool,
              backend: str | Backend | None, bar_kwargs: Mapping[str, Any],
-             into: list[Any] | None) -> Generator[list[Any], None, None]:
+             into: Gathered | None) -> Generator[list[Any], None, None]:
     """Check every argument now, then return a generator of lists of results, one per chunk
-    (items run in the caller go straight into ``into``, if given, and come as ``into``)."""
+    (items run in the caller are gathered in ``into``, if given, and come as ``into.values``)."""
     call = make_call(fun, args, kwargs)
     expected = total_of(iterable, total, length)
     check_bar(bar, bar_kwargs)
@@ -75,7 +75,7 @@ def _batches(fun: Callable[..., Any], iterable: Iterable[Any], args: Sequence[An
 
 def _run(selected: Backend | Selection, call: Call, iterable: Iterable[Any], total: int | None,
          ordered: bool, with_index: bool, bar: ProgressSpec, probe: bool,
-         into: list[Any] | None = None) -> Generator[list[Any], None, None]:
+         into: Gathered | None = None) -> Generator[list[Any], None, None]:
     """Run the call: first in the caller while workers cannot pay (``probe``), then the rest
     of the input on the backend."""
     progress: Progress | None = None
@@ -174,12 +174,12 @@ def pmap(
         Exception: what ``fun`` raised, of its original type, with the worker's traceback
             chained and the failing item's index in a note.
     """
-    results: list[Any] = []
+    results = Gathered()
     for batch in _batches(fun, iterable, args, kwargs, total, desc, bar, serial, length,
                           n_processes, yield_ordered, yield_index, backend, bar_kwargs, results):
-        if batch is not results:  # items run in the caller are in it already: no second copy
-            results.extend(batch)
-    return results
+        if batch is not results.values:  # items run in the caller are in it: no second copy
+            results.values.extend(batch)
+    return results.values
 
 
 def parfor(*args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], list[Any]]:

@@ -14,7 +14,7 @@ from itertools import islice
 from typing import Any
 
 from ._dispatch import emit, take
-from ._task import Call, Task, run_task
+from ._task import Call, Task, run_task, run_task_whole
 
 #: Inputs known to be shorter than this go to workers at once: one slow item run here first
 #: would cost a short input a noticeable share of its speedup.
@@ -37,15 +37,15 @@ def worth_probing(total: int | None) -> bool:
 
 
 def run_while_cheap(call: Call, items: Iterable[Any], total: int | None,
-                    on_done: Callable[[int], object], into: list[Any] | None = None
+                    on_done: Callable[[int], object], into: Gathered | None = None
                     ) -> Generator[tuple[Sequence[int], list[Any]], None,
                                    tuple[int, Iterator[Any]] | None]:
     """Yield ``(input indices, values)`` batches run in the caller, from the start of
     ``items``, while workers cannot pay; the generator returns how many items it ran and an
     iterator of the rest (for the workers), or None when it ran them all.
 
-    Given ``into`` (pmap's list of results), values are appended to it as they come, and each
-    batch's values are ``into`` itself, which its caller need not copy.
+    Given ``into`` (pmap's results), values are gathered there as they come, and each batch's
+    values are ``into.values`` itself, which its caller need not copy.
     """
     sliceable = isinstance(items, (list, tuple, range))  # chunks are windows, not copies
     length = len(items) if sliceable else None  # type: ignore[arg-type]
@@ -60,8 +60,15 @@ def run_while_cheap(call: Call, items: Iterable[Any], total: int | None,
         if not chunk:
             return None
         task = Task(call, range(read, read + len(chunk)), chunk)
-        before = 0 if into is None else len(into)
-        result = run_task(task, [] if into is None else into)
+        before = 0 if into is None else len(into.values)
+        if into is None:
+            result = run_task(task)
+        elif len(chunk) > before:  # a list of its own, the earlier values moved in front of it
+            result = run_task_whole(task)
+            result.values[:0] = into.values
+            into.values = result.values
+        else:
+            result = run_task(task, into.values)
         spent += result.elapsed
         fastest = min(fastest, result.elapsed / len(chunk))
         read += len(chunk)
@@ -73,6 +80,18 @@ def run_while_cheap(call: Call, items: Iterable[Any], total: int | None,
         size = min(4 * size, MAX_CHUNK)
         if length is not None and fastest * (length - read) < LAST_CHUNK_SECONDS:
             size = max(size, length - read)  # the rest at once
+
+
+class Gathered:
+    """pmap's results, gathered where they are made. A chunk run here that is larger than all
+    before it is run into a list of its own, which then takes the earlier values in front
+    (moving pointers) and becomes ``values``: cheaper than appending its values one by one, or
+    copying them (for quick items, each costs a visible share of the work)."""
+
+    __slots__ = ("values",)
+
+    def __init__(self) -> None:
+        self.values: list[Any] = []
 
 
 def _workers_pay(seconds_per_item: float, remaining: int | None) -> bool:

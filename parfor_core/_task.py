@@ -8,6 +8,7 @@ import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
+from operator import length_hint
 from time import perf_counter
 from typing import Any, NamedTuple
 
@@ -72,6 +73,11 @@ class Call:
         self.releasers: list[Callable[[], object]] = []  # free what serializing it made
         self._wire: bytes | None = None  # serialized by _wire on first need
         self._shared: bytes | None = None  # how share_call sends it on this machine
+
+    @property
+    def plain(self) -> bool:
+        """Whether it is ``fun(item)``, the commonest form, which the quickest loops serve."""
+        return not (self.unpack or self.args or self.kwargs)
 
     def release(self) -> None:
         """Free what was made for this call (shared memory for big arguments); idempotent."""
@@ -179,6 +185,30 @@ def run_task(task: Task, values: list[Any] | None = None) -> Result:
     finally:
         _inside_worker.reset(token)
     return Result(values, perf_counter() - start)
+
+
+def run_task_whole(task: Task) -> Result:
+    """Run every item of a task into a list of its own, by a comprehension where it can: for a
+    caller that wants no values of a task that fails (pmap raises its error instead).
+
+    A comprehension is CPython's quickest loop (5% to 10% quicker than appending, on quick
+    items), but one that raises keeps none of its values: ``values`` of a failed task is empty.
+    The failing item is found from the items left, which list, tuple and range iterators tell.
+    """
+    call, items = task.call, task.items
+    if not (_SPECIALIZING and call.plain and length_hint(iter(items), -1) == len(items)):
+        return run_task(task)
+    fun, source = call.fun, iter(items)
+    token = _inside_worker.set(True)
+    start = perf_counter()
+    try:
+        return Result([fun(item) for item in source], perf_counter() - start)
+    except Exception as exc:
+        position = len(items) - length_hint(source) - 1
+        failure = Failure.capture(task.indices[position], items[position], exc)
+        return Result([], perf_counter() - start, failure)
+    finally:
+        _inside_worker.reset(token)
 
 
 #: Whether this interpreter specialises its bytecode (3.11 on, with the GIL): there a loop of

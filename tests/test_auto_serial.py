@@ -86,6 +86,45 @@ def test_errors_name_the_item_wherever_it_ran(bad):
     assert ("'MainThread'" in note) == (bad == 3)  # here, or in a worker
 
 
+class FailAt:
+    """``fun(item)`` with no extra arguments (the form run by a comprehension here), failing at
+    one item."""
+
+    def __init__(self, bad: int) -> None:
+        self.bad = bad
+
+    def __call__(self, x: int) -> int:
+        if x == self.bad:
+            raise Boom(f"item {x}")
+        return 2 * x
+
+
+INPUTS = {"list": list, "tuple": tuple, "range": lambda r: r,
+          "generator": lambda r: (x for x in r)}
+
+
+@pytest.mark.parametrize("kind", INPUTS)
+@pytest.mark.parametrize("bad", [0, 1, 4, 5, 20, 21, 2_500, 4_999, None])
+def test_the_quick_loop_here_gives_every_value_or_names_the_failing_item(kind, bad):
+    """Chunks run here are 1, 4 and 16 items, then the rest; a chunk larger than all before it
+    runs by a comprehension, which keeps no values when it raises: the item is found anyway."""
+    items = INPUTS[kind](range(5_000))
+    if bad is None:
+        assert pmap(FailAt(-1), items, bar=False, total=5_000) == list(range(0, 10_000, 2))
+        return
+    with pytest.raises(Boom, match=f"item {bad}") as caught:
+        pmap(FailAt(bad), items, bar=False, total=5_000)
+    note = next(n for n in caught.value.__notes__ if f"raised by item {bad} ({bad})" in n)
+    assert "'MainThread'" in note
+
+
+def test_gmap_yields_the_values_before_a_failing_item_run_here():
+    results = gmap(FailAt(3_000), range(5_000), bar=False)
+    assert list(itertools.islice(results, 3_000)) == list(range(0, 6_000, 2))
+    with pytest.raises(Boom, match="item 3000"):
+        next(results)
+
+
 def test_the_bar_counts_every_item_also_those_run_here():
     counts = []
     pmap(where, range(5_000), bar=counts.append)
