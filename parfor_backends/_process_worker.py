@@ -69,6 +69,7 @@ def main(lifeline: int, results_fd: int) -> None:
                 sys.stdout, sys.stderr = outputs
             else:
                 sys.stdout = sys.stderr = open(os.devnull, "w")
+            send(b"Y")  # ready: tasks may come now (until then the parent keeps them)
 
 
 def _answer(calls: dict[str, Any], task: memoryview, reporter: _ProgressReporter,

@@ -88,6 +88,19 @@ class ProcessesBackend(Backend):
                 self._workers.append(_Worker.start(self))
             self._pump()  # arms the idle watch, should no task follow
 
+    def reclaim(self, future: Future[Result]) -> bool:
+        """Give back a task that waits while every worker is still starting."""
+        with self._lock:
+            if any(worker.ready for worker in self._workers):
+                return False
+            job = next((job for job in self._pending if job.future is future), None)
+            if job is None:
+                return False
+            self._pending.remove(job)
+            release_shared(job.items)
+            self._pump()  # arms the idle watch, should that have been the last task
+            return True
+
     def interrupt(self) -> None:
         self._stop(kill=True)
 
@@ -99,8 +112,9 @@ class ProcessesBackend(Backend):
     def _pump(self) -> None:
         """Hand pending jobs to idle workers, starting workers up to ``n_workers``.
 
-        A worker gets its next task only once its last result is back: a task queued in a busy
-        worker's pipe could no longer be cancelled, nor given to a worker that frees up first.
+        A worker gets a task only once it is ready, and its next one only once its last result
+        is back: a task in a worker's pipe could no longer be cancelled, nor given to a worker
+        that frees up first, nor taken back by the caller while the workers start.
         """
         self._idle.disarm()
         while self._pending:
@@ -108,15 +122,16 @@ class ProcessesBackend(Backend):
             if job.future.cancelled():
                 release_shared(self._pending.popleft().items)
                 continue
-            worker = next((w for w in self._workers if w.job is None), None)
+            worker = next((w for w in self._workers if w.ready and w.job is None), None)
             if worker is None:
-                if len(self._workers) >= self.n_workers:
-                    return
-                worker = _Worker.start(self)
-                self._workers.append(worker)
+                break
             self._pending.popleft()
             worker.run(job)
-        if self._workers and not any(w.job for w in self._workers):
+        starting = sum(not worker.ready for worker in self._workers)
+        while len(self._workers) < self.n_workers and len(self._pending) > starting:
+            self._workers.append(_Worker.start(self))
+            starting += 1
+        if self._workers and not self._pending and not any(w.job for w in self._workers):
             self._idle.arm()
 
     def _stop_if_idle(self) -> None:
@@ -144,10 +159,10 @@ class ProcessesBackend(Backend):
         for job in jobs:
             job.future.cancel()
             release_shared(job.items)
-        for worker in workers:  # all told first, so that they end side by side
-            worker.stop(kill, wait=False)
+        for worker in workers:  # all told first, so that they end side by side; one that is
+            worker.stop(kill or not worker.ready, wait=False)  # starting has run nothing yet
         for worker in workers:
-            worker.stop(kill)
+            worker.stop(kill or not worker.ready)
 
     # -- events from the workers' reader threads -----------------------------------------------
 
@@ -169,8 +184,18 @@ class ProcessesBackend(Backend):
         if job is not None and outcome is not None:
             settle(job.future, outcome)
 
+    def _ready(self, worker: _Worker) -> None:
+        """The worker has started: it may take tasks."""
+        with self._lock:
+            worker.ready = True
+            self._pump()
+
     def _died(self, worker: _Worker) -> None:
-        """A worker's result pipe closed: it exited or was killed. Retry or fail its job."""
+        """A worker's result pipe closed: it exited or was killed. Retry or fail its job.
+
+        One that dies while starting counts as the death of the oldest waiting job, as if
+        it had run it: a worker that cannot start fails the call, after the retries, rather
+        than being started again for ever."""
         how = worker.exit_description()
         outcome = None
         with self._lock:
@@ -179,6 +204,8 @@ class ProcessesBackend(Backend):
             self._workers.remove(worker)
             worker.release()
             job, worker.job = worker.job, None
+            if not worker.ready and job is None and self._pending:
+                job = self._pending.popleft()
             if job is not None:
                 if job.future.cancelled():
                     release_shared(job.items)
@@ -227,6 +254,7 @@ class _Worker:
         self.process = process
         self.pid = process.pid
         self.job: Job | None = None
+        self.ready = False  # it has started and read its settings: it may take tasks
         self.known_calls: set[str] = set()
         self._lifeline = lifeline
         self._results = results
@@ -315,6 +343,8 @@ class _Worker:
         kind, body = frame
         if kind == b"R":
             self._on_result(body)
+        elif kind == b"Y":
+            self.backend._ready(self)
         elif kind == b"P":
             job = self.job
             if job is not None and job.task.report is not None:

@@ -70,14 +70,16 @@ def _batches(fun: Callable[..., Any], iterable: Iterable[Any], args: Sequence[An
     automatic = (serial is None and backend is None and settings["backend"] is None
                  and isinstance(selected, Selection) and selected.name != SERIAL)
     return _run(selected, call, iterable, expected, ordered, with_index, spec,
-                probe=automatic and worth_probing(expected), into=into)
+                probe=automatic and worth_probing(expected), helping=automatic, into=into)
 
 
 def _run(selected: Backend | Selection, call: Call, iterable: Iterable[Any], total: int | None,
          ordered: bool, with_index: bool, bar: ProgressSpec, probe: bool,
-         into: Gathered | None = None) -> Generator[list[Any], None, None]:
+         helping: bool = False, into: Gathered | None = None
+         ) -> Generator[list[Any], None, None]:
     """Run the call: first in the caller while workers cannot pay (``probe``), then the rest
-    of the input on the backend."""
+    of the input on the backend, with the caller's help while its workers start
+    (``helping``)."""
     progress: Progress | None = None
     try:
         first, source = 0, iter(iterable)
@@ -94,7 +96,8 @@ def _run(selected: Backend | Selection, call: Call, iterable: Iterable[Any], tot
                 backend.prepare(left)
                 progress = Progress(*bar)
             batches = dispatch(backend, call, source, ChunkSizer(backend.n_workers, left),
-                               ordered=ordered, on_done=progress.update, first_index=first)
+                               ordered=ordered, on_done=progress.update, first_index=first,
+                               help_while_starting=helping)
             yield from _shaped(batches, with_index)
     finally:
         call.release()

@@ -8,7 +8,7 @@ from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from ._chunking import ChunkSizer
-from ._task import Call, Result, Task, add_note
+from ._task import Call, Result, Task, add_note, run_task
 from .backend import Backend
 from .errors import WorkerError
 
@@ -29,11 +29,14 @@ def dispatch(
     ordered: bool = True,
     on_done: Callable[[int], object],
     first_index: int = 0,
+    help_while_starting: bool = False,
 ) -> Iterator[tuple[Sequence[int], list[Any]]]:
     """Yield ``(input indices, values)`` batches covering every item; re-raise the first failure.
 
     ``first_index`` is the input position of the first item of ``items`` (items before it
-    were run elsewhere).
+    were run elsewhere). With ``help_while_starting``, tasks the backend gives back while its
+    workers start (`Backend.reclaim`) run here meanwhile: a short call of quick items is done
+    before the first worker is, and a slow item here delays no other.
 
     With ``ordered`` results come in input order (a failure is raised when its turn comes, after
     the values before it); otherwise as soon as they are done. Closing the generator cancels
@@ -64,10 +67,15 @@ def dispatch(
                 submitted += 1
             if not in_flight:
                 return
-            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-            for future in sorted(done, key=lambda f: in_flight[f][0]):
-                number, task = in_flight.pop(future)
-                result = _result(future, task, backend, in_flight)
+            if help_while_starting:
+                oldest = min(in_flight, key=lambda f: in_flight[f][0])
+                help_while_starting = backend.reclaim(oldest)  # until a worker is ready
+            if help_while_starting:
+                answers = _run_here(in_flight.pop(oldest))
+            else:
+                answers = _answers(wait(in_flight, return_when=FIRST_COMPLETED)[0], backend,
+                                   in_flight)
+            for number, task, result in answers:
                 sizer.record(len(result.values) + (result.failure is not None), result.elapsed)
                 progress.finish(number, len(result.values))
                 if ordered:
@@ -120,6 +128,21 @@ def take(source: Iterator[Any], n: int, read: int) -> list[Any]:
         add_note(exc, f"parfor: raised by the input iterable after {read + len(chunk)} items")
         raise
     return chunk
+
+
+def _run_here(entry: tuple[int, Task]) -> Iterator[tuple[int, Task, Result]]:
+    number, task = entry
+    yield number, task, run_task(task)
+
+
+def _answers(done: set[Future[Result]], backend: Backend,
+             in_flight: dict[Future[Result], tuple[int, Task]]
+             ) -> Iterator[tuple[int, Task, Result]]:
+    """The finished tasks' numbers, tasks and results, in submission order; each leaves
+    ``in_flight`` when its turn comes."""
+    for future in sorted(done, key=lambda f: in_flight[f][0]):
+        number, task = in_flight.pop(future)
+        yield number, task, _result(future, task, backend, in_flight)
 
 
 def _result(future: Future[Result], task: Task, backend: Backend,

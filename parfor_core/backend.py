@@ -61,6 +61,12 @@ class Backend(ABC):
         worker processes say, without waiting for them: called just before the progress bar
         is drawn, so that both happen at once."""
 
+    def reclaim(self, future: Future[Result]) -> bool:
+        """Take back the task of ``future`` if it waits because no worker is ready yet (they
+        are starting): True promises it will never run here, and the caller runs it itself
+        meanwhile. The default, False, suits every backend that cannot tell."""
+        return False
+
     def interrupt(self) -> None:  # noqa: B027 - optional; doing nothing is a fine default
         """Stop running tasks as soon as possible (Ctrl-C); the next submit must work again."""
 

@@ -8,10 +8,11 @@ import os
 import threading
 import time
 
+import psutil
 import pytest
 
 from parfor import gmap, pmap
-from parfor_core import _probe
+from parfor_core import _probe, gil_enabled, registry
 
 
 def where(x: int) -> tuple[int, tuple[int, int]]:
@@ -48,6 +49,7 @@ def test_quick_items_of_a_long_input_run_in_the_caller():
 
 
 def test_slow_items_go_to_workers_after_a_few_here():
+    pmap(abs, range(4), serial=False, bar=False)  # the workers have started
     results = pmap(slow_where, range(300), bar=False, yield_index=True)
     assert [index for index, _ in results] == list(range(300))
     assert [x for _, (x, _) in results] == list(range(300))
@@ -73,8 +75,56 @@ def test_serial_false_or_a_named_backend_always_uses_workers(how):
     assert here() not in {at for _, at in results}
 
 
-def test_short_inputs_go_to_workers_at_once():
+def test_short_inputs_go_to_workers_at_once_when_they_are_ready():
+    pmap(abs, range(4), serial=False, bar=False)  # the workers have started
     results = pmap(where, range(_probe.MIN_ITEMS - 1), bar=False)
+    assert here() not in {at for _, at in results}
+
+
+def cold_pool() -> None:
+    """The pooled backends are shut down: no worker process of parfor's runs (nor starts)."""
+    registry.shutdown()
+    assert not [child for child in psutil.Process().children()
+                if "_process_worker" in " ".join(child.cmdline())]
+
+
+def test_while_the_workers_start_the_caller_runs_a_short_call_of_quick_items():
+    cold_pool()
+    results = pmap(where, range(8), bar=False)
+    assert [x for x, _ in results] == list(range(8))
+    places = {at for _, at in results}
+    if gil_enabled():  # processes: done here before the first one is ready
+        assert places == {here()}
+    else:  # threads start at once: the caller never has to help
+        assert here() not in places
+    cold_pool()  # the workers that were starting stop too: none is left behind
+
+
+def slow_logged(x: int, log: str) -> tuple[int, tuple[int, int]]:
+    with open(log, "a") as file:
+        file.write(f"{x}\n")
+    time.sleep(0.3)
+    return where(x)
+
+
+def test_while_the_workers_start_the_caller_runs_a_slow_first_item_and_no_item_twice(tmp_path):
+    cold_pool()
+    log = tmp_path / "runs"
+    results = pmap(slow_logged, range(6), (str(log),), bar=False)
+    assert [x for x, _ in results] == list(range(6))
+    assert sorted(map(int, log.read_text().split())) == list(range(6))  # each item ran once
+    places = [at for _, at in results]
+    if gil_enabled():  # processes: the caller took the first task while they started; then
+        assert places[0] == here()  # they were ready, and took every other one
+        assert here() not in places[1:]
+    else:  # threads start at once: the caller never has to help
+        assert here() not in places
+
+
+@pytest.mark.parametrize("how", [{"serial": False}, {"backend": "processes"}])
+def test_a_call_that_asks_for_workers_waits_for_them_to_start(how):
+    cold_pool()
+    results = pmap(where, range(8), bar=False, **how)
     assert here() not in {at for _, at in results}
 
 

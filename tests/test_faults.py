@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from parfor import ParPool, WorkerDiedError, WorkerError, pmap
+from parfor_backends import processes
 from parfor_backends.processes import ProcessesBackend
 from parfor_core import Call, Task
 
@@ -268,6 +269,34 @@ def test_prepared_workers_start_at_once_and_exit_if_no_task_comes():
     assert alive == []
     assert pmap(abs, [-1, -2, -3], backend=backend, bar=False) == [1, 2, 3]
     backend.shutdown()
+
+
+def test_a_task_taken_back_while_the_workers_start_never_runs_there(tmp_path):
+    backend = ProcessesBackend(1)
+    try:
+        marker = tmp_path / "ran"
+        taken = backend.submit(Task(Call(touch), range(1), [str(marker)]))
+        assert backend.reclaim(taken)
+        assert backend.submit(Task(Call(abs), range(1), [-3])).result(timeout=30).values == [3]
+        # the worker is ready: what it was given is its own
+        running = backend.submit(Task(Call(time.sleep), range(1), [0.5]))
+        assert not backend.reclaim(running)
+        assert running.result(timeout=30).values == [None]
+        assert not marker.exists() and not taken.done()
+    finally:
+        backend.shutdown()
+
+
+def test_workers_that_die_while_starting_fail_the_call_naming_why(monkeypatch):
+    monkeypatch.setattr(processes, "WORKER_MAIN", "import os; os._exit(7)")
+    backend = ProcessesBackend(2, retries=1)
+    try:
+        with pytest.raises(WorkerDiedError, match="died 2 times in a row: exit code 7"):
+            pmap(abs, range(4), backend=backend, bar=False)
+    finally:
+        backend.shutdown()
+    assert not [child for child in psutil.Process().children()
+                if "os._exit(7)" in " ".join(child.cmdline())]  # none started for ever
 
 
 def test_a_new_worker_count_replaces_the_pool_and_stops_the_old_one():
