@@ -20,7 +20,7 @@ class Job:
     """A task on its way through a backend; after a worker death, its items one at a time."""
 
     __slots__ = ("task", "future", "local", "items", "done", "rest", "elapsed", "deaths",
-                 "losses")
+                 "losses", "started")
 
     def __init__(self, task: Task, future: Future[Result], local: bool,
                  done: list[Any] | None = None, rest: list[tuple[int, Any]] | None = None,
@@ -34,6 +34,7 @@ class Job:
         self.elapsed = elapsed
         self.deaths = 0
         self.losses = 0
+        self.started = False  # a worker has had it, or the job it was split from
 
     @classmethod
     def of(cls, task: Task, local: bool = False) -> Job:
@@ -92,7 +93,9 @@ class Job:
     def _next(self, values: list[Any], elapsed: float) -> Job:
         (index, item), *rest = self.rest
         task = Task(self.task.call, (index,), (item,))
-        return Job(task, self.future, self.local, values, rest, elapsed)
+        job = Job(task, self.future, self.local, values, rest, elapsed)
+        job.started = True  # split after a worker died with the whole
+        return job
 
 
 def settle(future: Future[Result], outcome: Result | BaseException) -> None:

@@ -89,12 +89,13 @@ class ProcessesBackend(Backend):
             self._pump()  # arms the idle watch, should no task follow
 
     def reclaim(self, future: Future[Result]) -> bool:
-        """Give back a task that waits while every worker is still starting."""
+        """Give back a task that waits while every worker is still starting, unless a worker
+        had it before (it died with it): that task must not run in the caller."""
         with self._lock:
             if any(worker.ready for worker in self._workers):
                 return False
             job = next((job for job in self._pending if job.future is future), None)
-            if job is None:
+            if job is None or job.started:  # one that a worker had may have killed it
                 return False
             self._pending.remove(job)
             release_shared(job.items)
@@ -206,6 +207,7 @@ class ProcessesBackend(Backend):
             job, worker.job = worker.job, None
             if not worker.ready and job is None and self._pending:
                 job = self._pending.popleft()
+                how += " while it was starting, before it ran anything"
             if job is not None:
                 if job.future.cancelled():
                     release_shared(job.items)
@@ -285,6 +287,7 @@ class _Worker:
     def run(self, job: Job) -> None:
         """Send ``job`` to this idle worker, and the call first if the worker lacks it."""
         self.job = job
+        job.started = True
         call = job.task.call
         try:
             if call.id not in self.known_calls:  # sent with the task, in one write

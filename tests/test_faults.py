@@ -287,11 +287,29 @@ def test_a_task_taken_back_while_the_workers_start_never_runs_there(tmp_path):
         backend.shutdown()
 
 
+def test_a_task_whose_worker_died_is_never_given_back(monkeypatch):
+    """Its items may kill whatever runs them: the caller, helping while the replacement
+    starts, must not take it."""
+    backend = ProcessesBackend(1, retries=1)
+    try:
+        assert backend.submit(Task(Call(abs), range(1), [-1])).result(timeout=30).values == [1]
+        monkeypatch.setattr(processes, "WORKER_MAIN", "import time; time.sleep(60)")
+        killer = backend.submit(Task(Call(exit_three), range(1), [2]))  # kills the ready worker
+        deadline = time.monotonic() + 1.0  # meanwhile it waits for a replacement never ready
+        while time.monotonic() < deadline:
+            assert not backend.reclaim(killer)
+            time.sleep(0.005)
+        assert not killer.done()
+    finally:
+        backend.shutdown()
+
+
 def test_workers_that_die_while_starting_fail_the_call_naming_why(monkeypatch):
     monkeypatch.setattr(processes, "WORKER_MAIN", "import os; os._exit(7)")
     backend = ProcessesBackend(2, retries=1)
     try:
-        with pytest.raises(WorkerDiedError, match="died 2 times in a row: exit code 7"):
+        with pytest.raises(WorkerDiedError, match="died 2 times in a row: exit code 7 while it "
+                                                  "was starting, before it ran anything"):
             pmap(abs, range(4), backend=backend, bar=False)
     finally:
         backend.shutdown()
