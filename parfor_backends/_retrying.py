@@ -34,7 +34,8 @@ class Job:
         self.elapsed = elapsed
         self.deaths = 0
         self.losses = 0
-        self.started = False  # a worker has had it, or the job it was split from
+        self.started = False  # a worker has had it, or the job it was split from (kept
+        # by the backends that give tasks back: see ProcessesBackend.reclaim)
 
     @classmethod
     def of(cls, task: Task, local: bool = False) -> Job:

@@ -71,7 +71,8 @@ def dispatch(
                 oldest = min(in_flight, key=lambda f: in_flight[f][0])
                 help_while_starting = backend.reclaim(oldest)  # until a worker is ready
             if help_while_starting:
-                answers = _run_here(in_flight.pop(oldest))
+                number, task = in_flight.pop(oldest)
+                answers: Iterable[tuple[int, Task, Result]] = [(number, task, run_task(task))]
             else:
                 answers = _answers(wait(in_flight, return_when=FIRST_COMPLETED)[0], backend,
                                    in_flight)
@@ -128,11 +129,6 @@ def take(source: Iterator[Any], n: int, read: int) -> list[Any]:
         add_note(exc, f"parfor: raised by the input iterable after {read + len(chunk)} items")
         raise
     return chunk
-
-
-def _run_here(entry: tuple[int, Task]) -> Iterator[tuple[int, Task, Result]]:
-    number, task = entry
-    yield number, task, run_task(task)
 
 
 def _answers(done: set[Future[Result]], backend: Backend,
