@@ -35,13 +35,15 @@ def test_disarming_it_keeps_it_from_firing():
 def test_arming_it_again_moves_the_deadline_and_starts_no_thread():
     watch, fired = _watch(0.4)
     watch.arm()
-    threads = threading.active_count()
+    thread = watch._thread
     start = time.monotonic()
     for _ in range(3):
         time.sleep(0.2)
         watch.disarm()
         watch.arm()  # each idle spell starts the timeout afresh
-    assert threading.active_count() == threads
+        # The watch's own thread, not the process's thread count: other tests' pools (Ray,
+        # Dask) start and end threads of their own meanwhile.
+        assert watch._thread is thread and thread.is_alive()
     assert fired.wait(10)
     assert time.monotonic() - start >= 0.6 + 0.4
     watch.close()
