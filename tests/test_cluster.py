@@ -312,16 +312,28 @@ def test_killing_a_dask_worker_mid_run_loses_no_result(tmp_path):
 def test_killing_a_ray_worker_mid_run_loses_no_result(cluster_addresses, tmp_path):
     cluster_addresses("ray")
     results = []
-    for value in gmap(slow_square, range(120), (0.05, str(tmp_path)), bar=False, backend="ray"):
+    for value in gmap(slow_square, range(40), (0.2, str(tmp_path)), bar=False, backend="ray"):
         results.append(value)
-        if len(results) == 20:
-            deadline = time.monotonic() + 2  # a worker may be between two tasks just now
-            while not (running := RayCluster.worker_pids()) and time.monotonic() < deadline:
+        if len(results) == 10:
+            deadline = time.monotonic() + 5  # a worker may be between two items just now
+            while not (victim := _amid_an_item(tmp_path, 0.2)) and time.monotonic() < deadline:
                 time.sleep(0.01)
-            assert running, "no Ray worker is running a parfor task"
-            os.kill(running[0], signal.SIGKILL)
-    assert results == [x * x for x in range(120)]
+            assert victim, "no Ray worker is running a parfor task"
+            os.kill(victim, signal.SIGKILL)
+    assert results == [x * x for x in range(40)]
     assert reruns(tmp_path) >= 1  # what the killed worker was running ran again
+
+
+def _amid_an_item(log_dir: Path, seconds: float) -> int | None:
+    """A Ray worker that started one of slow_square's items less than half an item ago, so it
+    is surely still running it (the process title alone does not say: on a busy machine a
+    worker between two tasks, or sending a result, still has it)."""
+    now, running = time.monotonic_ns(), set(RayCluster.worker_pids())
+    for name in os.listdir(log_dir):
+        _, pid, started = (int(part) for part in name.split("-"))
+        if pid in running and now - started < seconds / 2 * 1e9:
+            return pid
+    return None
 
 
 @pytest.mark.parametrize("name", CLUSTER_NAMES)
