@@ -353,13 +353,17 @@ def _may_set_tool_parfor(text: str) -> bool:
     return False
 
 
-_parsed: dict[str, tuple[int, dict[str, Any]]] = {}
+_parsed: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
 
 
 def _read(path: str, only_if: Callable[[str], bool] | None = None) -> dict[str, Any]:
     """A TOML file's contents, read again only when it changes; ``{}``, unparsed, where
-    ``only_if`` says its text holds nothing of ours."""
-    stamp = os.stat(path).st_mtime_ns
+    ``only_if`` says its text holds nothing of ours.
+
+    A change is a new modification time, size or inode: the clock that stamps files ticks in
+    milliseconds, and a file rewritten within one tick keeps its time."""
+    status = os.stat(path)
+    stamp = (status.st_mtime_ns, status.st_size, status.st_ino)
     cached = _parsed.get(path)
     if cached is not None and cached[0] == stamp:
         return cached[1]

@@ -88,6 +88,16 @@ def test_project_parfor_toml(isolated):
     assert ran_on() == "serial"
 
 
+def test_a_file_rewritten_within_one_clock_tick_is_read_again(isolated):
+    path = isolated / "project" / "sub" / "parfor.toml"
+    write(path, "retries = 3\n")
+    assert current()["retries"] == 3
+    stamp = path.stat().st_mtime_ns
+    write(path, "retries = 12\n")
+    os.utime(path, ns=(stamp, stamp))  # as a rewrite within the file clock's tick leaves it
+    assert current()["retries"] == 12
+
+
 def test_environment():
     os.environ["PARFOR_BACKEND"] = "threads"
     try:
