@@ -281,7 +281,10 @@ class _Worker:
         os.close(lifeline_read)
         os.close(results_write)
         worker = cls(backend, process, lifeline_write, os.fdopen(results_read, "rb"))
-        worker._send(b"I", pickle.dumps((sys.path, backend.worker_output)))
+        try:
+            worker._send(b"I", pickle.dumps((sys.path, backend.worker_output)))
+        except BrokenPipeError:
+            pass  # it failed at once: its reader thread reports it as dying while starting
         return worker
 
     def run(self, job: Job) -> None:

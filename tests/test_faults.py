@@ -317,6 +317,27 @@ def test_workers_that_die_while_starting_fail_the_call_naming_why(monkeypatch):
                 if "os._exit(7)" in " ".join(child.cmdline())]  # none started for ever
 
 
+class _GoneBeforeItsSettings(subprocess.Popen):  # type: ignore[type-arg]
+    """A process that has exited by the time its parent first writes to it (on a busy
+    machine, a worker that fails at once can be gone that soon)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.wait(30)
+
+
+def test_a_worker_gone_before_it_is_sent_its_settings_fails_the_call_naming_why(monkeypatch):
+    monkeypatch.setattr(processes, "WORKER_MAIN", "import os; os._exit(7)")
+    monkeypatch.setattr(subprocess, "Popen", _GoneBeforeItsSettings)
+    backend = ProcessesBackend(2, retries=1)
+    try:  # not the BrokenPipeError of writing to it
+        with pytest.raises(WorkerDiedError, match="died 2 times in a row: exit code 7 while it "
+                                                  "was starting, before it ran anything"):
+            pmap(abs, range(4), backend=backend, bar=False)
+    finally:
+        backend.shutdown()
+
+
 def test_a_new_worker_count_replaces_the_pool_and_stops_the_old_one():
     pmap(abs, range(20), backend="processes", bar=False, n_processes=3)
     before = {p.pid: p for p in psutil.Process().children()}
