@@ -107,10 +107,11 @@ class DaskCluster:
                 self.add_worker(f"worker-{next(self._names)}")
             self.client.wait_for_workers(wanted, timeout=START_TIMEOUT)
 
-    def worker_pids(self) -> list[int]:
-        """The processes that run tasks (children of the `dask worker` commands' nannies)."""
-        return [child.pid for worker in self.workers if worker.poll() is None
-                for child in psutil.Process(worker.pid).children(recursive=True)]
+    def task_processes(self) -> dict[int, subprocess.Popen]:
+        """The processes that run tasks (children of the `dask worker` commands' nannies), each
+        with the command it belongs to."""
+        return {child.pid: worker for worker in self.workers if worker.poll() is None
+                for child in psutil.Process(worker.pid).children(recursive=True)}
 
     def stop(self) -> None:
         if self.client is not None:

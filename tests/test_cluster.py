@@ -13,7 +13,10 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
 import pytest
@@ -292,16 +295,14 @@ def test_killing_a_dask_worker_mid_run_loses_no_result(tmp_path):
     log = tmp_path / "runs"
     log.mkdir()
     try:
-        results = []
-        with parfor.config(backends={"dask": {"address": cluster.address}}):
-            for value in gmap(slow_square, range(120), (0.05, str(log)), bar=False,
-                              backend="dask"):
-                results.append(value)
-                if len(results) == 20:
-                    victim = cluster.workers[0]
-                    os.killpg(victim.pid, signal.SIGKILL)  # the `dask worker` command, all of it
-        assert results == [x * x for x in range(120)]
-        assert cluster.workers[0].wait(10) == -signal.SIGKILL
+        with parfor.config(backends={"dask": {"address": cluster.address}}), \
+                ThreadPoolExecutor(1) as killer:
+            victim = killer.submit(_kill_the_worker_of, STALLING_ITEM, log,
+                                   cluster.task_processes,  # the `dask worker` command, all of it
+                                   lambda worker: os.killpg(worker.pid, signal.SIGKILL))
+            results = list(gmap(stalls_once, range(40), (str(log),), bar=False, backend="dask"))
+        assert results == [x * x for x in range(40)]
+        assert victim.result().wait(10) == -signal.SIGKILL
         assert reruns(log) >= 1  # what the lost worker was running ran again elsewhere
     finally:
         registry.shutdown()
@@ -311,29 +312,48 @@ def test_killing_a_dask_worker_mid_run_loses_no_result(tmp_path):
 @pytest.mark.backend("ray")
 def test_killing_a_ray_worker_mid_run_loses_no_result(cluster_addresses, tmp_path):
     cluster_addresses("ray")
-    results = []
-    for value in gmap(slow_square, range(40), (0.2, str(tmp_path)), bar=False, backend="ray"):
-        results.append(value)
-        if len(results) == 10:
-            deadline = time.monotonic() + 5  # a worker may be between two items just now
-            while not (victim := _amid_an_item(tmp_path, 0.2)) and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert victim, "no Ray worker is running a parfor task"
-            os.kill(victim, signal.SIGKILL)
+    with ThreadPoolExecutor(1) as killer:
+        victim = killer.submit(_kill_the_worker_of, STALLING_ITEM, tmp_path,
+                               lambda: {pid: pid for pid in RayCluster.worker_pids()},
+                               lambda pid: os.kill(pid, signal.SIGKILL))
+        results = list(gmap(stalls_once, range(40), (str(tmp_path),), bar=False, backend="ray"))
     assert results == [x * x for x in range(40)]
+    assert victim.result()
     assert reruns(tmp_path) >= 1  # what the killed worker was running ran again
 
 
-def _amid_an_item(log_dir: Path, seconds: float) -> int | None:
-    """A Ray worker that started one of slow_square's items less than half an item ago, so it
-    is surely still running it (the process title alone does not say: on a busy machine a
-    worker between two tasks, or sending a result, still has it)."""
-    now, running = time.monotonic_ns(), set(RayCluster.worker_pids())
-    for name in os.listdir(log_dir):
-        _, pid, started = (int(part) for part in name.split("-"))
-        if pid in running and now - started < seconds / 2 * 1e9:
-            return pid
-    return None
+#: The item whose first run stalls until the test kills its worker: a worker only seen to be
+#: busy may, on a busy machine, be between two items by the time it is killed.
+STALLING_ITEM = 12
+
+
+def stalls_once(x: int, log_dir: str) -> int:
+    """slow_square (0.05 s), but the first run of STALLING_ITEM takes a minute more."""
+    first = x == STALLING_ITEM and not any(name.startswith(f"{x}-")
+                                           for name in os.listdir(log_dir))
+    value = slow_square(x, 0.05, log_dir)
+    if first:
+        time.sleep(60)
+    return value
+
+
+Victim = TypeVar("Victim")
+
+
+def _kill_the_worker_of(item: int, log_dir: Path, processes: Callable[[], dict[int, Victim]],
+                        kill: Callable[[Victim], object]) -> Victim:
+    """Kill the worker that runs ``item`` as soon as its log shows it: ``processes()`` maps the
+    pids that run items to what ``kill`` takes."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        pids = [int(name.split("-")[1]) for name in os.listdir(log_dir)
+                if name.startswith(f"{item}-")]
+        if pids:
+            victim = processes()[pids[0]]
+            kill(victim)
+            return victim
+        time.sleep(0.01)
+    raise AssertionError(f"no worker started item {item} in 30 s")
 
 
 @pytest.mark.parametrize("name", CLUSTER_NAMES)
