@@ -314,19 +314,6 @@ def test_a_task_whose_worker_died_is_never_given_back(monkeypatch):
         backend.shutdown()
 
 
-def test_workers_that_die_while_starting_fail_the_call_naming_why(monkeypatch):
-    monkeypatch.setattr(processes, "WORKER_MAIN", "import os; os._exit(7)")
-    backend = ProcessesBackend(2, retries=1)
-    try:
-        with pytest.raises(WorkerDiedError, match="died 2 times in a row: exit code 7 while it "
-                                                  "was starting, before it ran anything"):
-            pmap(abs, range(4), backend=backend, bar=False)
-    finally:
-        backend.shutdown()
-    assert not [child for child in psutil.Process().children()
-                if "os._exit(7)" in " ".join(child.cmdline())]  # none started for ever
-
-
 class _GoneBeforeItsSettings(subprocess.Popen):  # type: ignore[type-arg]
     """A process that has exited by the time its parent first writes to it (on a busy
     machine, a worker that fails at once can be gone that soon)."""
@@ -336,16 +323,21 @@ class _GoneBeforeItsSettings(subprocess.Popen):  # type: ignore[type-arg]
         self.wait(30)
 
 
-def test_a_worker_gone_before_it_is_sent_its_settings_fails_the_call_naming_why(monkeypatch):
+@pytest.mark.parametrize("gone_before_its_settings", [False, True])
+def test_workers_that_die_while_starting_fail_the_call_naming_why(monkeypatch,
+                                                                  gone_before_its_settings):
     monkeypatch.setattr(processes, "WORKER_MAIN", "import os; os._exit(7)")
-    monkeypatch.setattr(subprocess, "Popen", _GoneBeforeItsSettings)
+    if gone_before_its_settings:  # not the BrokenPipeError of writing to it
+        monkeypatch.setattr(subprocess, "Popen", _GoneBeforeItsSettings)
     backend = ProcessesBackend(2, retries=1)
-    try:  # not the BrokenPipeError of writing to it
+    try:
         with pytest.raises(WorkerDiedError, match="died 2 times in a row: exit code 7 while it "
                                                   "was starting, before it ran anything"):
             pmap(abs, range(4), backend=backend, bar=False)
     finally:
         backend.shutdown()
+    assert not [child for child in psutil.Process().children()
+                if "os._exit(7)" in " ".join(child.cmdline())]  # none started for ever
 
 
 def test_a_new_worker_count_replaces_the_pool_and_stops_the_old_one():
