@@ -11,6 +11,7 @@ import importlib.util
 import os
 import sys
 import threading
+import time
 import weakref
 from abc import abstractmethod
 from collections.abc import Callable
@@ -34,6 +35,10 @@ from parfor_core import (
 RETRIES = SETTINGS["retries"].default
 #: Seconds to wait for a scheduler to answer, or for a cluster to have a worker.
 CONNECT_TIMEOUT = 30.0
+#: How often a task is sent when the connection to the cluster breaks on the way: an engine may
+#: drop one connection and keep the next (Dask closes the client's when a worker it scatters to
+#: has just died).
+SEND_ATTEMPTS = 3
 
 
 class ClusterBackend(Backend):
@@ -61,6 +66,10 @@ class ClusterBackend(Backend):
         self._shipped: dict[str, Any] = {}  # call id -> the engine's handle of the call
         self._running: dict[Future[Result], Any] = {}  # the caller's future -> its remote task
         self._connected = False
+        # The call during which the connection broke, and its error: each later task of that
+        # call fails with it; the next call closes that connection and makes a new one.
+        self._lost: tuple[str, ConnectionError] | None = None
+        self._connections = 0  # connections made: an error of an older one drops no newer one
         self._connect_once()
 
     @classmethod
@@ -102,6 +111,11 @@ class ClusterBackend(Backend):
         """Cancel remote tasks: those not started never run; running ones are stopped where
         the engine can (``hard``: Ctrl-C, also by killing their workers)."""
 
+    def _lost_connection(self, error: BaseException) -> str | None:
+        """When ``error`` means that the connection to the cluster broke: to what ("the Dask
+        scheduler at ..."); None for other errors, and by default."""
+        return None
+
     @abstractmethod
     def _lost_worker(self, error: BaseException) -> tuple[str, bool] | None:
         """When ``error`` means that the task's worker was lost: how, and whether it was data
@@ -111,10 +125,13 @@ class ClusterBackend(Backend):
     # -- the Backend contract ---------------------------------------------------------------------
 
     def submit(self, task: Task) -> Future[Result]:
-        self._connect_once()
+        lost = self._connect_once(task.call.id)
         job = Job.of(task)
         job.future.add_done_callback(self._forget)
-        self._start(job)
+        if lost is None:
+            self._start(job)
+        else:
+            settle(job.future, lost)
         return job.future
 
     def interrupt(self) -> None:
@@ -126,17 +143,29 @@ class ClusterBackend(Backend):
         self._cancel_all(hard=False)
         with self._lock:
             connected, self._connected = self._connected, False
+            lost, self._lost = self._lost is not None, None
             self._shipped.clear()
-        if connected:  # not under the lock: disconnecting fails what is still out, whose
-            self._disconnect(kill=False)  # callbacks take the lock, maybe in this thread
+        if connected or lost:  # not under the lock: disconnecting fails what is still out,
+            self._disconnect(kill=lost)  # whose callbacks take the lock, maybe in this thread
 
     # -- running jobs -------------------------------------------------------------------------
 
-    def _connect_once(self) -> None:
+    def _connect_once(self, call_id: str | None = None) -> ConnectionError | None:
+        """Connect unless connected; None, or the error of a connection that broke during
+        the call ``call_id``."""
+        with self._lock:
+            lost, self._lost = self._lost, None
+            if lost is not None and lost[0] == call_id:
+                self._lost = lost
+                return lost[1]
+        if lost is not None:  # a local cluster whose scheduler is gone is stopped too
+            self._disconnect(kill=True)
         with self._lock:
             if not self._connected:
                 self.n_workers = max(1, self._connect())
                 self._connected = True
+                self._connections += 1
+        return None
 
     def _cancel_all(self, hard: bool) -> None:
         with self._lock:
@@ -150,7 +179,12 @@ class ClusterBackend(Backend):
     def _start(self, job: Job) -> None:
         if job.future.cancelled():  # a retry after the caller gave up: nothing to run
             return
-        remote = self._start_remote(job.task.call.id, self._shipment(job.task.call), job.items)
+        connection = self._connections
+        try:
+            remote = self._send(job, connection)
+        except ConnectionError as error:
+            settle(job.future, error)
+            return
         with self._lock:
             cancelled = job.future.cancelled()
             if not cancelled:
@@ -158,9 +192,37 @@ class ClusterBackend(Backend):
         if cancelled:
             self._cancel([remote], hard=False)
             return
-        self._when_done(remote, partial(self._finished, job, remote))
+        self._when_done(remote, partial(self._finished, job, remote, connection))
 
-    def _finished(self, job: Job, remote: Any) -> None:
+    def _send(self, job: Job, connection: int) -> Any:
+        """Start the job's remote task (shipping its call first, once); a connection that
+        breaks on the way is tried `SEND_ATTEMPTS` times, then raises ConnectionError."""
+        call = job.task.call
+        for attempt in range(1, SEND_ATTEMPTS + 1):
+            try:
+                return self._start_remote(call.id, self._shipment(call), job.items)
+            except Exception as error:
+                if self._lost_connection(error) is None:
+                    raise
+                if attempt == SEND_ATTEMPTS:
+                    raise self._connection_error(error, f"{attempt} tries to send a task",
+                                                 job, connection) from error
+                time.sleep(0.1 * attempt)
+
+    def _connection_error(self, error: BaseException, doing: str, job: Job,
+                          connection: int) -> ConnectionError:
+        """The error of connection number ``connection`` to the cluster, which broke during
+        the job's call: dropped, so that the next call connects again."""
+        lost = ConnectionError(f"Lost the connection to {self._lost_connection(error)} "
+                               f"({doing}): {type(error).__name__}: {error}. The next call "
+                               f"connects again.")
+        with self._lock:
+            if self._connected and connection == self._connections:
+                self._connected, self._lost = False, (job.task.call.id, lost)
+                self._shipped.clear()
+        return lost
+
+    def _finished(self, job: Job, remote: Any, connection: int) -> None:
         """Runs in the engine's callback thread, which drops exceptions: every error, also one
         starting a retry, goes to the caller's future."""
         with self._lock:
@@ -171,6 +233,9 @@ class ClusterBackend(Backend):
             try:
                 outcome = job.finish(load_result(self._outcome(remote)))
             except Exception as error:
+                if self._lost_connection(error) is not None:
+                    raise self._connection_error(error, "waiting for a task", job,
+                                                 connection) from error
                 lost = self._lost_worker(error)
                 if lost is None:
                     raise

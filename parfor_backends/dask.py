@@ -7,6 +7,7 @@ and extra arguments are scattered to the cluster once; the workers need parfor i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
@@ -48,6 +49,7 @@ class DaskBackend(ClusterBackend):
         if address is None:
             self._local = _LocalCluster(self.n_workers, self.worker_output)
             address = self._local.address
+        self._scheduler = f"the Dask scheduler at {address}"
         try:
             self._client = Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False)
         except (OSError, TimeoutError) as exc:
@@ -105,7 +107,17 @@ class DaskBackend(ClusterBackend):
         return remote.result()
 
     def _cancel(self, remotes: list[Any], hard: bool) -> None:
-        self._client.cancel(remotes)  # Dask cannot stop a running task; see interrupt()
+        from distributed.client import ClosedClientError
+
+        with contextlib.suppress(ClosedClientError):  # then its tasks are cancelled already
+            self._client.cancel(remotes)  # Dask cannot stop a running task; see interrupt()
+
+    def _lost_connection(self, error: BaseException) -> str | None:
+        # A client that lost its scheduler reconnects for CONNECT_TIMEOUT, then closes and
+        # cancels its tasks; the errors of its network (CommClosedError too) are OSErrors.
+        if isinstance(error, OSError) or self._client.status != "running":
+            return self._scheduler
+        return None
 
     def _lost_worker(self, error: BaseException) -> tuple[str, bool] | None:
         from distributed.scheduler import KilledWorker

@@ -57,20 +57,30 @@ class DaskCluster:
     @classmethod
     def start(cls, folder: Path, n_workers: int = 2) -> DaskCluster:
         cluster = cls(folder)
-        scheduler_file = folder / "scheduler.json"
-        # parfor's `retries` then decides how often an item whose worker died is tried again
-        # (Dask's own default, 3, would multiply with it); docs/cluster.md recommends the same.
-        env = _environment(DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES="0")
-        cluster.scheduler = cluster._run(
-            ["scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-             "--scheduler-file", str(scheduler_file)], "scheduler", env)
-        _wait_for(lambda: scheduler_file.exists() and scheduler_file.stat().st_size > 0,
-                  "the Dask scheduler writing its address")
-        cluster.address = json.loads(scheduler_file.read_text())["address"]
+        cluster.start_scheduler()
         for number in range(n_workers):
             cluster.add_worker(f"worker-{number}")
         cluster.wait_for_workers(n_workers)
         return cluster
+
+    def start_scheduler(self, port: int = 0) -> None:
+        """Start the scheduler (on ``port``, or any free one) and wait for its address."""
+        scheduler_file = self.folder / "scheduler.json"
+        scheduler_file.unlink(missing_ok=True)
+        # parfor's `retries` then decides how often an item whose worker died is tried again
+        # (Dask's own default, 3, would multiply with it); docs/cluster.md recommends the same.
+        env = _environment(DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES="0")
+        self.scheduler = self._run(
+            ["scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard",
+             "--scheduler-file", str(scheduler_file)], "scheduler", env)
+        _wait_for(lambda: scheduler_file.exists() and scheduler_file.stat().st_size > 0,
+                  "the Dask scheduler writing its address")
+        self.address = json.loads(scheduler_file.read_text())["address"]
+
+    def kill_scheduler(self) -> None:
+        assert self.scheduler is not None
+        os.killpg(self.scheduler.pid, signal.SIGKILL)
+        self.scheduler.wait()
 
     def _run(self, arguments: list[str], log: str, env: dict[str, str]) -> subprocess.Popen:
         with open(self.folder / f"{log}.log", "ab") as output:
@@ -98,14 +108,19 @@ class DaskCluster:
         try:
             self.client.wait_for_workers(wanted, timeout=START_TIMEOUT / 2)
         except Exception:
-            for worker in self.workers:
-                if worker.poll() is None:
-                    os.killpg(worker.pid, signal.SIGKILL)
-                    worker.wait()
-            count, self.workers = len(self.workers), []
-            for _ in range(count):
-                self.add_worker(f"worker-{next(self._names)}")
+            self.replace_workers()
             self.client.wait_for_workers(wanted, timeout=START_TIMEOUT)
+
+    def replace_workers(self) -> None:
+        """Kill every worker and start as many new ones (a worker that lost its scheduler
+        does not join a new one at the same address)."""
+        for worker in self.workers:
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait()
+        count, self.workers = len(self.workers), []
+        for _ in range(count):
+            self.add_worker(f"worker-{next(self._names)}")
 
     def task_processes(self) -> dict[int, subprocess.Popen]:
         """The processes that run tasks (children of the `dask worker` commands' nannies), each

@@ -23,7 +23,7 @@ import pytest
 from clusters import CLUSTER_NAMES, DaskCluster, RayCluster
 
 import parfor
-from parfor import ParforError, WorkerDiedError, gmap, pmap
+from parfor import ParforError, WorkerDiedError, WorkerError, gmap, pmap
 from parfor_backends.dask import DaskBackend
 from parfor_core import registry
 
@@ -307,6 +307,33 @@ def test_killing_a_dask_worker_mid_run_loses_no_result(tmp_path):
         assert results == [x * x for x in range(40)]
         assert victim.result().wait(10) == -signal.SIGKILL
         assert reruns(log) >= 1  # what the lost worker was running ran again elsewhere
+    finally:
+        registry.shutdown()
+        cluster.stop()
+
+
+@pytest.mark.backend("dask")
+def test_a_lost_scheduler_fails_the_call_naming_it_and_the_next_call_connects_again(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr("parfor_backends.dask.CONNECT_TIMEOUT", 3.0)  # its wait to reconnect
+    cluster = DaskCluster.start(tmp_path, n_workers=1)
+    address, port = cluster.address, int(cluster.address.rpartition(":")[2])
+    lost = rf"Lost the connection to the Dask scheduler at {address} \({{}}\)"
+    try:
+        with parfor.config(backends={"dask": {"address": address}}):
+            assert pmap(abs, [-1, 2], backend="dask", bar=False) == [1, 2]
+            cluster.kill_scheduler()  # between two calls
+            with pytest.raises(WorkerError, match=lost.format("3 tries to send a task")):
+                pmap(abs, [-1, 2], backend="dask", bar=False)
+            cluster.start_scheduler(port)  # back at its address: the next call works
+            cluster.replace_workers()
+            cluster.wait_for_workers()
+            assert pmap(abs, [-3, 4], backend="dask", bar=False) == [3, 4]
+            results = gmap(long_unless_zero, range(4), bar=False, backend="dask")
+            assert next(results) == 0
+            cluster.kill_scheduler()  # during a call, whose next item takes 30 s
+            with pytest.raises(WorkerError, match=lost.format("waiting for a task")):
+                next(results)
     finally:
         registry.shutdown()
         cluster.stop()
