@@ -92,7 +92,12 @@ class DaskBackend(ClusterBackend):
 
     def _ship(self, data: bytes) -> Any:
         # On every worker: one lost worker then loses no call (scattered data has no recipe).
-        return self._client.scatter(data, hash=False, broadcast=True)
+        try:
+            return self._client.scatter(data, hash=False, broadcast=True)
+        except KeyError as error:  # the scheduler's replicate, about a worker that just left:
+            raise ConnectionResetError(  # sent again (ClusterBackend._send), to those left
+                f"a Dask worker ({error}) left while the call was sent to every worker"
+            ) from error
 
     def _start_remote(self, call_id: str, shipped: Any, items: bytes) -> Any:
         sent: Any = items
