@@ -66,9 +66,10 @@ class ClusterBackend(Backend):
         self._shipped: dict[str, Any] = {}  # call id -> the engine's handle of the call
         self._running: dict[Future[Result], Any] = {}  # the caller's future -> its remote task
         self._connected = False
-        # The call during which the connection broke, and its error: each later task of that
-        # call fails with it; the next call closes that connection and makes a new one.
-        self._lost: tuple[str, ConnectionError] | None = None
+        # The call during which the connection broke, its error, and until when: that call's
+        # next tasks fail with it (a pmap waits once, not once per task); a task of another
+        # call, or a later one (a ParPool's), closes that connection and makes a new one.
+        self._lost: tuple[str, ConnectionError, float] | None = None
         self._connections = 0  # connections made: an error of an older one drops no newer one
         self._connect_once()
 
@@ -155,7 +156,7 @@ class ClusterBackend(Backend):
         the call ``call_id``."""
         with self._lock:
             lost, self._lost = self._lost, None
-            if lost is not None and lost[0] == call_id:
+            if lost is not None and lost[0] == call_id and time.monotonic() < lost[2]:
                 self._lost = lost
                 return lost[1]
         if lost is not None:  # a local cluster whose scheduler is gone is stopped too
@@ -218,7 +219,8 @@ class ClusterBackend(Backend):
                                f"connects again.")
         with self._lock:
             if self._connected and connection == self._connections:
-                self._connected, self._lost = False, (job.task.call.id, lost)
+                self._connected = False
+                self._lost = (job.task.call.id, lost, time.monotonic() + CONNECT_TIMEOUT)
                 self._shipped.clear()
         return lost
 

@@ -23,7 +23,7 @@ import pytest
 from clusters import CLUSTER_NAMES, DaskCluster, RayCluster
 
 import parfor
-from parfor import ParforError, WorkerDiedError, WorkerError, gmap, pmap
+from parfor import ParforError, ParPool, WorkerDiedError, WorkerError, gmap, pmap
 from parfor_backends.dask import DaskBackend
 from parfor_core import registry
 
@@ -315,7 +315,9 @@ def test_killing_a_dask_worker_mid_run_loses_no_result(tmp_path):
 @pytest.mark.backend("dask")
 def test_a_lost_scheduler_fails_the_call_naming_it_and_the_next_call_connects_again(
         tmp_path, monkeypatch):
-    monkeypatch.setattr("parfor_backends.dask.CONNECT_TIMEOUT", 3.0)  # its wait to reconnect
+    # Dask's wait to reconnect, and how long a call's tasks fail with the connection it lost
+    for module in ("parfor_backends.dask", "parfor_backends._cluster"):
+        monkeypatch.setattr(f"{module}.CONNECT_TIMEOUT", 3.0)
     cluster = DaskCluster.start(tmp_path, n_workers=1)
     address, port = cluster.address, int(cluster.address.rpartition(":")[2])
     lost = rf"Lost the connection to the Dask scheduler at {address} \({{}}\)"
@@ -334,6 +336,21 @@ def test_a_lost_scheduler_fails_the_call_naming_it_and_the_next_call_connects_ag
             cluster.kill_scheduler()  # during a call, whose next item takes 30 s
             with pytest.raises(WorkerError, match=lost.format("waiting for a task")):
                 next(results)
+
+            cluster.start_scheduler(port)  # a ParPool's tasks are one call, for ever:
+            cluster.replace_workers()
+            cluster.wait_for_workers()
+            with ParPool(long_unless_zero, bar=False, backend="dask") as pool:
+                pool[1] = 1
+                cluster.kill_scheduler()
+                with pytest.raises(WorkerError, match=lost.format("waiting for a task")):
+                    pool[1]
+                cluster.start_scheduler(port)
+                cluster.replace_workers()
+                cluster.wait_for_workers()
+                time.sleep(3.0)  # the call's wait to reconnect
+                pool[2] = 0  # a task added later connects again
+                assert pool[2] == 0
     finally:
         registry.shutdown()
         cluster.stop()
