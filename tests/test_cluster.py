@@ -138,6 +138,28 @@ def test_without_an_address_dask_starts_and_stops_a_local_cluster(dask_address, 
     assert alive == []
 
 
+@pytest.mark.backend("dask")
+def test_a_local_cluster_that_lost_its_scheduler_is_replaced_and_leaves_nothing(
+        dask_address, monkeypatch):
+    monkeypatch.delenv("PARFOR_DASK_ADDRESS")
+    for module in ("parfor_backends.dask", "parfor_backends._cluster"):
+        monkeypatch.setattr(f"{module}.CONNECT_TIMEOUT", 3.0)
+    backend = DaskBackend(2)
+    helper = psutil.Process(backend._local.process.pid)
+    try:
+        old = set(pmap(scheduler_of, range(8), backend=backend, bar=False))
+        processes = [helper, *helper.children(recursive=True)]
+        helper.kill()  # the scheduler's process; its workers are left without one
+        with pytest.raises(WorkerError, match=r"Lost the connection to the Dask scheduler at "):
+            pmap(scheduler_of, range(8), backend=backend, bar=False)
+        new = set(pmap(scheduler_of, range(8), backend=backend, bar=False))
+        assert len(new) == 1 and new != old
+        _, alive = psutil.wait_procs(processes, timeout=30)
+        assert alive == []  # the old cluster's workers too
+    finally:
+        backend.shutdown()
+
+
 SCRIPT = """
 import os, sys
 from parfor import pmap
