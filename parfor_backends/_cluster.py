@@ -112,9 +112,10 @@ class ClusterBackend(Backend):
         """Cancel remote tasks: those not started never run; running ones are stopped where
         the engine can (``hard``: Ctrl-C, also by killing their workers)."""
 
-    def _lost_connection(self, error: BaseException) -> str | None:
-        """When ``error`` means that the connection to the cluster broke: to what ("the Dask
-        scheduler at ..."); None for other errors, and by default."""
+    def _lost_connection(self, error: BaseException, sending: bool) -> str | None:
+        """When ``error``, raised sending a task (``sending``) or as a task's outcome, means
+        that the connection to the cluster broke: to what ("the Dask scheduler at ...");
+        None for other errors, and by default."""
         return None
 
     @abstractmethod
@@ -203,20 +204,20 @@ class ClusterBackend(Backend):
             try:
                 return self._start_remote(call.id, self._shipment(call), job.items)
             except Exception as error:
-                if self._lost_connection(error) is None:
+                to = self._lost_connection(error, sending=True)
+                if to is None:
                     raise
                 if attempt == SEND_ATTEMPTS:
-                    raise self._connection_error(error, f"{attempt} tries to send a task",
+                    raise self._connection_error(to, error, f"{attempt} tries to send a task",
                                                  job, connection) from error
                 time.sleep(0.1 * attempt)
 
-    def _connection_error(self, error: BaseException, doing: str, job: Job,
+    def _connection_error(self, to: str, error: BaseException, doing: str, job: Job,
                           connection: int) -> ConnectionError:
-        """The error of connection number ``connection`` to the cluster, which broke during
+        """The error of connection number ``connection`` (``to`` what), which broke during
         the job's call: dropped, so that the next call connects again."""
-        lost = ConnectionError(f"Lost the connection to {self._lost_connection(error)} "
-                               f"({doing}): {type(error).__name__}: {error}. The next call "
-                               f"connects again.")
+        lost = ConnectionError(f"Lost the connection to {to} ({doing}): "
+                               f"{type(error).__name__}: {error}. The next call connects again.")
         with self._lock:
             if self._connected and connection == self._connections:
                 self._connected = False
@@ -235,8 +236,9 @@ class ClusterBackend(Backend):
             try:
                 outcome = job.finish(load_result(self._outcome(remote)))
             except Exception as error:
-                if self._lost_connection(error) is not None:
-                    raise self._connection_error(error, "waiting for a task", job,
+                to = self._lost_connection(error, sending=False)
+                if to is not None:
+                    raise self._connection_error(to, error, "waiting for a task", job,
                                                  connection) from error
                 lost = self._lost_worker(error)
                 if lost is None:

@@ -117,10 +117,11 @@ class DaskBackend(ClusterBackend):
         with contextlib.suppress(ClosedClientError):  # then its tasks are cancelled already
             self._client.cancel(remotes)  # Dask cannot stop a running task; see interrupt()
 
-    def _lost_connection(self, error: BaseException) -> str | None:
+    def _lost_connection(self, error: BaseException, sending: bool) -> str | None:
         # A client that lost its scheduler reconnects for CONNECT_TIMEOUT, then closes and
-        # cancels its tasks; the errors of its network (CommClosedError too) are OSErrors.
-        if isinstance(error, OSError) or self._client.status != "running":
+        # cancels its tasks. Sending, an OSError is Dask's network (CommClosedError is one);
+        # as a task's outcome, it may be the task's own error.
+        if self._client.status != "running" or (sending and isinstance(error, OSError)):
             return self._scheduler
         return None
 

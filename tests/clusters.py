@@ -32,7 +32,10 @@ START_TIMEOUT = 60.0
 
 def _environment(**extra: str) -> dict[str, str]:
     path = os.pathsep.join(entry for entry in sys.path if entry)
-    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", **extra}
+    # A crash of the engine's own processes (seen: the Dask scheduler, on free-threaded
+    # Python) leaves its Python stack in the cluster's logs.
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1",
+            "PYTHONFAULTHANDLER": "1", **extra}
 
 
 def _wait_for(condition, what: str, timeout: float = START_TIMEOUT) -> None:
@@ -100,6 +103,8 @@ class DaskCluster:
         one leaves the next test a whole cluster. Workers that do not come back (a nanny that
         gave up on a busy machine) are replaced, so one bad moment does not fail every later
         test."""
+        if self.scheduler is not None and self.scheduler.poll() is not None:
+            self._restart()
         if self.client is None:
             from distributed import Client
 
@@ -110,6 +115,19 @@ class DaskCluster:
         except Exception:
             self.replace_workers()
             self.client.wait_for_workers(wanted, timeout=START_TIMEOUT)
+
+    def _restart(self) -> None:
+        """Start a scheduler that died (crashed: seen on free-threaded Python, its stack is in
+        scheduler.log) again at its address, with new workers: the test it died in fails,
+        and the next ones run."""
+        assert self.scheduler is not None
+        print(f"\nThe Dask scheduler died (exit code {self.scheduler.returncode}; its log: "
+              f"{self.folder / 'scheduler.log'}); starting it again.", file=sys.stderr)
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        self.start_scheduler(int(self.address.rpartition(":")[2]))
+        self.replace_workers()
 
     def replace_workers(self) -> None:
         """Kill every worker and start as many new ones (a worker that lost its scheduler
