@@ -28,8 +28,11 @@ def main() -> None:
     from distributed import LocalCluster
 
     # A task whose worker dies fails at once; the dask backend then reruns its items alone,
-    # `retries` times, so that the one that kills is found and named.
-    dask.config.set({"distributed.scheduler.allowed-failures": 0})
+    # `retries` times, so that the one that kills is found and named. No sampling profiler:
+    # it feeds the dashboard, which this cluster has not, and its thread, which walks the
+    # frames of running threads, crashed (SIGSEGV) Dask's processes on free-threaded Python.
+    dask.config.set({"distributed.scheduler.allowed-failures": 0,
+                     "distributed.worker.profile.enabled": False})
     with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
                       host="127.0.0.1", scheduler_port=0, dashboard_address=None,
                       silence_logs=logging.ERROR) as cluster:

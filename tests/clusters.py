@@ -28,6 +28,10 @@ BIN = Path(sys.executable).parent
 WITHOUT = {name.strip() for name in os.environ.get("PARFOR_TEST_WITHOUT", "").split(",")
            if name.strip()}
 START_TIMEOUT = 60.0
+#: Dask's sampling profiler off, as docs/cluster.md recommends on free-threaded Python: its
+#: thread walks the frames of running threads, which crashed (SIGSEGV) Dask's scheduler and
+#: workers there.
+DASK_SETTINGS = {"DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False"}
 
 
 def _environment(**extra: str) -> dict[str, str]:
@@ -72,7 +76,7 @@ class DaskCluster:
         scheduler_file.unlink(missing_ok=True)
         # parfor's `retries` then decides how often an item whose worker died is tried again
         # (Dask's own default, 3, would multiply with it); docs/cluster.md recommends the same.
-        env = _environment(DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES="0")
+        env = _environment(DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES="0", **DASK_SETTINGS)
         self.scheduler = self._run(
             ["scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard",
              "--scheduler-file", str(scheduler_file)], "scheduler", env)
@@ -94,7 +98,7 @@ class DaskCluster:
     def add_worker(self, name: str) -> subprocess.Popen:
         worker = self._run(["worker", self.address, "--nthreads", "1", "--nworkers", "1",
                             "--no-dashboard", "--name", name, "--death-timeout", "30"],
-                           name, _environment())
+                           name, _environment(**DASK_SETTINGS))
         self.workers.append(worker)
         return worker
 

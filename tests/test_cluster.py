@@ -35,6 +35,12 @@ def scheduler_of(_: int) -> str:
     return get_worker().scheduler.address
 
 
+def thread_names() -> list[str]:
+    import threading
+
+    return [thread.name for thread in threading.enumerate()]
+
+
 def slow_square(x: int, seconds: float = 0.05, log_dir: str | None = None) -> int:
     if log_dir is not None:  # one file per run of an item: reruns show
         Path(log_dir, f"{x}-{os.getpid()}-{time.monotonic_ns()}").touch()
@@ -132,6 +138,11 @@ def test_without_an_address_dask_starts_and_stops_a_local_cluster(dask_address, 
         assert schedulers.pop().startswith("tcp://127.0.0.1:")
         processes = [helper, *helper.children(recursive=True)]
         assert len(processes) >= 3  # the scheduler's process and two workers
+        # No sampling profiler, whose thread crashed Dask's processes on free-threaded Python
+        names = [*backend._client.run(thread_names).values(),
+                 backend._client.run_on_scheduler(thread_names)]
+        assert len(names) == 3 and all("MainThread" in each and "Profile" not in each
+                                       for each in names)
     finally:
         backend.shutdown()
     _, alive = psutil.wait_procs(processes, timeout=30)
