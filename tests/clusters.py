@@ -64,13 +64,13 @@ class DaskCluster:
     @classmethod
     def start(cls, folder: Path, n_workers: int = 2) -> DaskCluster:
         cluster = cls(folder)
-        cluster.start_scheduler()
+        cluster._start_scheduler()
         for number in range(n_workers):
             cluster.add_worker(f"worker-{number}")
         cluster.wait_for_workers(n_workers)
         return cluster
 
-    def start_scheduler(self, port: int = 0) -> None:
+    def _start_scheduler(self, port: int = 0) -> None:
         """Start the scheduler (on ``port``, or any free one) and wait for its address."""
         scheduler_file = self.folder / "scheduler.json"
         scheduler_file.unlink(missing_ok=True)
@@ -108,7 +108,11 @@ class DaskCluster:
         gave up on a busy machine) are replaced, so one bad moment does not fail every later
         test."""
         if self.scheduler is not None and self.scheduler.poll() is not None:
-            self._restart()
+            # Crashed (seen on free-threaded Python; its stack is in scheduler.log): the test
+            # it died in fails, and the next ones run.
+            print(f"\nThe Dask scheduler died (exit code {self.scheduler.returncode}; its log: "
+                  f"{self.folder / 'scheduler.log'}); starting it again.", file=sys.stderr)
+            self.restart()
         if self.client is None:
             from distributed import Client
 
@@ -117,23 +121,20 @@ class DaskCluster:
         try:
             self.client.wait_for_workers(wanted, timeout=START_TIMEOUT / 2)
         except Exception:
-            self.replace_workers()
+            self._replace_workers()
             self.client.wait_for_workers(wanted, timeout=START_TIMEOUT)
 
-    def _restart(self) -> None:
-        """Start a scheduler that died (crashed: seen on free-threaded Python, its stack is in
-        scheduler.log) again at its address, with new workers: the test it died in fails,
-        and the next ones run."""
-        assert self.scheduler is not None
-        print(f"\nThe Dask scheduler died (exit code {self.scheduler.returncode}; its log: "
-              f"{self.folder / 'scheduler.log'}); starting it again.", file=sys.stderr)
+    def restart(self) -> None:
+        """After the scheduler stopped: start it again at its address, with new workers, and
+        wait for them."""
         if self.client is not None:
             self.client.close()
             self.client = None
-        self.start_scheduler(int(self.address.rpartition(":")[2]))
-        self.replace_workers()
+        self._start_scheduler(int(self.address.rpartition(":")[2]))
+        self._replace_workers()
+        self.wait_for_workers()
 
-    def replace_workers(self) -> None:
+    def _replace_workers(self) -> None:
         """Kill every worker and start as many new ones (a worker that lost its scheduler
         does not join a new one at the same address)."""
         for worker in self.workers:

@@ -352,7 +352,7 @@ def test_a_lost_scheduler_fails_the_call_naming_it_and_the_next_call_connects_ag
     for module in ("parfor_backends.dask", "parfor_backends._cluster"):
         monkeypatch.setattr(f"{module}.CONNECT_TIMEOUT", 3.0)
     cluster = DaskCluster.start(tmp_path, n_workers=1)
-    address, port = cluster.address, int(cluster.address.rpartition(":")[2])
+    address = cluster.address
     lost = rf"Lost the connection to the Dask scheduler at {address} \({{}}\)"
     try:
         with parfor.config(backends={"dask": {"address": address}}):
@@ -360,9 +360,7 @@ def test_a_lost_scheduler_fails_the_call_naming_it_and_the_next_call_connects_ag
             cluster.kill_scheduler()  # between two calls
             with pytest.raises(WorkerError, match=lost.format("3 tries to send a task")):
                 pmap(abs, [-1, 2], backend="dask", bar=False)
-            cluster.start_scheduler(port)  # back at its address: the next call works
-            cluster.replace_workers()
-            cluster.wait_for_workers()
+            cluster.restart()  # at the same address: the next call works
             assert pmap(abs, [-3, 4], backend="dask", bar=False) == [3, 4]
             results = gmap(long_unless_zero, range(4), bar=False, backend="dask")
             assert next(results) == 0
@@ -370,17 +368,13 @@ def test_a_lost_scheduler_fails_the_call_naming_it_and_the_next_call_connects_ag
             with pytest.raises(WorkerError, match=lost.format("waiting for a task")):
                 next(results)
 
-            cluster.start_scheduler(port)  # a ParPool's tasks are one call, for ever:
-            cluster.replace_workers()
-            cluster.wait_for_workers()
+            cluster.restart()  # a ParPool's tasks are one call, for ever:
             with ParPool(long_unless_zero, bar=False, backend="dask") as pool:
                 pool[1] = 1
                 cluster.kill_scheduler()
                 with pytest.raises(WorkerError, match=lost.format("waiting for a task")):
                     pool[1]
-                cluster.start_scheduler(port)
-                cluster.replace_workers()
-                cluster.wait_for_workers()
+                cluster.restart()
                 time.sleep(3.0)  # the call's wait to reconnect
                 pool[2] = 0  # a task added later connects again
                 assert pool[2] == 0
