@@ -150,11 +150,12 @@ def test_without_an_address_dask_starts_and_stops_a_local_cluster(dask_address, 
 
 
 @pytest.mark.backend("dask")
-def test_a_local_cluster_that_lost_its_scheduler_is_replaced_and_leaves_nothing(
-        dask_address, monkeypatch):
-    monkeypatch.delenv("PARFOR_DASK_ADDRESS")
-    for module in ("parfor_backends.dask", "parfor_backends._cluster"):
-        monkeypatch.setattr(f"{module}.CONNECT_TIMEOUT", 3.0)
+def test_a_local_cluster_that_lost_its_scheduler_is_replaced_and_leaves_nothing(dask_address):
+    in_a_child(local_cluster_loses_its_scheduler)
+
+
+def local_cluster_loses_its_scheduler() -> None:
+    os.environ.pop("PARFOR_DASK_ADDRESS", None)
     backend = DaskBackend(2)
     helper = psutil.Process(backend._local.process.pid)
     try:
@@ -169,6 +170,22 @@ def test_a_local_cluster_that_lost_its_scheduler_is_replaced_and_leaves_nothing(
         assert alive == []  # the old cluster's workers too
     finally:
         backend.shutdown()
+
+
+def in_a_child(scenario: Callable[..., None], *arguments: object) -> None:
+    """Run ``scenario(*arguments)`` of this module in a new Python process, with the Dask
+    timeouts at 3 s: the scenarios kill a Dask scheduler, and Dask's clients that lost one
+    leave sockets behind, whose ResourceWarning, when the garbage collector finds them, would
+    otherwise fail whichever later test runs then."""
+    program = textwrap.dedent(f"""
+        import parfor_backends._cluster, parfor_backends.dask, test_cluster
+        parfor_backends._cluster.CONNECT_TIMEOUT = parfor_backends.dask.CONNECT_TIMEOUT = 3.0
+        test_cluster.{scenario.__name__}(*{arguments!r})
+    """)
+    path = os.pathsep.join([str(Path(__file__).parent), *filter(None, sys.path)])
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": path}, timeout=100)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 SCRIPT = """
@@ -346,12 +363,12 @@ def test_killing_a_dask_worker_mid_run_loses_no_result(tmp_path):
 
 
 @pytest.mark.backend("dask")
-def test_a_lost_scheduler_fails_the_call_naming_it_and_the_next_call_connects_again(
-        tmp_path, monkeypatch):
-    # Dask's wait to reconnect, and how long a call's tasks fail with the connection it lost
-    for module in ("parfor_backends.dask", "parfor_backends._cluster"):
-        monkeypatch.setattr(f"{module}.CONNECT_TIMEOUT", 3.0)
-    cluster = DaskCluster.start(tmp_path, n_workers=1)
+def test_a_lost_scheduler_fails_the_call_naming_it_and_the_next_call_connects_again(tmp_path):
+    in_a_child(scheduler_is_lost, str(tmp_path))
+
+
+def scheduler_is_lost(folder: str) -> None:
+    cluster = DaskCluster.start(Path(folder), n_workers=1)
     address = cluster.address
     lost = rf"Lost the connection to the Dask scheduler at {address} \({{}}\)"
     try:
