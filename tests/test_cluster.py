@@ -174,9 +174,9 @@ def local_cluster_loses_its_scheduler() -> None:
 
 def in_a_child(scenario: Callable[..., None], *arguments: object) -> None:
     """Run ``scenario(*arguments)`` of this module in a new Python process, with the Dask
-    timeouts at 3 s: the scenarios kill a Dask scheduler, and Dask's clients that lost one
-    leave sockets behind, whose ResourceWarning, when the garbage collector finds them, would
-    otherwise fail whichever later test runs then."""
+    timeouts at 3 s. The scenarios kill a Dask scheduler, and once in CI a socket to a server
+    that was gone (most likely one of theirs: not reproduced) was left open; its
+    ResourceWarning, when the garbage collector found it, failed a later, unrelated test."""
     program = textwrap.dedent(f"""
         import parfor_backends._cluster, parfor_backends.dask, test_cluster
         parfor_backends._cluster.CONNECT_TIMEOUT = parfor_backends.dask.CONNECT_TIMEOUT = 3.0
