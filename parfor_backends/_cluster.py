@@ -156,10 +156,10 @@ class ClusterBackend(Backend):
         """Connect unless connected; None, or the error of a connection that broke during
         the call ``call_id``."""
         with self._lock:
-            lost, self._lost = self._lost, None
+            lost = self._lost
             if lost is not None and lost[0] == call_id and time.monotonic() < lost[2]:
-                self._lost = lost
                 return lost[1]
+            self._lost = None
         if lost is not None:  # a local cluster whose scheduler is gone is stopped too
             self._disconnect(kill=True)
         with self._lock:

@@ -85,6 +85,7 @@ class DaskCluster:
         self.address = json.loads(scheduler_file.read_text())["address"]
 
     def kill_scheduler(self) -> None:
+        """Kill the scheduler, as a crash or a lost machine would end it."""
         assert self.scheduler is not None
         os.killpg(self.scheduler.pid, signal.SIGKILL)
         self.scheduler.wait()

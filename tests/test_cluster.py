@@ -150,7 +150,7 @@ def test_without_an_address_dask_starts_and_stops_a_local_cluster(dask_address, 
 
 
 @pytest.mark.backend("dask")
-def test_a_local_cluster_that_lost_its_scheduler_is_replaced_and_leaves_nothing(dask_address):
+def test_a_local_cluster_that_lost_its_scheduler_is_replaced_and_leaves_nothing():
     in_a_child(local_cluster_loses_its_scheduler)
 
 
