@@ -64,8 +64,8 @@ class RayBackend(ClusterBackend):
                              if local else None)
                 except (ConnectionError, RuntimeError, ValueError) as exc:
                     hint = ("" if os.environ.get("RAY_AUTH_MODE") else
-                            " (a cluster with token authentication, Ray's default, also needs "
-                            "RAY_AUTH_MODE=token and its token here)")
+                            " (a cluster with token authentication also needs RAY_AUTH_MODE=token "
+                            "and its token here: RAY_AUTH_TOKEN or ~/.ray/auth_token)")
                     raise ParforError(f"Cannot connect to the Ray cluster at {self.address!r}: "
                                       f"{type(exc).__name__}: {exc}{hint}") from exc
             if self._owns_runtime:

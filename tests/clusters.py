@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -172,6 +173,10 @@ class RayCluster:
     def start(cls, folder: Path, cpus: int = 2) -> RayCluster:
         cluster = cls(folder)
         port = _free_port()
+        # Token authentication, whatever the Ray release's default (it changed: `ray start`
+        # turned it on unasked, then only where a token already exists); the driver given an
+        # address needs the same two settings.
+        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
         with open(folder / "ray-start.log", "ab") as output:
             subprocess.run(
                 [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
@@ -180,8 +185,6 @@ class RayCluster:
                 stdout=output, stderr=subprocess.STDOUT, env=_environment(), check=True,
                 timeout=START_TIMEOUT)
         cluster.address = f"127.0.0.1:{port}"
-        # `ray start` enables token authentication; a driver given an address must say so.
-        os.environ["RAY_AUTH_MODE"] = "token"
         return cluster
 
     def wait_for_workers(self) -> None:
