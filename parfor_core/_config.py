@@ -133,8 +133,8 @@ SETTINGS: dict[str, Setting] = {setting.name: setting for setting in [
     Setting("retries", _whole(0), 1, "how often an item that killed its worker is run again"),
     Setting("worker_output", _boolean, True, "show what workers print"),
     Setting("share_in_place", _boolean, True,
-            "let a large numpy array become the shared memory its workers map (where shared "
-            "memory gets huge pages)"),
+            "let a large numpy array become the shared memory its workers map, rather than be "
+            "copied into it"),
     Setting("keep_shared", _seconds_or_zero, 5.0,
             "seconds a large numpy argument's shared memory is kept after its call, so that "
             "the next call sends the unchanged array without a copy (0: not kept)"),

@@ -157,10 +157,11 @@ def _stop_sharing(owner: Any, block: int, mappings: list[_Mapping], libc: _Libc)
             libc.restore(mapping.start, mapping.end - mapping.start)
 
 
-def move(part: memoryview, address: int, pages: Pages, memory: memoryview, fd: int,
+def move(part: memoryview, address: int, pages: Pages,
+         write: Callable[[int, memoryview], None], memory: memoryview, fd: int,
          offset: int) -> None:
-    """Copy ``part`` (at ``address``) into ``memory`` (the segment ``fd``, mapped) at
-    ``offset``, which lies where ``address`` does within a `PIECE`; map each copied piece of
+    """Copy ``part`` (at ``address``) with ``write`` into the segment ``fd`` (``memory``, mapped)
+    at ``offset``, which lies where ``address`` does within a `PIECE`; map each copied piece of
     ``pages`` over the part's own pages. Once the kernel refuses to map a piece, the rest is
     only copied."""
     libc = _libc()
@@ -169,7 +170,7 @@ def move(part: memoryview, address: int, pages: Pages, memory: memoryview, fd: i
     while position < part.nbytes:
         here = address + position
         size = min(PIECE - here % PIECE, part.nbytes - position)
-        memory[offset + position:offset + position + size] = part[position:position + size]
+        write(offset + position, part[position:position + size])
         low, high = max(here, pages.start), min(here + size, pages.end)
         if mapping and low < high:
             copied = memory[offset + low - address:offset + high - address]

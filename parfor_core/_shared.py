@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 ALIGNMENT = 64
 #: Segments at least this large are asked for huge pages, where the system grants them.
 HUGE_PAGE = 2 * 2**20
-#: Parts of numpy arrays this large are shared in place, where shared memory gets huge pages ...
+#: Parts of numpy arrays this large are shared in place ...
 IN_PLACE_BYTES = 16 * 2**20
 #: ... if the other parts of their segment, which live as long as the array then, are at most
 #: this large together.
@@ -81,8 +81,8 @@ class Segment:
         """A new segment with ``parts`` written one after another (aligned), and where each
         lies in it as ``(start, end)``.
 
-        Where shared memory gets huge pages, a large numpy array's part is then shared in
-        place: the array's own memory becomes the segment's (see `_in_place`)."""
+        A large numpy array's part is then shared in place: the array's own memory becomes the
+        segment's (see `_in_place`)."""
         in_place = _in_place_pages(parts)
         spans, end = [], 0
         for part, found in zip(parts, in_place, strict=True):
@@ -93,18 +93,25 @@ class Segment:
             end = start + part.nbytes
             spans.append((start, end))
         segment = cls(end)
-        if end >= HUGE_PAGE and huge_pages_on_request():
-            with segment.map() as mapping, memoryview(mapping) as memory:
-                for part, found, (start, stop) in zip(parts, in_place, spans, strict=True):
-                    if found is None:
-                        memory[start:stop] = part
-                    else:
-                        from ._in_place import move
-
-                        move(part, *found, memory, segment.fd, start)
-        else:
+        through_mapping = end >= HUGE_PAGE and huge_pages_on_request()
+        if not through_mapping and not any(in_place):
             for part, (start, _) in zip(parts, spans, strict=True):
                 segment.write(start, part)
+            return segment, spans
+        with segment.map() as mapping, memoryview(mapping) as memory:
+            def write(offset: int, data: memoryview) -> None:
+                if through_mapping:
+                    memory[offset:offset + data.nbytes] = data
+                else:
+                    segment.write(offset, data)
+
+            for part, found, (start, _) in zip(parts, in_place, spans, strict=True):
+                if found is None:
+                    write(start, part)
+                else:
+                    from ._in_place import move
+
+                    move(part, *found, write, memory, segment.fd, start)
         return segment, spans
 
     def write(self, offset: int, data: memoryview) -> None:
@@ -149,13 +156,12 @@ def shmem_huge_pages() -> str | None:
 
 
 def _in_place_pages(parts: list[memoryview]) -> list[tuple[int, Pages] | None]:
-    """For each part, where it starts and the pages of it to share in place, if any: only
-    where shared memory gets huge pages (with 4 KiB pages, the caller's array would be slower
-    to read from then on), and only for one large part among small ones, since the array's
-    mapping keeps the whole segment, all its parts, for as long as the array lives."""
+    """For each part, where it starts and the pages of it to share in place, if any: only for
+    one large part among small ones, since the array's mapping keeps the whole segment, all its
+    parts, for as long as the array lives."""
     large = [i for i, part in enumerate(parts) if part.nbytes >= IN_PLACE_BYTES]
     found: list[tuple[int, Pages] | None] = [None] * len(parts)
-    if (len(large) != 1 or not huge_pages_on_request()
+    if (len(large) != 1
             or sum(part.nbytes for part in parts) - parts[large[0]].nbytes > IN_PLACE_COMPANY):
         return found
     from ._config import current

@@ -1,5 +1,5 @@
-"""A large numpy argument is shared in place where shared memory gets huge pages: the caller's
-array itself becomes the shared memory the workers map, so that its data exists once."""
+"""A large numpy argument is shared in place: the caller's array itself becomes the shared
+memory the workers map, so that its data exists once."""
 
 from __future__ import annotations
 
@@ -37,11 +37,12 @@ def no_kept_segments():
     _kept.release_all()
 
 
-@pytest.fixture
-def huge_pages(monkeypatch):
-    """Shared memory counts as getting huge pages: in-place sharing happens here too (with
-    4 KiB pages, on a machine whose setting is ``never``; only speed depends on page size)."""
-    monkeypatch.setattr(_shared, "huge_pages_on_request", lambda: True)
+@pytest.fixture(params=[False, True], ids=["pwrite", "through a mapping"])
+def written_either_way(request, monkeypatch):
+    """Both ways a segment is written: with pwrite (shared memory in 4 KiB pages, as on our
+    machines), and through a mapping asked for huge pages (where the system grants them; here,
+    whose setting is ``never``, still in 4 KiB pages)."""
+    monkeypatch.setattr(_shared, "huge_pages_on_request", lambda: request.param)
 
 
 def _mappings(array: numpy.ndarray) -> list[dict[str, str]]:
@@ -97,7 +98,7 @@ def _block_bytes() -> int:
 
 
 @pytest.mark.parametrize("backend", MACHINE_BACKENDS)
-def test_a_large_argument_becomes_the_shared_memory_itself(huge_pages, backend):
+def test_a_large_argument_becomes_the_shared_memory_itself(written_either_way, backend):
     array = numpy.random.default_rng(1).random(_block_bytes() // 8)
     expected = array.copy()
     results = pmap(inspect_argument, range(8), (array,), backend=backend, bar=False)
@@ -113,8 +114,7 @@ def total(i: int, array: numpy.ndarray) -> float:
 
 
 @pytest.mark.parametrize("backend", MACHINE_BACKENDS)
-def test_an_array_written_between_calls_gets_its_own_memory_back_and_is_copied(huge_pages,
-                                                                              backend):
+def test_an_array_written_between_calls_gets_its_own_memory_back_and_is_copied(backend):
     """Shared again, it would pay a page copy for each page written, after every call."""
     array = numpy.ones(_block_bytes() // 8)
     pmap(total, range(4), (array,), backend=backend, bar=False)
@@ -136,7 +136,7 @@ def _segments_over(array: numpy.ndarray) -> set[str]:
     return {m["inode"] for m in _mappings(array) if m["name"] == "/memfd:parfor"}
 
 
-def test_an_array_only_read_between_calls_is_sent_again_in_the_same_segment(huge_pages):
+def test_an_array_only_read_between_calls_is_sent_again_in_the_same_segment():
     array = numpy.ones(_block_bytes() // 8)
     expected = [float(array.size)] * 4
     segments = []
@@ -148,7 +148,7 @@ def test_an_array_only_read_between_calls_is_sent_again_in_the_same_segment(huge
     assert _shared_in_place(array) and float(array.sum()) == array.size
 
 
-def test_an_array_sent_after_its_kept_segment_went_is_shared_anew(huge_pages):
+def test_an_array_sent_after_its_kept_segment_went_is_shared_anew():
     array = numpy.ones(_block_bytes() // 8)
     expected = [float(array.size)] * 4
     segments = []
@@ -166,7 +166,7 @@ def slow_total(i: int, array: numpy.ndarray) -> float:
     return float(array.sum())
 
 
-def test_a_lazy_call_keeps_its_argument_as_sent_while_the_caller_writes_it(huge_pages):
+def test_a_lazy_call_keeps_its_argument_as_sent_while_the_caller_writes_it():
     array = numpy.ones(_block_bytes() // 8)
     sent = float(array.sum())
     results = []
@@ -181,7 +181,7 @@ def first_and_last(i: int, part: numpy.ndarray) -> tuple[float, float]:
     return float(part[0]), float(part[-1])
 
 
-def test_a_view_shares_only_its_own_pages(huge_pages):
+def test_a_view_shares_only_its_own_pages():
     array = numpy.arange(2 * _block_bytes() // 8, dtype=numpy.float64)
     half = array[: array.size // 2]
     assert pmap(first_and_last, range(4), (half,), backend="processes", bar=False) == [
@@ -195,7 +195,7 @@ def row_total(row: numpy.ndarray) -> float:
     return float(row.sum())
 
 
-def test_rows_sent_as_items_are_each_shared_in_place(huge_pages):
+def test_rows_sent_as_items_are_each_shared_in_place():
     table = numpy.ones((4, _block_bytes() // 8))
     table[:, 0] = numpy.arange(4)
     assert pmap(row_total, list(table), backend="processes", bar=False) == [
@@ -203,7 +203,7 @@ def test_rows_sent_as_items_are_each_shared_in_place(huge_pages):
     assert all(_shared_in_place(row) for row in table)
 
 
-def test_an_array_with_pages_never_touched_is_copied_as_usual(huge_pages):
+def test_an_array_with_pages_never_touched_is_copied_as_usual():
     """Shared in place, they would take memory (in the segment) for as long as the array
     lives; copied, only while the call runs."""
     array = numpy.zeros(_block_bytes() // 8)  # no memory yet, but where written
@@ -214,7 +214,7 @@ def test_an_array_with_pages_never_touched_is_copied_as_usual(huge_pages):
     assert _layout(array) == before
 
 
-def test_memory_numpy_did_not_allocate_is_copied_as_usual(huge_pages, tmp_path):
+def test_memory_numpy_did_not_allocate_is_copied_as_usual(tmp_path):
     borrowed = numpy.frombuffer(bytearray(_block_bytes()), dtype=numpy.uint8)
     on_disk = numpy.memmap(tmp_path / "data", dtype=numpy.uint8, mode="w+",
                            shape=_block_bytes())
@@ -227,23 +227,14 @@ def test_memory_numpy_did_not_allocate_is_copied_as_usual(huge_pages, tmp_path):
     assert _in_place.find_pages(memoryview(on_disk)) is None
 
 
-def test_arrays_below_the_threshold_are_copied_as_usual(huge_pages):
+def test_arrays_below_the_threshold_are_copied_as_usual():
     array = numpy.ones((_shared.IN_PLACE_BYTES - 4096) // 8)
     before = _layout(array)
     pmap(total, range(2), (array,), backend="processes", bar=False)
     assert _layout(array) == before
 
 
-def test_without_huge_pages_in_shared_memory_the_array_is_left_alone(monkeypatch):
-    """With 4 KiB pages, the caller's own reads of the array would be slower from then on."""
-    monkeypatch.setattr(_shared, "huge_pages_on_request", lambda: False)
-    array = numpy.ones(_block_bytes() // 8)
-    before = _layout(array)
-    pmap(total, range(2), (array,), backend="processes", bar=False)
-    assert _layout(array) == before
-
-
-def test_an_array_shared_in_place_lets_its_memory_go_with_it(huge_pages):
+def test_an_array_shared_in_place_lets_its_memory_go_with_it():
     array = numpy.ones(_block_bytes() // 8)
     pmap(total, range(4), (array,), backend="processes", bar=False)
     [inode] = {m["inode"] for m in _mappings(array) if m["name"] == "/memfd:parfor"}
@@ -259,8 +250,6 @@ def test_an_array_shared_in_place_can_still_grow_in_place():
     code = textwrap.dedent(f"""
         import numpy
         from parfor import pmap
-        from parfor_core import _shared
-        _shared.huge_pages_on_request = lambda: True
         def total(i, array):
             return float(array.sum())
         if __name__ == "__main__":
@@ -287,7 +276,7 @@ def test_an_array_shared_in_place_can_still_grow_in_place():
     assert f"grown {4 * (_block_bytes() // 8)}" in done.stdout
 
 
-def test_memory_with_a_setting_a_new_mapping_would_drop_is_copied_as_usual(huge_pages):
+def test_memory_with_a_setting_a_new_mapping_would_drop_is_copied_as_usual():
     array = numpy.ones(_block_bytes() // 8)
     address = array.__array_interface__["data"][0]
     start = -(-address // PAGE) * PAGE
@@ -316,7 +305,7 @@ def test_a_piece_the_kernel_refuses_to_map_keeps_its_data(pages_gone):
     assert area[:] == bytes(range(256)) * (8 * PAGE // 256)
 
 
-def test_the_setting_turns_it_off(huge_pages):
+def test_the_setting_turns_it_off():
     array = numpy.ones(_block_bytes() // 8)
     before = _layout(array)
     with parfor.config(share_in_place=False):
@@ -331,7 +320,7 @@ def both_totals(i: int, first: numpy.ndarray, second: numpy.ndarray) -> float:
     return float(first.sum() + second.sum())
 
 
-def test_each_large_array_of_a_call_is_shared_in_place_in_a_segment_of_its_own(huge_pages):
+def test_each_large_array_of_a_call_is_shared_in_place_in_a_segment_of_its_own():
     first, second = numpy.ones(_block_bytes() // 8), numpy.full(_block_bytes() // 8, 2.0)
     assert pmap(both_totals, range(2), (first, second), backend="processes", bar=False) == [
         float(first.size + 2 * second.size)] * 2
@@ -339,7 +328,7 @@ def test_each_large_array_of_a_call_is_shared_in_place_in_a_segment_of_its_own(h
     assert _segments_over(first) != _segments_over(second)
 
 
-def test_an_array_below_the_threshold_goes_with_the_call_and_is_copied(huge_pages):
+def test_an_array_below_the_threshold_goes_with_the_call_and_is_copied():
     """Only the large array has a segment of its own; the call's segment, with the small
     one in it, goes with the call."""
     array, other = numpy.ones(_block_bytes() // 8), numpy.ones(2 * MIB // 8)
@@ -349,7 +338,7 @@ def test_an_array_below_the_threshold_goes_with_the_call_and_is_copied(huge_page
     assert _shared_in_place(array) and _layout(other) == before
 
 
-def test_an_array_only_read_since_it_was_made_is_copied_as_usual(huge_pages):
+def test_an_array_only_read_since_it_was_made_is_copied_as_usual():
     """Its pages are the kernel's one zero page: a segment would hold a copy of each."""
     array = numpy.zeros(_block_bytes() // 8)
     assert float(array.sum()) == 0.0
@@ -379,7 +368,7 @@ def test_an_array_a_forked_process_shares_with_its_parent_is_not_shared_in_place
     assert done.stdout.split("\n")[:2] == ["child none", "parent found"]
 
 
-def test_sending_part_of_an_array_shared_in_place_before_copies_that_part(huge_pages):
+def test_sending_part_of_an_array_shared_in_place_before_copies_that_part():
     """Sharing it in place would leave the rest keeping the old segment, with the part's old
     pages, for as long as the array lives."""
     array = numpy.arange(2 * _block_bytes() // 8, dtype=numpy.float64)
