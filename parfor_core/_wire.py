@@ -152,7 +152,7 @@ def _dumps_local(obj: object) -> bytes:
     if not buffers:
         return data
     try:
-        segment, spans = Segment.holding(list(_raw(buffers)))
+        segment, spans = Segment.holding(list(_raw(buffers)), transient=True)
     except OSError:  # no shared memory to be had (descriptors or memory run out): in the bytes
         return dumps(obj)
     return _keeping(_SHARED + pickle.dumps((data, segment.address, spans)), segment)

@@ -390,7 +390,7 @@ def test_items_travel_in_the_bytes_when_no_shared_memory_can_be_made(monkeypatch
     from parfor_core import Call, Task, dump_items, run_items
     from parfor_core._shared import Segment
 
-    def exhausted(parts):
+    def exhausted(parts, **options):
         raise OSError(24, "Too many open files")
 
     monkeypatch.setattr(Segment, "holding", staticmethod(exhausted))
