@@ -274,8 +274,10 @@ class ClusterBackend(Backend):
         return shipped
 
     def _unship(self, call_id: str) -> None:
-        with self._lock:
-            self._shipped.pop(call_id, None)
+        """Without the lock: a garbage collection runs this finalizer in whatever thread it
+        starts in, maybe one that holds the lock (seen: a test hung). One dict operation needs
+        no lock of ours, with or without the GIL."""
+        self._shipped.pop(call_id, None)
 
 
 def local_python_path() -> str:
