@@ -103,12 +103,7 @@ class Segment:
                 segment.write(start, part)
             return segment, spans
         with segment.map() as mapping, memoryview(mapping) as memory:
-            def write(offset: int, data: memoryview) -> None:
-                if through_mapping:
-                    memory[offset:offset + data.nbytes] = data
-                else:
-                    segment.write(offset, data)
-
+            write = functools.partial(_copy_into, memory) if through_mapping else segment.write
             for part, found, (start, _) in zip(parts, in_place, spans, strict=True):
                 if found is None:
                     write(start, part)
@@ -177,6 +172,10 @@ def _in_place_pages(parts: list[memoryview], transient: bool) -> list[tuple[int,
 
     found[large[0]] = find_pages(parts[large[0]])
     return found
+
+
+def _copy_into(memory: memoryview, offset: int, data: memoryview) -> None:
+    memory[offset:offset + data.nbytes] = data
 
 
 def _close_and_remove(fd: int, path: str) -> None:

@@ -175,8 +175,9 @@ class RayCluster:
         port = _free_port()
         # Token authentication, whatever the Ray release's default (it changed: `ray start`
         # turned it on unasked, then only where a token already exists); the driver given an
-        # address needs the same two settings.
-        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+        # address needs the same two settings. One token for every cluster of the session.
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
         with open(folder / "ray-start.log", "ab") as output:
             subprocess.run(
                 [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
