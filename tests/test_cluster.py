@@ -249,7 +249,7 @@ def test_a_killed_caller_takes_its_local_dask_cluster_with_it(tmp_path):
     script.write_text(textwrap.dedent("""
         import os, time
         from parfor import pmap
-        from parfor_core import Call, registry
+        from parfor_core import registry
         assert pmap(abs, range(4), backend="dask", bar=False) == [0, 1, 2, 3]
         print(registry._instances["dask"][0]._local.process.pid, flush=True)
         time.sleep(600)
@@ -274,7 +274,7 @@ def test_ctrl_c_stops_a_local_dask_cluster_at_once_and_the_next_call_works(tmp_p
     script.write_text(textwrap.dedent("""
         import time
         from parfor import pmap
-        from parfor_core import Call, registry
+        from parfor_core import registry
 
         def long(x):
             time.sleep(60)
@@ -317,7 +317,7 @@ def test_ray_uses_a_runtime_the_program_started_and_leaves_it_running():
     program = textwrap.dedent("""
         import ray
         from parfor import pmap
-        from parfor_core import Call, registry
+        from parfor_core import registry
         ray.init(address="local", num_cpus=2, include_dashboard=False)
         print(pmap(abs, [-1, -2, -3], backend="ray", bar=False))
         registry.shutdown()
@@ -492,9 +492,6 @@ def test_closing_a_gmap_on_ray_runs_no_more_than_the_tasks_already_out(cluster_a
     assert len(os.listdir(tmp_path)) == started and not RayCluster.worker_pids()
 
 
-# -- without the extra ----------------------------------------------------------------------
-
-
 @pytest.mark.parametrize("name", CLUSTER_NAMES)
 def test_a_call_collected_while_its_backend_holds_its_lock_does_not_hang(name, cluster_addresses):
     """A garbage collection runs a call's finalizer in whatever thread it starts in, maybe one
@@ -503,6 +500,7 @@ def test_a_call_collected_while_its_backend_holds_its_lock_does_not_hang(name, c
     call = Call(abs)
     backend._shipment(call)  # shipped to the cluster, with a finalizer that forgets it
     call_id = call.id
+    assert call_id in backend._shipped
     cycle: list[object] = [call]
     cycle.append(cycle)  # only a garbage collection frees the call now
     del call, cycle
@@ -517,6 +515,9 @@ def test_a_call_collected_while_its_backend_holds_its_lock_does_not_hang(name, c
     assert not collector.is_alive(), "the finalizer waits for the lock its own thread holds"
     assert call_id not in backend._shipped
     backend.shutdown()
+
+
+# -- without the extra ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("name", "module"), [("dask", "distributed"), ("ray", "ray")])
