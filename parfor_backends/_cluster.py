@@ -14,7 +14,8 @@ import threading
 import time
 import weakref
 from abc import abstractmethod
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from functools import partial
 from typing import Any, ClassVar
@@ -39,6 +40,8 @@ CONNECT_TIMEOUT = 30.0
 #: drop one connection and keep the next (Dask closes the client's when a worker it scatters to
 #: has just died).
 SEND_ATTEMPTS = 3
+#: In `ClusterBackend._running`, for a job whose remote task is on its way.
+_SENDING = object()
 
 
 class ClusterBackend(Backend):
@@ -65,6 +68,13 @@ class ClusterBackend(Backend):
         self._lock = threading.Lock()
         self._shipped: dict[str, Any] = {}  # call id -> the engine's handle of the call
         self._running: dict[Future[Result], Any] = {}  # the caller's future -> its remote task
+        # An item that died with its worker runs again with nothing else of ours on the
+        # cluster, so that a death beside it is never counted as its own (a Dask worker holds
+        # more tasks than it runs, and they all die with it): such items wait here, one runs
+        # at a time (`_alone`), and other jobs are held back meanwhile.
+        self._suspects: deque[Job] = deque()
+        self._held: list[Job] = []
+        self._alone: Future[Result] | None = None
         self._connected = False
         # The call during which the connection broke, its error, and until when: that call's
         # next tasks fail with it (a pmap waits once, not once per task); a task of another
@@ -172,13 +182,79 @@ class ClusterBackend(Backend):
     def _cancel_all(self, hard: bool) -> None:
         with self._lock:
             running = list(self._running.items())
+            waiting = [job.future for job in (*self._suspects, *self._held)]
             self._running.clear()
-        if running:
-            self._cancel([remote for _, remote in running], hard)
-        for future, _ in running:
+            self._suspects.clear()
+            self._held.clear()
+            self._alone = None
+        remotes = [remote for _, remote in running if remote is not _SENDING]
+        if remotes:
+            self._cancel(remotes, hard)
+        for future in [future for future, _ in running] + waiting:
             future.cancel()
 
     def _start(self, job: Job) -> None:
+        """Send the job now, or let it wait: an item that died before waits until nothing
+        else of ours runs, and other jobs wait while such an item does."""
+        now = None
+        with self._lock:
+            self._drop(job.future)  # its last remote task, if any, is over
+            if job.future.cancelled():  # the caller gave up: nothing to run
+                pass
+            elif job.deaths or self._suspects or self._alone is not None:
+                (self._suspects if job.deaths else self._held).append(job)
+            else:
+                self._running[job.future] = _SENDING
+                now = job
+            ready = self._ready()
+        self._send_waiting(ready)
+        if now is not None:
+            self._send_job(now)  # errors are raised, to submit's caller or to _finished
+
+    def _release(self, future: Future[Result]) -> Any:
+        """The future's remote task (returned) is no longer ours to wait for: send the jobs
+        that waited for it."""
+        with self._lock:
+            remote = self._drop(future)
+            ready = self._ready()
+        self._send_waiting(ready)
+        return remote
+
+    def _drop(self, future: Future[Result]) -> Any:
+        """Under the lock: the future's remote task (returned) is no longer ours to wait for."""
+        if future is self._alone:
+            self._alone = None
+        return self._running.pop(future, None)
+
+    def _ready(self) -> list[Job]:
+        """Under the lock: the waiting jobs that can be sent now, marked as on their way."""
+        if self._alone is not None:
+            return []
+        while self._suspects:
+            if self._running:
+                return []
+            job = self._suspects.popleft()
+            if not job.future.cancelled():
+                self._alone = job.future
+                self._running[job.future] = _SENDING
+                return [job]
+        ready = [job for job in self._held if not job.future.cancelled()]
+        self._held.clear()
+        for job in ready:
+            self._running[job.future] = _SENDING
+        return ready
+
+    def _send_waiting(self, jobs: Iterable[Job]) -> None:
+        """Send jobs that waited; an error sending one goes to its caller's future, as
+        nobody else would see it."""
+        for job in jobs:
+            try:
+                self._send_job(job)
+            except BaseException as error:
+                settle(job.future, error)
+
+    def _send_job(self, job: Job) -> None:
+        """Start the job's remote task, and its `_finished` when that is done."""
         if job.future.cancelled():  # a retry after the caller gave up: nothing to run
             return
         connection = self._connections
@@ -187,11 +263,14 @@ class ClusterBackend(Backend):
         except ConnectionError as error:
             settle(job.future, error)
             return
+        except BaseException:
+            self._release(job.future)  # raised to the caller: the job is not running
+            raise
         with self._lock:
-            cancelled = job.future.cancelled()
-            if not cancelled:
+            sent = self._running.get(job.future) is _SENDING  # else cancelled meanwhile
+            if sent:
                 self._running[job.future] = remote
-        if cancelled:
+        if not sent:
             self._cancel([remote], hard=False)
             return
         self._when_done(remote, partial(self._finished, job, remote, connection))
@@ -256,9 +335,10 @@ class ClusterBackend(Backend):
             settle(job.future, error)
 
     def _forget(self, future: Future[Result]) -> None:
-        with self._lock:
-            remote = self._running.pop(future, None)
-        if remote is not None and future.cancelled():
+        """The caller's future is done: its remote task is cancelled if the caller gave up
+        on it, and jobs that waited for it to end are sent."""
+        remote = self._release(future)
+        if remote not in (None, _SENDING) and future.cancelled():
             self._cancel([remote], hard=False)
 
     def _shipment(self, call: Call) -> Any:

@@ -460,6 +460,37 @@ def test_an_item_that_keeps_killing_workers_fails_naming_it(name, cluster_addres
     assert pmap(abs, [-1, -2], backend=name, bar=False) == [1, 2]
 
 
+def timed_run(x: int, log_dir: str, killer: int) -> int:
+    """Sleeps 0.4 s (``killer``: 0.3 s, then kills its worker), and logs when it ran."""
+    start = time.monotonic()
+    time.sleep(0.3 if x == killer else 0.4)
+    Path(log_dir, f"{x}-{time.monotonic_ns()}").write_text(f"{start} {time.monotonic()}")
+    if x == killer:
+        os._exit(3)
+    return x
+
+
+@pytest.mark.parametrize("name", CLUSTER_NAMES)
+def test_an_item_that_killed_its_worker_runs_again_with_nothing_else_beside_it(
+        name, cluster_addresses, tmp_path):
+    # A Dask worker holds more tasks than it runs and loses them all when it dies: an item
+    # that died beside the killer, and ran again beside it, would be blamed in its place.
+    cluster_addresses(name)
+    with pytest.raises(WorkerDiedError, match="input item 2 died 2 times") as caught:
+        pmap(timed_run, range(8), (str(tmp_path), 2), backend=name, bar=False)
+    assert caught.value.indices == [2]
+    runs = {path.name: [float(t) for t in path.read_text().split()]
+            for path in tmp_path.iterdir()}
+    killer_runs = sorted(times for run, times in runs.items() if run.startswith("2-"))
+    assert len(killer_runs) == 2
+    (start, end) = killer_runs[1]
+    beside = [run for run, (other_start, other_end) in runs.items()
+              if not run.startswith("2-") and other_start < end and other_end > start]
+    assert not beside, f"ran beside the killer's second run: {beside}"
+    cluster_addresses(name)  # the cluster is whole again, and the jobs that waited are gone:
+    assert pmap(abs, [-1, -2, -3], backend=name, bar=False) == [1, 2, 3]
+
+
 # -- cancelling on the cluster --------------------------------------------------------------
 
 
