@@ -67,26 +67,29 @@ def _batches(fun: Callable[..., Any], iterable: Iterable[Any], args: Sequence[An
     selected = registry.select(backend, serial=serial, total=expected, settings=settings)
     shown = show_bar(bar, settings["bar"], nested=inside_worker())
     spec = ProgressSpec(shown, expected, desc, bar_kwargs)
+    serially = isinstance(selected, Selection) and selected.name == SERIAL
     automatic = (serial is None and backend is None and settings["backend"] is None
-                 and isinstance(selected, Selection) and selected.name != SERIAL)
+                 and isinstance(selected, Selection) and not serially)
     return _run(selected, call, iterable, expected, ordered, with_index, spec,
-                probe=automatic and worth_probing(expected), helping=automatic, into=into)
+                probe=serially or (automatic and worth_probing(expected)), stay=serially,
+                helping=automatic, into=into)
 
 
 def _run(selected: Backend | Selection, call: Call, iterable: Iterable[Any], total: int | None,
-         ordered: bool, with_index: bool, bar: ProgressSpec, probe: bool,
+         ordered: bool, with_index: bool, bar: ProgressSpec, probe: bool, stay: bool = False,
          helping: bool = False, into: Gathered | None = None
          ) -> Generator[list[Any], None, None]:
-    """Run the call: first in the caller while workers cannot pay (``probe``), then the rest
-    of the input on the backend, with the caller's help while its workers start
-    (``helping``)."""
+    """Run the call: first in the caller while workers cannot pay (``probe``; ``stay``: all of
+    it, as the serial backend would, in the caller's quickest loop), then the rest of the input
+    on the backend, with the caller's help while its workers start (``helping``)."""
     progress: Progress | None = None
     try:
         first, source = 0, iter(iterable)
         if probe:
             progress = Progress(*bar)
             rest = yield from _shaped(run_while_cheap(call, iterable, total, progress.update,
-                                                      None if with_index else into), with_index)
+                                                      None if with_index else into, stay),
+                                      with_index)
             if rest is None:  # it all ran here
                 return
             first, source = rest

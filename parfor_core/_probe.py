@@ -1,5 +1,6 @@
 """Auto-serial: an automatically placed call runs its first items in the caller, and keeps
-going there for as long as the measured cost per item says that workers cannot pay.
+going there for as long as the measured cost per item says that workers cannot pay. A call
+that runs serially (``serial=True``, nested, tiny) runs here all along, in the same loop.
 
 Workers cost something per item (serializing it and its result, passing both between
 processes) and per call (waking, maybe starting, the pool). A loop over 100 000 quick items
@@ -27,6 +28,8 @@ ITEM_SECONDS_WORTH_A_WORKER = 5e-6
 WORK_SECONDS_WORTH_WORKERS = 0.05
 #: The largest chunk run here between two looks at the clock and the progress bar ...
 MAX_CHUNK = 16_384
+#: ... and the longest, in seconds, as the last chunk's items took: the bar keeps moving.
+CHUNK_SECONDS = 0.05
 #: ... unless all that is left should take less than this many seconds: then it is one chunk.
 LAST_CHUNK_SECONDS = 0.02
 
@@ -37,12 +40,14 @@ def worth_probing(total: int | None) -> bool:
 
 
 def run_while_cheap(call: Call, items: Iterable[Any], total: int | None,
-                    on_done: Callable[[int], object], into: Gathered | None = None
+                    on_done: Callable[[int], object], into: Gathered | None = None,
+                    stay: bool = False
                     ) -> Generator[tuple[Sequence[int], list[Any]], None,
                                    tuple[int, Iterator[Any]] | None]:
     """Yield ``(input indices, values)`` batches run in the caller, from the start of
-    ``items``, while workers cannot pay; the generator returns how many items it ran and an
-    iterator of the rest (for the workers), or None when it ran them all.
+    ``items``, while workers cannot pay (with ``stay``: all of them); the generator returns how
+    many items it ran and an iterator of the rest (for the workers), or None when it ran them
+    all.
 
     Given ``into`` (pmap's results), values are gathered there as they come, and each batch's
     values are ``into.values`` itself, which its caller need not copy.
@@ -74,10 +79,11 @@ def run_while_cheap(call: Call, items: Iterable[Any], total: int | None,
         read += len(chunk)
         on_done(len(result.values) - before)
         yield from emit(task, result, len(result.values) - before)
-        if spent >= MEASURE_SECONDS and _workers_pay(fastest,
-                                                     None if total is None else total - read):
+        if not stay and spent >= MEASURE_SECONDS and _workers_pay(
+                fastest, None if total is None else total - read):
             return read, source
-        size = min(4 * size, MAX_CHUNK)
+        size = min(4 * size, MAX_CHUNK,
+                   max(1, int(CHUNK_SECONDS * len(chunk) / max(result.elapsed, 1e-9))))
         if length is not None and fastest * (length - read) < LAST_CHUNK_SECONDS:
             size = max(size, length - read)  # the rest at once
 

@@ -1,5 +1,6 @@
 """Auto-serial: a call whose backend parfor chooses starts in the caller and stays there while
-the measured cost per item says workers cannot pay; slow items go to workers."""
+the measured cost per item says workers cannot pay; slow items go to workers. A serial call
+runs in the same loop, all of it."""
 
 from __future__ import annotations
 
@@ -67,6 +68,48 @@ def test_an_endless_generator_of_quick_items_runs_here_reading_little_ahead():
     assert [x for x, _ in taken] == list(range(50_000))
     assert {at for _, at in taken} == {here()}
     assert next(read) <= 50_000 + _probe.MAX_CHUNK  # read ahead by at most one chunk
+
+
+def sleep_10_ms(x: int) -> int:
+    time.sleep(0.01)
+    return x
+
+
+def nested_steps(x: int) -> list[int]:
+    """The progress steps of a call made inside a worker (which runs serially)."""
+    steps: list[int] = []
+    assert pmap(sleep_10_ms, range(40), bar=steps.append) == list(range(40))
+    return steps
+
+
+@pytest.mark.parametrize("how", ["serial=True", "backend='serial'", "nested"])
+def test_a_serial_call_of_slow_items_moves_its_bar_every_few_items(how):
+    # It runs in the caller's loop, in chunks that grow fourfold for quick items but last at
+    # most ~50 ms, as the last chunk's items took: 10 ms items go five at a time at most.
+    if how == "nested":
+        [steps] = pmap(nested_steps, [0], backend="processes", bar=False)
+    else:
+        steps = []
+        options = {"serial": True} if how == "serial=True" else {"backend": "serial"}
+        assert pmap(sleep_10_ms, range(40), bar=steps.append, **options) == list(range(40))
+    assert steps[-1] == 40
+    assert max(b - a for a, b in itertools.pairwise([0, *steps])) <= 5
+
+
+def test_a_serial_gmap_reads_its_input_a_chunk_ahead_at_most():
+    read = itertools.count()
+    results = gmap(sleep_10_ms, (next(read) for _ in itertools.count()), serial=True, bar=False)
+    taken = list(itertools.islice(results, 30))
+    results.close()
+    assert taken == list(range(30))
+    assert next(read) <= 30 + 5  # a chunk of 10 ms items lasts 50 ms at most
+
+
+def test_a_serial_call_of_quick_items_runs_here_in_order():
+    results = pmap(where, range(50_000), serial=True, bar=False, yield_index=True)
+    assert [index for index, _ in results] == list(range(50_000))
+    assert [x for _, (x, _) in results] == list(range(50_000))
+    assert {at for _, (_, at) in results} == {here()}
 
 
 @pytest.mark.parametrize("how", [{"serial": False}, {"backend": "processes"}])
