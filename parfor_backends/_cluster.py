@@ -15,12 +15,13 @@ import time
 import weakref
 from abc import abstractmethod
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future
 from functools import partial
 from typing import Any, ClassVar
 
-from parfor_backends._retrying import Job, settle
+from parfor_backends._quarantine import Quarantine
+from parfor_backends._retrying import Job, abandon, settle
 from parfor_core import (
     SETTINGS,
     Backend,
@@ -68,13 +69,8 @@ class ClusterBackend(Backend):
         self._lock = threading.Lock()
         self._shipped: dict[str, Any] = {}  # call id -> the engine's handle of the call
         self._running: dict[Future[Result], Any] = {}  # the caller's future -> its remote task
-        # An item that died with its worker runs again with nothing else of ours on the
-        # cluster, so that a death beside it is never counted as its own (a Dask worker holds
-        # more tasks than it runs, and they all die with it): such items wait here, one runs
-        # at a time (`_alone`), and other jobs are held back meanwhile.
-        self._suspects: deque[Job] = deque()
-        self._held: list[Job] = []
-        self._alone: Future[Result] | None = None
+        self._quarantine = Quarantine()  # jobs that wait after a worker death
+        self._draining = False  # a thread is sending the jobs that leave the quarantine
         self._connected = False
         # The call during which the connection broke, its error, and until when: that call's
         # next tasks fail with it (a pmap waits once, not once per task); a task of another
@@ -180,82 +176,84 @@ class ClusterBackend(Backend):
         return None
 
     def _cancel_all(self, hard: bool) -> None:
+        """Stop every task of this backend (``hard``: Ctrl-C); their callers get an error."""
         with self._lock:
             running = list(self._running.items())
-            waiting = [job.future for job in (*self._suspects, *self._held)]
             self._running.clear()
-            self._suspects.clear()
-            self._held.clear()
-            self._alone = None
+            waiting = self._quarantine.clear()
         remotes = [remote for _, remote in running if remote is not _SENDING]
         if remotes:
             self._cancel(remotes, hard)
-        for future in [future for future, _ in running] + waiting:
-            future.cancel()
+        for future in [future for future, _ in running] + [job.future for job in waiting]:
+            abandon(future, self.name, hard)
 
     def _start(self, job: Job) -> None:
-        """Send the job now, or let it wait: an item that died before waits until nothing
-        else of ours runs, and other jobs wait while such an item does."""
-        now = None
-        with self._lock:
-            self._drop(job.future)  # its last remote task, if any, is over
-            if job.future.cancelled():  # the caller gave up: nothing to run
-                pass
-            elif job.deaths or self._suspects or self._alone is not None:
-                (self._suspects if job.deaths else self._held).append(job)
-            else:
-                self._running[job.future] = _SENDING
-                now = job
-            ready = self._ready()
-        self._send_waiting(ready)
-        if now is not None:
-            self._send_job(now)  # errors are raised, to submit's caller or to _finished
+        """Send the job now, unless it must wait in quarantine. An error sending it, other than
+        a lost connection, is raised: to submit's caller, or to _finished."""
+        try:
+            with self._lock:
+                self._drop(job.future)  # its last remote task, if any, is over
+                now = not job.future.cancelled() and self._quarantine.admit(job)
+                if now:
+                    self._running[job.future] = _SENDING
+            if now:
+                self._send_job(job)
+        except BaseException:
+            self._release(job.future)  # not out: it holds no other job back
+            raise
+        self._drain()
 
     def _release(self, future: Future[Result]) -> Any:
         """The future's remote task (returned) is no longer ours to wait for: send the jobs
         that waited for it."""
         with self._lock:
             remote = self._drop(future)
-            ready = self._ready()
-        self._send_waiting(ready)
+        self._drain()
         return remote
 
     def _drop(self, future: Future[Result]) -> Any:
-        """Under the lock: the future's remote task (returned) is no longer ours to wait for."""
-        if future is self._alone:
-            self._alone = None
+        """Under the lock: the future's remote task (returned) is no longer out."""
+        self._quarantine.forget(future)
         return self._running.pop(future, None)
 
-    def _ready(self) -> list[Job]:
-        """Under the lock: the waiting jobs that can be sent now, marked as on their way."""
-        if self._alone is not None:
-            return []
-        while self._suspects:
-            if self._running:
-                return []
-            job = self._suspects.popleft()
-            if not job.future.cancelled():
-                self._alone = job.future
-                self._running[job.future] = _SENDING
-                return [job]
-        ready = [job for job in self._held if not job.future.cancelled()]
-        self._held.clear()
-        for job in ready:
-            self._running[job.future] = _SENDING
-        return ready
-
-    def _send_waiting(self, jobs: Iterable[Job]) -> None:
-        """Send jobs that waited; an error sending one goes to its caller's future, as
-        nobody else would see it."""
-        for job in jobs:
-            try:
-                self._send_job(job)
-            except BaseException as error:
-                settle(job.future, error)
+    def _drain(self) -> None:
+        """Send the jobs that may leave the quarantine now: one thread at a time, in a loop
+        (sending one may end it, and free the next: by recursion, that would go as deep as
+        the quarantine). A thread that finds another draining leaves it to that one, which
+        looks again before it stops."""
+        with self._lock:
+            if self._draining:
+                return
+            self._draining = True
+        unsent: deque[Job] = deque()
+        try:
+            while True:
+                with self._lock:
+                    unsent.extend(self._quarantine.ready(busy=bool(self._running)))
+                    for job in unsent:
+                        self._running[job.future] = _SENDING
+                    if not unsent:
+                        self._draining = False
+                        return
+                while unsent:
+                    try:
+                        self._send_job(unsent[0])
+                    except Exception as error:  # nobody else would see it
+                        settle(unsent[0].future, error)
+                    unsent.popleft()
+        except BaseException:  # Ctrl-C in a caller's thread that was sending: the jobs it
+            with self._lock:   # had not sent fail, and the next of the quarantine goes
+                self._draining = False
+                for job in unsent:
+                    self._drop(job.future)
+            for job in unsent:
+                abandon(job.future, self.name, hard=True)
+            raise
 
     def _send_job(self, job: Job) -> None:
-        """Start the job's remote task, and its `_finished` when that is done."""
-        if job.future.cancelled():  # a retry after the caller gave up: nothing to run
+        """Start the job's remote task (it is marked on its way in _running), and _finished
+        when that is done."""
+        if job.future.cancelled():  # since it was marked: _forget has dropped it
             return
         connection = self._connections
         try:
@@ -264,16 +262,29 @@ class ClusterBackend(Backend):
             settle(job.future, error)
             return
         except BaseException:
-            self._release(job.future)  # raised to the caller: the job is not running
+            self._release(job.future)
             raise
-        with self._lock:
-            sent = self._running.get(job.future) is _SENDING  # else cancelled meanwhile
-            if sent:
-                self._running[job.future] = remote
-        if not sent:
+        try:
+            with self._lock:
+                current = self._connected and connection == self._connections
+                sent = current and self._running.get(job.future) is _SENDING
+                if sent:
+                    self._running[job.future] = remote
+                elif not current:
+                    self._drop(job.future)
+            if not sent:  # cancelled, or interrupted, or the connection it went by was closed
+                self._cancel([remote], hard=False)
+                if not current:
+                    settle(job.future, ConnectionError(
+                        f"The connection to the {self.name} cluster was closed while a task "
+                        f"was sent (another call lost it, or was interrupted); the next call "
+                        f"connects again."))
+                return
+            self._when_done(remote, partial(self._finished, job, remote, connection))
+        except BaseException:
+            self._release(job.future)
             self._cancel([remote], hard=False)
-            return
-        self._when_done(remote, partial(self._finished, job, remote, connection))
+            raise
 
     def _send(self, job: Job, connection: int) -> Any:
         """Start the job's remote task (shipping its call first, once); a connection that
@@ -310,6 +321,7 @@ class ClusterBackend(Backend):
         with self._lock:
             if self._running.get(job.future) is not remote:
                 return  # cancelled, or interrupted: nobody waits for it
+            alone = self._quarantine.ran_alone(job.future)
         try:
             outcome: Job | Result
             try:
@@ -326,7 +338,7 @@ class ClusterBackend(Backend):
                 if shipment_lost:  # data lost with a worker: not the items' doing
                     self._unship(job.task.call.id)
                 outcome = job.after_death(f"a {self.name} worker", how, self.retries, self.name,
-                                          blame=not shipment_lost)
+                                          blame=not shipment_lost, alone=alone)
             if isinstance(outcome, Job):
                 self._start(outcome)
             else:

@@ -7,7 +7,7 @@ worker running a chunk reruns the chunk's items alone; an item whose worker dies
 
 from __future__ import annotations
 
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import Any
 
 from parfor_core import Failure, Result, Task, WorkerDiedError, dump_items, release_shared
@@ -51,10 +51,13 @@ class Job:
         return Result(values, elapsed, result.failure)
 
     def after_death(self, worker: str, how: str, retries: int, backend: str,
-                    blame: bool = True) -> Job | Result:
+                    blame: bool = True, alone: bool = True) -> Job | Result:
         """The job to run after ``worker`` died (``how`` says how, and what that suggests):
         its items alone, or this item again; or, when the item has killed workers too often,
         the Result that fails it.
+
+        Without ``alone`` the item ran beside others that the death took too (on a cluster):
+        it runs again, however often it died, so that the death that fails it is its own.
 
         Without ``blame`` the task's data was lost with a worker that something else ended
         (a cluster's scheduler says so): the task runs again whole, up to `LOST_DATA_RETRIES`
@@ -75,7 +78,7 @@ class Job:
             self.rest = list(zip(task.indices, task.items, strict=True)) + self.rest
             return self._next(self.done, self.elapsed)
         self.deaths += 1
-        if self.deaths <= retries:
+        if self.deaths <= retries or not alone:
             return self
         index = task.indices[0]
         return self._failed(worker, WorkerDiedError(
@@ -97,6 +100,14 @@ class Job:
         job = Job(task, self.future, self.local, values, rest, elapsed)
         job.started = True  # split after a worker died with the whole
         return job
+
+
+def abandon(future: Future[Result], backend: str, hard: bool) -> None:
+    """Fail a task that its backend stops (``hard``: Ctrl-C; else shut down). An error rather
+    than a cancel: a cancel wakes no one waiting in ``concurrent.futures.wait`` (a call of
+    another thread, a ParPool), who would then wait for ever."""
+    why = "interrupted (Ctrl-C)" if hard else "shut down"
+    settle(future, CancelledError(f"the {backend} backend was {why} before this task finished"))
 
 
 def settle(future: Future[Result], outcome: Result | BaseException) -> None:

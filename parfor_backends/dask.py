@@ -100,6 +100,8 @@ class DaskBackend(ClusterBackend):
             ) from error
 
     def _start_remote(self, call_id: str, shipped: Any, items: bytes) -> Any:
+        if self._client.status != "running":  # closing: it would take the task, and never
+            raise ConnectionResetError("the Dask client is closed")  # run it nor answer
         sent: Any = items
         if len(items) > LARGE_ITEMS_BYTES:  # keep big items out of the scheduler's task graph
             sent = self._client.scatter(items, hash=False)

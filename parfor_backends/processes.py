@@ -21,7 +21,7 @@ from concurrent.futures import Future
 from typing import IO
 
 from parfor_backends._framing import COUNT, read_frame, write_frame
-from parfor_backends._retrying import Job, settle
+from parfor_backends._retrying import Job, abandon, settle
 from parfor_core import (
     SETTINGS,
     Backend,
@@ -156,9 +156,9 @@ class ProcessesBackend(Backend):
         return workers, jobs
 
     def _end(self, workers: list[_Worker], jobs: list[Job], kill: bool) -> None:
-        """Cancel ``jobs`` and end ``workers`` (taken from the pool)."""
+        """Fail ``jobs`` (``kill``: interrupted) and end ``workers`` (taken from the pool)."""
         for job in jobs:
-            job.future.cancel()
+            abandon(job.future, self.name, kill)
             release_shared(job.items)
         for worker in workers:  # all told first, so that they end side by side; one that is
             worker.stop(kill or not worker.ready, wait=False)  # starting has run nothing yet

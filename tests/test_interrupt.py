@@ -107,3 +107,69 @@ def test_uncaught_ctrl_c_exits_with_keyboard_interrupt_and_no_leftovers(backend,
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert alive == []
 
+
+
+TWO_THREADS = textwrap.dedent("""
+    import sys, threading, time
+    from parfor import pmap
+
+    def slow(i):
+        time.sleep(0.2)
+        return i
+
+    def say(line):  # one write per line: two threads print
+        sys.stdout.write(line + "\\n")
+        sys.stdout.flush()
+
+    def started(n):
+        if n == 1:
+            say("started")
+
+    def other(backend):
+        try:
+            pmap(slow, range(10_000), backend=backend, bar=False)
+        except BaseException as error:  # loky's workers get the Ctrl-C too, and answer it
+            say(f"other: {type(error).__name__} {error}")
+
+    if __name__ == "__main__":
+        backend = sys.argv[1]
+        thread = threading.Thread(target=other, args=(backend,))
+        thread.start()
+        try:
+            pmap(slow, range(10_000), bar=started, backend=backend)
+        except KeyboardInterrupt:
+            say("interrupted")
+        thread.join(10)
+        say("the other thread " + ("hangs" if thread.is_alive() else "ended"))
+        print(pmap(abs, range(-3, 0), backend=backend, bar=False), flush=True)
+""")
+
+
+def test_ctrl_c_fails_another_threads_call_on_the_same_backend_at_once(process_backend,
+                                                                         tmp_path):
+    # Ctrl-C stops the backend's tasks, those of every call on it: a call of another thread
+    # gets an error that says so, rather than waiting for ever on tasks that will never end.
+    script = tmp_path / "two_threads.py"
+    script.write_text(TWO_THREADS)
+    process = subprocess.Popen([sys.executable, str(script), process_backend], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        assert process.stdout.readline().strip() == "started"
+        time.sleep(0.3)
+        sent = ctrl_c(process)
+        lines = [process.stdout.readline().strip() for _ in range(3)]
+        assert time.monotonic() - sent < 10
+        assert "interrupted" in lines
+        assert "the other thread ended" in lines
+        [other] = [line for line in lines if line.startswith("other:")]
+        assert (other.startswith(f"other: WorkerError Backend {process_backend!r} failed")
+                or other == "other: KeyboardInterrupt")
+        out, err = finish(process)
+        assert out.strip() == "[3, 2, 1]", err
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        process.stdout.close()
+        process.stderr.close()
