@@ -252,7 +252,8 @@ class ClusterBackend(Backend):
 
     def _send_job(self, job: Job) -> None:
         """Start the job's remote task (it is marked on its way in _running), and _finished
-        when that is done."""
+        when that is done. A lost connection fails the job; other errors are raised, and the
+        caller (_start or _drain) unmarks it."""
         if job.future.cancelled():  # since it was marked: _forget has dropped it
             return
         connection = self._connections
@@ -261,9 +262,6 @@ class ClusterBackend(Backend):
         except ConnectionError as error:
             settle(job.future, error)
             return
-        except BaseException:
-            self._release(job.future)
-            raise
         try:
             with self._lock:
                 current = self._connected and connection == self._connections
@@ -282,7 +280,6 @@ class ClusterBackend(Backend):
                 return
             self._when_done(remote, partial(self._finished, job, remote, connection))
         except BaseException:
-            self._release(job.future)
             self._cancel([remote], hard=False)
             raise
 
