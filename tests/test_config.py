@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import warnings
 
 import pytest
@@ -30,12 +31,13 @@ def isolated(tmp_path, monkeypatch):
 
 
 def where(i: int) -> tuple[int, str]:
+    time.sleep(0.02)  # long enough that workers take some items while the caller helps
     return os.getpid(), threading.current_thread().name
 
 
 def ran_on() -> str:
     """Which backend a plain pmap used, told by where its items ran."""
-    places = set(pmap(where, range(8), bar=False))
+    places = set(pmap(where, range(32), bar=False))
     if places == {(os.getpid(), threading.current_thread().name)}:
         return "serial"
     if all(pid == os.getpid() for pid, _ in places):
