@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
+from stat import S_ISREG
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -221,18 +222,55 @@ def config(**settings: Any) -> Iterator[None]:
 
 def current(**arguments: Any) -> Configuration:
     """The settings for one call: its arguments (those not None) over every other source."""
-    layers: list[dict[str, Sourced]] = [_defaults(), *_files()]
+    merged, layers, environment_rank = _sources()
+    given = {name: Sourced(value, "the call's argument")
+             for name, value in arguments.items() if value is not None}
+    if given:
+        merged = dict(merged)
+        _merge_into(merged, given)
+    return Configuration(merged, [*layers, given], environment_rank)
+
+
+#: A file's modification time, size and inode: a change of any is a change of the file (the
+#: clock that stamps files ticks in milliseconds, and a file rewritten within one tick keeps
+#: its time).
+Stamp = tuple[int, int, int]
+#: The environment variables that the settings depend on: their own, and those that place the
+#: user file.
+_VARIABLES = (*(setting.env for setting in SETTINGS.values() if setting.env),
+              "PARFOR_CONFIG", "XDG_CONFIG_HOME", "APPDATA", "HOME", "USERPROFILE")
+#: What every call's settings but its own arguments came from last: the working directory, the
+#: block, the variables that name settings or files, each file looked at and its stamp. Read
+#: again only when one of them changes: reading costs a short call a visible share.
+_last: tuple[tuple[Any, ...], list[tuple[str, Stamp | None]],
+             tuple[dict[str, Sourced], list[dict[str, Sourced]], int]] | None = None
+
+
+def _sources() -> tuple[dict[str, Sourced], list[dict[str, Sourced]], int]:
+    """Every source but the call: merged, the layers lowest first, the environment's rank."""
+    global _last
+    key = (os.getcwd(), _block.get(), *map(os.environ.get, _VARIABLES))
+    last = _last
+    if last is not None and last[0] == key and all(_stamp(path) == stamp
+                                                   for path, stamp in last[1]):
+        return last[2]
+    looked_at: list[tuple[str, Stamp | None]] = []
+    layers = [_defaults(), *_files(looked_at)]
     environment_rank = len(layers)
     layers += [_environment(), dict(_block.get())]
-    layers.append({name: Sourced(value, "the call's argument")
-                   for name, value in arguments.items() if value is not None})
     merged: dict[str, Sourced] = {}
     for layer in layers:
-        for name, sourced in layer.items():
-            if name == "backends" and name in merged:  # per backend, option by option
-                sourced = Sourced(_merged([merged[name].value, sourced.value]), sourced.source)
-            merged[name] = sourced
-    return Configuration(merged, layers, environment_rank)
+        _merge_into(merged, layer)
+    _last = (key, looked_at, (merged, layers, environment_rank))
+    return merged, layers, environment_rank
+
+
+def _merge_into(merged: dict[str, Sourced], layer: Mapping[str, Sourced]) -> None:
+    """Lay ``layer`` over ``merged``: a setting it has wins, per backend option by option."""
+    for name, sourced in layer.items():
+        if name == "backends" and name in merged:
+            sourced = Sourced(_merged([merged[name].value, sourced.value]), sourced.source)
+        merged[name] = sourced
 
 
 def _defaults() -> dict[str, Sourced]:
@@ -256,10 +294,11 @@ def _environment() -> dict[str, Sourced]:
     return found
 
 
-def _files() -> list[dict[str, Sourced]]:
-    """The user file's settings, then the project file's (so that the project's win)."""
+def _files(looked_at: list[tuple[str, Stamp | None]]) -> list[dict[str, Sourced]]:
+    """The user file's settings, then the project file's (so that the project's win); each
+    file looked for goes into ``looked_at`` with its stamp (None: not there)."""
     layers = []
-    for path, table in (_user_file(), _project_file()):
+    for path, table in (_user_file(looked_at), _project_file(looked_at)):
         if path is None:
             continue
         pyproject = os.path.basename(path) == "pyproject.toml"
@@ -296,35 +335,39 @@ def _user_config_file() -> str:
     return os.path.join(base, "parfor", "config.toml")
 
 
-def _user_file() -> tuple[str | None, dict[str, Any]]:
+def _user_file(looked_at: list[tuple[str, Stamp | None]]) -> tuple[str | None, dict[str, Any]]:
     path = _user_config_file()
-    if not os.path.isfile(path):
+    stamp = _looked_at(path, looked_at)
+    if stamp is None:
         if os.environ.get("PARFOR_CONFIG"):
             raise ConfigError(f"PARFOR_CONFIG names {path}, which is not a file")
         return None, {}
-    return path, _read(path)
+    return path, _read(path, stamp)
 
 
 def project_config_path() -> Path | None:
     """The project file in use: the nearest parfor.toml or pyproject.toml with [tool.parfor]."""
     from pathlib import Path
 
-    path = _project_file()[0]
+    path = _project_file([])[0]
     return None if path is None else Path(path)
 
 
-def _project_file() -> tuple[str | None, dict[str, Any]]:
+def _project_file(looked_at: list[tuple[str, Stamp | None]]
+                  ) -> tuple[str | None, dict[str, Any]]:
     """Looked for from the working directory up (with plain strings: pathlib's objects cost a
     short call a visible share, and importing pathlib a cold start)."""
     directory = os.getcwd()
     while True:
         own = os.path.join(directory, "parfor.toml")
-        if os.path.isfile(own):
-            return own, _read(own)
+        stamp = _looked_at(own, looked_at)
+        if stamp is not None:
+            return own, _read(own, stamp)
         pyproject = os.path.join(directory, "pyproject.toml")
-        if os.path.isfile(pyproject):
+        stamp = _looked_at(pyproject, looked_at)
+        if stamp is not None:
             try:
-                tool = _read(pyproject, only_if=_may_set_tool_parfor).get("tool", {})
+                tool = _read(pyproject, stamp, only_if=_may_set_tool_parfor).get("tool", {})
             except ConfigError as exc:  # perhaps not ours to read: say so, and look further up
                 warn_once(f"{exc}; its [tool.parfor], if any, is ignored", ConfigWarning)
             else:
@@ -353,17 +396,30 @@ def _may_set_tool_parfor(text: str) -> bool:
     return False
 
 
-_parsed: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+def _looked_at(path: str, looked_at: list[tuple[str, Stamp | None]]) -> Stamp | None:
+    stamp = _stamp(path)
+    looked_at.append((path, stamp))
+    return stamp
 
 
-def _read(path: str, only_if: Callable[[str], bool] | None = None) -> dict[str, Any]:
-    """A TOML file's contents, read again only when it changes; ``{}``, unparsed, where
-    ``only_if`` says its text holds nothing of ours.
+def _stamp(path: str) -> Stamp | None:
+    """The stamp of the file at ``path``; None where there is none (or something else)."""
+    try:
+        status = os.stat(path)
+    except (OSError, ValueError):  # missing, unreadable, or a name no file can have
+        return None
+    if not S_ISREG(status.st_mode):
+        return None
+    return status.st_mtime_ns, status.st_size, status.st_ino
 
-    A change is a new modification time, size or inode: the clock that stamps files ticks in
-    milliseconds, and a file rewritten within one tick keeps its time."""
-    status = os.stat(path)
-    stamp = (status.st_mtime_ns, status.st_size, status.st_ino)
+
+_parsed: dict[str, tuple[Stamp, dict[str, Any]]] = {}
+
+
+def _read(path: str, stamp: Stamp, only_if: Callable[[str], bool] | None = None
+          ) -> dict[str, Any]:
+    """A TOML file's contents, read again only when its stamp changes; ``{}``, unparsed, where
+    ``only_if`` says its text holds nothing of ours."""
     cached = _parsed.get(path)
     if cached is not None and cached[0] == stamp:
         return cached[1]

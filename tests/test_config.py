@@ -100,6 +100,27 @@ def test_a_file_rewritten_within_one_clock_tick_is_read_again(isolated):
     assert current()["retries"] == 12
 
 
+def test_a_change_to_any_source_applies_to_the_next_call(isolated, monkeypatch):
+    """The sources are read again only when one of them changes: each kind of change shows."""
+    project = isolated / "project"
+    assert current()["retries"] == 1
+    write(project / "parfor.toml", "retries = 2\n")  # a file appears further up
+    assert current()["retries"] == 2
+    nearer = project / "sub" / "pyproject.toml"
+    write(nearer, "[tool.parfor]\nretries = 3\n")  # a nearer one appears
+    assert current()["retries"] == 3
+    nearer.unlink()  # and goes
+    assert current()["retries"] == 2
+    monkeypatch.chdir(isolated)  # another working directory, with no project file
+    assert current()["retries"] == 1
+    write(isolated / "xdg" / "parfor" / "config.toml", "retries = 4\n")
+    assert current()["retries"] == 4
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(isolated / "elsewhere"))  # the user file moves
+    assert current()["retries"] == 1
+    monkeypatch.setenv("PARFOR_RETRIES", "5")
+    assert current()["retries"] == 5 and current(n_processes=2)["n_processes"] == 2
+
+
 def test_environment():
     os.environ["PARFOR_BACKEND"] = "threads"
     try:
