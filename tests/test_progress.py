@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import re
+import time
 
 from parfor import Chunks, gmap, pmap
+from parfor_core._progress import Progress
 
 
 def test_callback_gets_running_count_of_items(backend):
@@ -52,3 +55,19 @@ def test_gmap_bar_is_closed_when_the_generator_is_closed_early(backend):
     next(results)
     results.close()
     assert out.getvalue().endswith("\n")  # tqdm ends the line when it closes
+
+
+def test_the_bar_keeps_moving_when_quick_items_give_way_to_slow_ones():
+    """tqdm by default redraws only after as many items as came per redraw so far, which quick
+    chunks make thousands; the bar would then stand still through the slow items after them."""
+    out = io.StringIO()
+    progress = Progress(True, 20_005, bar_kwargs={"file": out})
+    for _ in range(20):  # quick chunks of 1000 items
+        time.sleep(0.015)
+        progress.update(1000)
+    for _ in range(5):  # then slow items, one at a time
+        time.sleep(0.15)
+        progress.update(1)
+    progress.close()
+    shown = {int(n) for n in re.findall(r"(\d+)/20005", out.getvalue())}
+    assert len(shown & set(range(20_001, 20_005))) >= 3, sorted(shown)
