@@ -397,6 +397,7 @@ def _may_set_tool_parfor(text: str) -> bool:
 
 
 def _looked_at(path: str, looked_at: list[tuple[str, Stamp | None]]) -> Stamp | None:
+    """The stamp of ``path``, noted in ``looked_at``: the settings depend on it."""
     stamp = _stamp(path)
     looked_at.append((path, stamp))
     return stamp
