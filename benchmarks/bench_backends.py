@@ -5,6 +5,7 @@
     python benchmarks/bench_backends.py --plot docs/img/benchmarks.png   # ... and a chart
     python benchmarks/bench_backends.py --quick    # a smoke run (seconds), as CI does
     python benchmarks/bench_backends.py --scaling  # W2 with 1, 2, 4, ... workers (many cores)
+    python benchmarks/bench_backends.py --scaling --workers 2,4,8,16 --items 160   # ... chosen
 
 Every figure is a median of repeated, interleaved runs, given as a ratio to a plain serial loop
 measured in the same run (lower is better, except speedup). Memory is the extra proportional
@@ -34,6 +35,7 @@ import psutil
 from parfor import gmap, pmap
 from parfor_core import registry
 from parfor_core._kept import release_all
+from parfor_core._registry import gil_enabled
 
 #: "auto" is a plain call: no backend named, a progress bar (drawn to /dev/null), as users run it.
 #: joblib and mpire come from the benchmarks extra; they are left out where it is not installed.
@@ -339,19 +341,19 @@ def plot(rows: dict[str, dict[str, str]], path: str, title: str) -> None:
     figure.savefig(path, dpi=80)
 
 
-def scaling(quick: bool, repeats: int) -> None:
-    """W2's speedup with 1, 2, 4, ... workers, up to every CPU: how parallel work scales."""
-    cpus = os.cpu_count() or 1
-    counts = sorted({min(2**k, cpus) for k in range(cpus.bit_length() + 1)})
-    contenders = [name for name in CONTENDERS if name != "serial"] + W2_ONLY
+def scaling(quick: bool, repeats: int, counts: list[int], n_items: int | None) -> None:
+    """W2's speedup with each number of workers in ``counts``: how parallel work scales.
+    ``threads`` runs only where the GIL is disabled: with it, its speedup is 1 at every count."""
+    contenders = [name for name in CONTENDERS
+                  if name != "serial" and (name != "threads" or not gil_enabled())] + W2_ONLY
     work = 20_000 if quick else 600_000
-    jobs = list(range(4 if quick else 32))
+    jobs = list(range(n_items or (4 if quick else 32)))
     rows: dict[str, dict[str, str]] = {name: {} for name in contenders}
     for count in counts:
         peers = Peers(count)
         try:
-            for name in contenders:  # warm every pool first
-                run(name, peers, trivial, list(range(100)))
+            for name in contenders:  # warm every pool first, each of its workers started
+                run(name, peers, cpu_bound, jobs, work // 20)
             _, ratios = median_ratios(
                 contenders, {n: (lambda n=n, p=peers: run(n, p, cpu_bound, jobs, work))
                              for n in contenders},
@@ -372,16 +374,23 @@ def main() -> None:
     parser.add_argument("--plot", metavar="PNG", help="also draw the table as a chart")
     parser.add_argument("--scaling", action="store_true",
                         help="only W2, with 1, 2, 4, ... workers up to every CPU")
+    parser.add_argument("--workers", metavar="N,N,...", type=_counts,
+                        help="--scaling's worker counts (default: 1, 2, 4, ... up to every CPU)")
+    parser.add_argument("--items", type=int,
+                        help="--scaling's number of W2 items (default: 32; 4 if --quick)")
+    parser.add_argument("--repeats", type=int, help="runs per median (default: 5; 1 if --quick)")
     options = parser.parse_args()
     quick = options.quick
     n_workers = os.cpu_count() or 1
-    repeats = 1 if quick else 5
+    repeats = options.repeats or (1 if quick else 5)
     print(f"# parfor benchmark: {platform.python_implementation()} {platform.python_version()}, "
           f"{platform.machine()}, {n_workers} CPUs, {psutil.virtual_memory().total / 2**30:.0f} "
           f"GiB; {'quick smoke run' if quick else f'medians of {repeats} interleaved runs'}")
     print(f"# {versions()}; {shared_memory_pages()}")
     if options.scaling:
-        scaling(quick, repeats)
+        cpus = os.cpu_count() or 1
+        scaling(quick, repeats, options.workers or
+                sorted({min(2**k, cpus) for k in range(cpus.bit_length() + 1)}), options.items)
         return
     peers = Peers(n_workers)
     for name in CONTENDERS:  # warm every pool first
@@ -472,6 +481,11 @@ def main() -> None:
     if options.plot:
         plot(rows, options.plot, f"{platform.python_implementation()} "
              f"{platform.python_version()}, {n_workers} CPUs")
+
+
+def _counts(text: str) -> list[int]:
+    """``--workers``' value: worker counts, comma-separated."""
+    return sorted({int(count) for count in text.split(",")})
 
 
 def print_table(first: str, rows: dict[str, dict[str, str]]) -> None:
