@@ -388,9 +388,9 @@ def main() -> None:
           f"GiB; {'quick smoke run' if quick else f'medians of {repeats} interleaved runs'}")
     print(f"# {versions()}; {shared_memory_pages()}")
     if options.scaling:
-        cpus = os.cpu_count() or 1
         scaling(quick, repeats, options.workers or
-                sorted({min(2**k, cpus) for k in range(cpus.bit_length() + 1)}), options.items)
+                sorted({min(2**k, n_workers) for k in range(n_workers.bit_length() + 1)}),
+                options.items)
         return
     peers = Peers(n_workers)
     for name in CONTENDERS:  # warm every pool first
