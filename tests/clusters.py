@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 
 BIN = Path(sys.executable).parent
 #: Backends this run leaves out, by name (comma-separated): for an interpreter that a backend's
@@ -205,7 +206,9 @@ class RayCluster:
 #: The backends on a cluster engine, and how the tests start a cluster for each.
 CLUSTERS = {name: cls for name, cls in {"dask": DaskCluster, "ray": RayCluster}.items()
             if name not in WITHOUT}
-CLUSTER_NAMES = list(CLUSTERS)
+#: Every cluster backend as a test parameter, marked with its backend: PARFOR_TEST_WITHOUT
+#: deselects it (conftest.py) as it does every other test of a backend left out.
+CLUSTER_NAMES = [pytest.param(name, marks=pytest.mark.backend(name)) for name in ("dask", "ray")]
 
 
 def _free_port() -> int:
