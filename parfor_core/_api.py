@@ -8,7 +8,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from ._arguments import make_call, settings_for, show_bar, total_of
 from ._chunking import ChunkSizer
-from ._dispatch import dispatch
+from ._dispatch import Input, dispatch
 from ._probe import Gathered, run_while_cheap, worth_probing
 from ._progress import Progress, check_bar
 from ._registry import SERIAL, Selection, registry
@@ -84,7 +84,6 @@ def _run(selected: Backend | Selection, call: Call, iterable: Iterable[Any], tot
     on the backend, with the caller's help while its workers start (``helping``)."""
     progress: Progress | None = None
     try:
-        first, source = 0, iter(iterable)
         if probe:
             progress = Progress(*bar)
             rest = yield from _shaped(run_while_cheap(call, iterable, total, progress.update,
@@ -92,14 +91,16 @@ def _run(selected: Backend | Selection, call: Call, iterable: Iterable[Any], tot
                                       with_index)
             if rest is None:  # it all ran here
                 return
-            first, source = rest
+            source = rest
+        else:
+            source = Input(iterable)
         with registry.lease(selected) as backend:
-            left = None if total is None else max(0, total - first)
+            left = None if total is None else max(0, total - source.read)
             if progress is None:  # workers start while the bar (and tqdm) loads
                 backend.prepare(left)
                 progress = Progress(*bar)
             batches = dispatch(backend, call, source, ChunkSizer(backend.n_workers, left),
-                               ordered=ordered, on_done=progress.update, first_index=first,
+                               ordered=ordered, on_done=progress.update,
                                help_while_starting=helping)
             yield from _shaped(batches, with_index)
     finally:

@@ -23,20 +23,19 @@ CHUNKS_PER_WORKER = 2
 def dispatch(
     backend: Backend,
     call: Call,
-    items: Iterable[Any],
+    items: Input,
     sizer: ChunkSizer,
     *,
     ordered: bool = True,
     on_done: Callable[[int], object],
-    first_index: int = 0,
     help_while_starting: bool = False,
 ) -> Iterator[tuple[Sequence[int], list[Any]]]:
     """Yield ``(input indices, values)`` batches covering every item; re-raise the first failure.
 
-    ``first_index`` is the input position of the first item of ``items`` (items before it
-    were run elsewhere). With ``help_while_starting``, tasks the backend gives back while its
-    workers start (`Backend.reclaim`) run here meanwhile: a short call of quick items is done
-    before the first worker is, and a slow item here delays no other.
+    Items already read from ``items`` were run elsewhere. With ``help_while_starting``, tasks
+    the backend gives back while its workers start (`Backend.reclaim`) run here meanwhile: a
+    short call of quick items is done before the first worker is, and a slow item here delays
+    no other. An error of the input is raised after the results of the items read before it.
 
     With ``ordered`` results come in input order (a failure is raised when its turn comes, after
     the values before it); otherwise as soon as they are done. Closing the generator cancels
@@ -44,28 +43,26 @@ def dispatch(
     """
     from concurrent.futures import FIRST_COMPLETED, wait  # not at import: it loads logging
 
-    source = iter(items)
     window = CHUNKS_PER_WORKER * max(1, backend.n_workers)
     in_flight: dict[Future[Result], tuple[int, Task]] = {}
     finished: dict[int, tuple[Task, Result]] = {}
     submitted = yielded = 0
-    read = first_index
     exhausted = False
     progress = _Progress(on_done)
     try:
         while True:
             while not exhausted and len(in_flight) + len(finished) < window:
-                chunk = take(source, sizer.next_size(), read)
+                chunk = items.take(sizer.next_size())
                 if not chunk:
                     exhausted = True
                     break
                 sizer.taken(len(chunk))
-                task = Task(call, range(read, read + len(chunk)), chunk,
+                task = Task(call, range(items.read - len(chunk), items.read), chunk,
                             progress.reporter(submitted))
-                read += len(chunk)
                 in_flight[backend.submit(task)] = (submitted, task)
                 submitted += 1
             if not in_flight:
+                items.raise_held()
                 return
             if help_while_starting:
                 oldest = min(in_flight, key=lambda f: in_flight[f][0])
@@ -121,14 +118,34 @@ class _Progress:
         self.on_done(step)
 
 
-def take(source: Iterator[Any], n: int, read: int) -> list[Any]:
-    chunk: list[Any] = []
-    try:
-        chunk.extend(islice(source, n))
-    except Exception as exc:
-        add_note(exc, f"parfor: raised by the input iterable after {read + len(chunk)} items")
-        raise
-    return chunk
+class Input:
+    """A call's items, read in chunks as they are needed. An error the iterable raises is held
+    back until the items read before it are done: a serial loop would have run them too, and
+    gmap yields their results before the error (`raise_held`)."""
+
+    def __init__(self, items: Iterable[Any], read: int = 0) -> None:
+        self.source = iter(items)
+        self.read = read  # items read so far, counting those before ``items``
+        self._error: Exception | None = None
+
+    def take(self, n: int) -> list[Any]:
+        """The next at most ``n`` items; an empty list once the input is spent or failed."""
+        chunk: list[Any] = []
+        if self._error is None:
+            try:
+                chunk.extend(islice(self.source, n))
+            except Exception as exc:
+                add_note(exc, f"parfor: raised by the input iterable after "
+                              f"{self.read + len(chunk)} items")
+                self._error = exc
+        self.read += len(chunk)
+        return chunk
+
+    def raise_held(self) -> None:
+        """Raise the iterable's error, if it raised one."""
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
 
 def _answers(done: set[Future[Result]], backend: Backend,

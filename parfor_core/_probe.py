@@ -14,7 +14,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from itertools import islice
 from typing import Any
 
-from ._dispatch import emit, take
+from ._dispatch import Input, emit
 from ._task import Call, Task, run_task, run_task_whole
 
 #: Inputs known to be shorter than this go to workers at once: one slow item run here first
@@ -42,29 +42,29 @@ def worth_probing(total: int | None) -> bool:
 def run_while_cheap(call: Call, items: Iterable[Any], total: int | None,
                     on_done: Callable[[int], object], into: Gathered | None = None,
                     stay: bool = False
-                    ) -> Generator[tuple[Sequence[int], list[Any]], None,
-                                   tuple[int, Iterator[Any]] | None]:
+                    ) -> Generator[tuple[Sequence[int], list[Any]], None, Input | None]:
     """Yield ``(input indices, values)`` batches run in the caller, from the start of
-    ``items``, while workers cannot pay (with ``stay``: all of them); the generator returns how
-    many items it ran and an iterator of the rest (for the workers), or None when it ran them
-    all.
+    ``items``, while workers cannot pay (with ``stay``: all of them); the generator returns the
+    input, the items it ran read from it, for the workers to run the rest, or None when it ran
+    them all.
 
     Given ``into`` (pmap's results), values are gathered there as they come, and each batch's
     values are ``into.values`` itself, which its caller need not copy.
     """
     sliceable = isinstance(items, (list, tuple, range))  # chunks are windows, not copies
     length = len(items) if sliceable else None  # type: ignore[arg-type]
-    source = iter(items)
-    read = 0
+    source = Input(items)
     spent = 0.0
     fastest = float("inf")  # seconds per item of the quickest chunk: a chunk that the system
     size = 1                # paused (a busy machine) looks slow, the others show the truth
     while True:
-        chunk: Sequence[Any] = (_Window(items, source, read, size)  # type: ignore[arg-type]
-                                if sliceable else take(source, size, read))
+        chunk: Sequence[Any] = (_Window(items, source, size)  # type: ignore[arg-type]
+                                if sliceable else source.take(size))
+        read = source.read  # the chunk's items counted
         if not chunk:
+            source.raise_held()
             return None
-        task = Task(call, range(read, read + len(chunk)), chunk)
+        task = Task(call, range(read - len(chunk), read), chunk)
         before = 0 if into is None else len(into.values)
         if into is None:
             result = run_task(task)
@@ -76,12 +76,11 @@ def run_while_cheap(call: Call, items: Iterable[Any], total: int | None,
             result = run_task(task, into.values)
         spent += result.elapsed
         fastest = min(fastest, result.elapsed / len(chunk))
-        read += len(chunk)
         on_done(len(result.values) - before)
         yield from emit(task, result, len(result.values) - before)
         if not stay and spent >= MEASURE_SECONDS and _workers_pay(
                 fastest, None if total is None else total - read):
-            return read, source
+            return source
         size = min(4 * size, MAX_CHUNK,
                    max(1, int(CHUNK_SECONDS * len(chunk) / max(result.elapsed, 1e-9))))
         if length is not None and fastest * (length - read) < LAST_CHUNK_SECONDS:
@@ -107,14 +106,14 @@ def _workers_pay(seconds_per_item: float, remaining: int | None) -> bool:
 
 
 class _Window(Sequence[Any]):
-    """The next ``size`` items of a list, tuple or range, read through the one iterator
-    ``source`` that walks it from the start: a chunk without copying the items (for a long
-    loop of quick items, the copy costs a visible share of the work)."""
+    """The next ``size`` items of ``source``, an `Input` of the list, tuple or range ``items``,
+    read through its one iterator: a chunk without copying the items (for a long loop of quick
+    items, the copy costs a visible share of the work)."""
 
-    def __init__(self, items: Sequence[Any], source: Iterator[Any], start: int, size: int
-                 ) -> None:
-        self._items, self._source = items, source
-        self._start, self._stop = start, min(start + size, len(items))
+    def __init__(self, items: Sequence[Any], source: Input, size: int) -> None:
+        self._items, self._source = items, source.source
+        self._start, self._stop = source.read, min(source.read + size, len(items))
+        source.read = max(self._start, self._stop)
 
     def __len__(self) -> int:
         return max(0, self._stop - self._start)

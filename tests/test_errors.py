@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import traceback
 import uuid
 from pathlib import Path
@@ -80,6 +81,33 @@ def test_input_generator_error_reaches_the_caller(backend):
         pmap(abs, flaky_input(25), backend=backend, bar=False)
     assert "raised by the input iterable" in report(caught.value)
     assert pmap(abs, [-1], backend=backend, bar=False) == [1]
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_gmap_yields_every_item_read_before_the_input_failed(backend, ordered):
+    """As a serial loop would: the 50 items the input gave run, and their results come first."""
+    results = gmap(abs, flaky_input(50), backend=backend, bar=False, yield_ordered=ordered)
+    got = []
+    with pytest.raises(OSError, match="the disk went away") as caught:
+        for value in results:
+            got.append(value)
+    assert sorted(got) == list(range(50))
+    assert "raised by the input iterable after 50 items" in report(caught.value)
+
+
+def test_by_default_gmap_yields_every_item_read_before_the_input_failed():
+    """The automatic choice starts in the caller, then goes on to workers: either way."""
+    for n_good in (50, 5000):
+        got = []
+        with pytest.raises(OSError, match="the disk went away"):
+            for value in gmap(slow_abs, flaky_input(n_good), bar=False):
+                got.append(value)
+        assert got == list(range(n_good))
+
+
+def slow_abs(x: int) -> int:
+    time.sleep(0.0002)
+    return abs(x)
 
 
 def test_exception_in_a_long_run_does_not_hang(backend):
