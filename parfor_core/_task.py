@@ -139,11 +139,18 @@ class Failure:
                    describe_worker())
 
     def reraise(self, what: str) -> None:
-        """Raise the original exception in the caller, saying which item (``what``) raised it."""
+        """Raise the original exception in the caller, saying which item (``what``) raised it.
+
+        A StopIteration cannot leave the generators that deliver results (Python would turn it
+        into a bare RuntimeError there), nor would a serial loop's caller see it as an error:
+        it comes as a RuntimeError that names the item, from the original."""
         exc = self.exception
         if exc.__traceback__ is None:  # it crossed a process boundary: chain the worker's frames
             exc.__cause__ = RemoteTraceback(self.traceback)
-        add_note(exc, f"parfor: raised by {what} in {self.worker}")
+        where = f"{what} in {self.worker}"
+        if isinstance(exc, (StopIteration, StopAsyncIteration)):
+            raise RuntimeError(f"fun raised {type(exc).__name__} on {where}") from exc
+        add_note(exc, f"parfor: raised by {where}")
         raise exc
 
 
@@ -178,7 +185,9 @@ def run_task(task: Task, values: list[Any] | None = None) -> Result:
     start = perf_counter()
     try:
         _apply(call, task.items, values)
-    except Exception as exc:
+    except KeyboardInterrupt:  # the caller's Ctrl-C: not an item's error
+        raise
+    except BaseException as exc:  # SystemExit too: the item's, for the caller to raise
         position = len(values) - before
         failure = Failure.capture(task.indices[position], task.items[position], exc)
         return Result(values, perf_counter() - start, failure)
@@ -203,7 +212,9 @@ def run_task_whole(task: Task) -> Result:
     start = perf_counter()
     try:
         return Result([fun(item) for item in source], perf_counter() - start)
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
         position = len(items) - length_hint(source) - 1
         failure = Failure.capture(task.indices[position], items[position], exc)
         return Result([], perf_counter() - start, failure)

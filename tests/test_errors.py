@@ -56,6 +56,41 @@ def test_no_item_runs_twice_and_none_after_failure_in_the_caller(backend, tmp_pa
     assert all(runs.count(i) == 1 for i in set(runs)), sorted(runs)
 
 
+class Abort(BaseException):
+    """Not an Exception: as SystemExit, it would end a worker that let it through."""
+
+
+def exit_on_seven(i: int, log_dir: str, error: type[BaseException]) -> int:
+    Path(log_dir, f"{i}-{uuid.uuid4().hex}").touch()
+    if i == 7:
+        raise error(f"item {i} says stop")
+    return i
+
+
+@pytest.mark.parametrize("error", [SystemExit, Abort])
+def test_a_base_exception_from_fun_reaches_the_caller_once_naming_the_item(backend, tmp_path,
+                                                                           error):
+    """As a serial loop would raise it; not as a worker's death, nor after running it again."""
+    with pytest.raises(error, match="item 7 says stop") as caught:
+        pmap(exit_on_seven, range(20), (str(tmp_path), error), backend=backend, bar=False)
+    assert "raised by item 7 (7)" in report(caught.value)
+    assert [name.split("-")[0] for name in os.listdir(tmp_path)].count("7") == 1
+    assert pmap(abs, range(-3, 3), backend=backend, bar=False) == [3, 2, 1, 0, 1, 2]
+
+
+def stop_on_seven(i: int) -> int:
+    if i == 7:
+        raise StopIteration(i)
+    return i
+
+
+def test_a_stop_iteration_from_fun_is_an_error_naming_the_item(backend):
+    """Not a silently shortened list, as list(map(...)) would give."""
+    with pytest.raises(RuntimeError, match=r"fun raised StopIteration on item 7 \(7\)") as caught:
+        pmap(stop_on_seven, range(20), backend=backend, bar=False)
+    assert isinstance(caught.value.__cause__, StopIteration)
+
+
 def test_backend_is_usable_after_an_exception(backend, tmp_path):
     with pytest.raises(Boom):
         pmap(fail_on_seven, range(10), (str(tmp_path),), backend=backend, bar=False)
