@@ -70,9 +70,11 @@ def _batches(fun: Callable[..., Any], iterable: Iterable[Any], args: Sequence[An
     serially = isinstance(selected, Selection) and selected.name == SERIAL
     automatic = (serial is None and backend is None and settings["backend"] is None
                  and isinstance(selected, Selection) and not serially)
+    # A number of workers that was asked for is a cap (memory, GPUs, licences): the caller
+    # does not run tasks beside them while they start.
     return _run(selected, call, iterable, expected, ordered, with_index, spec,
                 probe=serially or (automatic and worth_probing(expected)), stay=serially,
-                helping=automatic, into=into)
+                helping=automatic and settings["n_processes"] is None, into=into)
 
 
 def _run(selected: Backend | Selection, call: Call, iterable: Iterable[Any], total: int | None,

@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from parfor import gmap, pmap
+from parfor import config, gmap, pmap
 from parfor_core import _probe, gil_enabled, registry
 
 
@@ -164,10 +164,18 @@ def test_while_the_workers_start_the_caller_runs_a_slow_first_item_and_no_item_t
         assert here() not in places
 
 
-@pytest.mark.parametrize("how", [{"serial": False}, {"backend": "processes"}])
+@pytest.mark.parametrize("how", [{"serial": False}, {"backend": "processes"},
+                                 {"n_processes": 2}])  # a cap: the caller would make it 3
 def test_a_call_that_asks_for_workers_waits_for_them_to_start(how):
     cold_pool()
     results = pmap(where, range(8), bar=False, **how)
+    assert here() not in {at for _, at in results}
+
+
+def test_a_configured_number_of_workers_is_a_cap_the_caller_does_not_add_to():
+    cold_pool()
+    with config(n_processes=2):
+        results = pmap(where, range(8), bar=False)
     assert here() not in {at for _, at in results}
 
 
