@@ -10,7 +10,7 @@ from ._arguments import make_call, settings_for, show_bar, total_of
 from ._chunking import ChunkSizer
 from ._dispatch import Input, dispatch
 from ._probe import Gathered, run_while_cheap, worth_probing
-from ._progress import Progress, check_bar
+from ._progress import Progress, ProgressBar, check_bar
 from ._registry import SERIAL, Selection, registry
 from ._task import Call, inside_worker
 from .backend import Backend
@@ -21,7 +21,7 @@ R = TypeVar("R")
 class ProgressSpec(NamedTuple):
     """What bar to show, made when the generator starts so an unstarted one leaves none open."""
 
-    bar: bool | Callable[[int], object]
+    bar: bool | Callable[[int], object] | ProgressBar
     total: int | None
     desc: str | None
     bar_kwargs: Mapping[str, Any]
@@ -34,7 +34,7 @@ def gmap(
     kwargs: Mapping[str, Any] | None = None,
     total: int | None = None,
     desc: str | None = None,
-    bar: bool | Callable[[int], object] | None = None,
+    bar: bool | Callable[[int], object] | ProgressBar | None = None,
     serial: bool | None = None,
     length: int | None = None,
     n_processes: int | None = None,
@@ -54,7 +54,7 @@ def gmap(
 
 def _batches(fun: Callable[..., Any], iterable: Iterable[Any], args: Sequence[Any] | None,
              kwargs: Mapping[str, Any] | None, total: int | None, desc: str | None,
-             bar: bool | Callable[[int], object] | None, serial: bool | None,
+             bar: bool | Callable[[int], object] | ProgressBar | None, serial: bool | None,
              length: int | None, n_processes: int | None, ordered: bool, with_index: bool,
              backend: str | Backend | None, bar_kwargs: Mapping[str, Any],
              into: Gathered | None) -> Generator[list[Any], None, None]:
@@ -62,7 +62,7 @@ def _batches(fun: Callable[..., Any], iterable: Iterable[Any], args: Sequence[An
     (items run in the caller are gathered in ``into``, if given, and come as ``into.values``)."""
     call = make_call(fun, args, kwargs)
     expected = total_of(iterable, total, length)
-    check_bar(bar, bar_kwargs)
+    check_bar(bar, bar_kwargs, desc)
     settings = settings_for(backend, n_processes, bar)
     selected = registry.select(backend, serial=serial, total=expected, settings=settings)
     shown = show_bar(bar, settings["bar"], nested=inside_worker())
@@ -124,13 +124,22 @@ def _shaped(batches: Generator[tuple[Sequence[int], list[Any]], None, R], with_i
 
 class _Results(itertools.chain):  # type: ignore[type-arg]
     """What gmap returns: the results one by one, read at C speed (a generator's frame per
-    result would cost a long stream of quick items a visible share); ``close()`` stops the
-    call and cancels what is left, as closing a generator would."""
+    result would cost a long stream of quick items a visible share). It has a generator's
+    methods: ``close()`` stops the call and cancels what is left; ``send(value)`` is ``next()``
+    (gmap's generator in the original parfor ignored what was sent); ``throw(error)`` closes it
+    and raises ``error``, as a generator that does not catch it would."""
 
     _batches: Generator[list[Any], None, None]
 
     def close(self) -> None:
         self._batches.close()
+
+    def send(self, value: object) -> Any:
+        return next(self)
+
+    def throw(self, error: BaseException | type[BaseException]) -> Any:
+        self.close()
+        raise error
 
 
 def _flatten(batches: Generator[list[Any], None, None]) -> Iterator[Any]:
@@ -146,7 +155,7 @@ def pmap(
     kwargs: Mapping[str, Any] | None = None,
     total: int | None = None,
     desc: str | None = None,
-    bar: bool | Callable[[int], object] | None = None,
+    bar: bool | Callable[[int], object] | ProgressBar | None = None,
     serial: bool | None = None,
     length: int | None = None,
     n_processes: int | None = None,

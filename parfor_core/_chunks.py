@@ -9,6 +9,7 @@ from typing import Any
 
 from ._arguments import check_count
 from ._registry import available_cpus
+from .errors import warn
 
 
 class Chunks:
@@ -21,7 +22,8 @@ class Chunks:
     - ``ratio``: this many chunks per CPU.
 
     ``size`` with ``number`` or ``ratio`` uses the number, unless chunks would then exceed
-    ``size``. With none of them, one chunk per CPU. ``length`` gives the number of items where
+    ``size``. With none of them, one chunk per CPU. ``s``, ``n`` and ``r`` are deprecated
+    aliases of ``size``, ``number`` and ``ratio``. ``length`` gives the number of items where
     ``len()`` does not work; with ``size`` alone no length is needed, and the chunks stream.
     """
 
@@ -32,7 +34,12 @@ class Chunks:
         number: int | None = None,
         ratio: float | None = None,
         length: int | None = None,
+        s: int | None = None,
+        n: int | None = None,
+        r: float | None = None,
     ) -> None:
+        size, number, ratio = (_renamed(old, value, new) for old, value, new in
+                               (("s", s, size), ("n", n, number), ("r", r, ratio)))
         if not iterables:
             raise TypeError("Chunks needs at least one iterable")
         for name, value, minimum in (("size", size, 1), ("number", number, 1),
@@ -97,3 +104,16 @@ def _chunk_count(length: int, size: int | None, number: int | None, ratio: float
         number = math.ceil(length / size)
     return max(1, min(number, length))
 
+
+_NEW_NAMES = {"s": "size", "n": "number", "r": "ratio"}
+
+
+def _renamed(old: str, value: Any, new_value: Any) -> Any:
+    """The value of ``size``, ``number`` or ``ratio``, given by its deprecated name ``old``."""
+    if value is None:
+        return new_value
+    new = _NEW_NAMES[old]
+    warn(f"parfor: Chunks' {old!r} is deprecated, use {new!r} instead", DeprecationWarning)
+    if new_value is not None:
+        raise TypeError(f"Chunks got both {old!r} and {new!r} (its new name): give {new!r} only")
+    return value

@@ -9,15 +9,23 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
-from ._arguments import make_call, settings_for, show_bar
-from ._progress import Progress, check_bar
+from ._arguments import check_count, make_call, settings_for, show_bar
+from ._progress import Progress, ProgressBar, check_bar
 from ._registry import registry
-from ._task import Call, Result, Task, inside_worker
+from ._task import Call, Result, Task, add_note, inside_worker
 from .backend import Backend
 from .errors import WorkerError
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
+
+
+class UnknownHandleError(KeyError, ValueError):
+    """A ParPool holds no task under that handle: a KeyError, as a dict would raise, and a
+    ValueError, as the original parfor's ParPool raised."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])  # the message, not KeyError's repr of it
 
 
 class ParPool:
@@ -27,7 +35,7 @@ class ParPool:
     ``pool.add_task(fun, args, kwargs)`` runs any ``fun(*args, **kwargs)``. ``pool[handle]``
     waits for that result (re-raising what the task raised) and forgets it; ``get_newest()``
     gives the next finished ``(handle, result)``. Use it as a context manager: leaving the block
-    cancels the work nobody fetched.
+    cancels the work nobody fetched. ``barlength`` is how far a task moves the progress bar.
     """
 
     def __init__(
@@ -36,7 +44,7 @@ class ParPool:
         args: Sequence[Any] | None = None,
         kwargs: Mapping[str, Any] | None = None,
         n_processes: int | None = None,
-        bar: bool | Callable[[int], object] | None = None,
+        bar: bool | Callable[[int], object] | ProgressBar | None = None,
         backend: str | Backend | None = None,
     ) -> None:
         self._default = make_call(fun, args, kwargs) if fun is not None else None
@@ -58,15 +66,17 @@ class ParPool:
         self._changed = threading.Condition(self._lock)  # a task finished, was taken, or closed
         self._reserved: set[Hashable] = set()  # handles of tasks being submitted
         self._counted: set[Future[Result]] = set()  # finished, counted once, not yet twice
+        self._barlengths: dict[Future[Result], int] = {}  # not counted yet
 
     @property
     def backend(self) -> Backend:
         """The backend instance this pool's tasks run on."""
         return self._backend
 
-    def __call__(self, item: Any, handle: Hashable | None = None) -> Hashable:
+    def __call__(self, item: Any, handle: Hashable | None = None, barlength: int = 1
+                 ) -> Hashable:
         """Run the pool's function on ``item``; returns the handle (made up if not given)."""
-        return self._submit(self._require_default(), item, handle)
+        return self._submit(self._require_default(), item, handle, barlength)
 
     def __setitem__(self, handle: Hashable, item: Any) -> None:
         """Run the pool's function on ``item`` under the given handle."""
@@ -78,6 +88,7 @@ class ParPool:
         args: Sequence[Any] | None = None,
         kwargs: Mapping[str, Any] | None = None,
         handle: Hashable | None = None,
+        barlength: int = 1,
     ) -> Hashable:
         """Run ``fun(*args, **kwargs)``; each left out defaults to the pool's own."""
         default = self._default
@@ -85,7 +96,11 @@ class ParPool:
                          (), kwargs if kwargs is not None else (default.kwargs if default else {}))
         call.unpack = True
         item = tuple(args) if args is not None else (default.args if default else ())
-        return self._submit(call, item, handle)
+        return self._submit(call, item, handle, barlength)
+
+    def process_queue(self) -> None:
+        """Nothing to do: results arrive on their own. The original parfor's ParPool needed this
+        call to collect them; code written for it keeps working."""
 
     def _require_default(self) -> Call:
         if self._default is None:
@@ -93,7 +108,9 @@ class ParPool:
                             "or use add_task(fun, args, kwargs)")
         return self._default
 
-    def _submit(self, call: Call, item: Any, handle: Hashable | None) -> Hashable:
+    def _submit(self, call: Call, item: Any, handle: Hashable | None, barlength: int = 1
+                ) -> Hashable:
+        check_count("barlength", barlength, 0)
         with self._lock:  # one handle, one task, also when several threads add work
             if self._closed:
                 raise RuntimeError("this ParPool is closed")
@@ -105,12 +122,16 @@ class ParPool:
             self._reserved.add(handle)
         try:  # not under the lock: a serial backend runs the task right here, and it may add work
             future = self._backend.submit(Task(call, (0,), (item,)))
+        except Exception as exc:  # its item is the pool's only "input item 0": say which task
+            add_note(exc, f"parfor: adding the ParPool task with handle {handle!r}")
+            raise
         finally:
             with self._lock:
                 self._reserved.discard(handle)
         with self._lock:
             self._futures[handle] = future
-        self._progress.add_total(1)
+            self._barlengths[future] = barlength
+        self._progress.add_total(barlength)
         future.add_done_callback(lambda done, h=handle: self._on_done(h, done))
         return handle
 
@@ -128,13 +149,14 @@ class ParPool:
                 self._counted.discard(future)
                 return
             self._counted.add(future)
-        self._progress.update(1)
+            barlength = self._barlengths.pop(future, 1)
+        self._progress.update(barlength)
 
     def __getitem__(self, handle: Hashable) -> Any:
         """Wait for the result of ``handle``, forget the task, and return (or raise) it."""
         future = self._futures.get(handle)
         if future is None:
-            raise KeyError(f"no task with handle {handle!r} in this ParPool")
+            raise UnknownHandleError(f"no task with handle {handle!r} in this ParPool")
         from concurrent.futures import wait
 
         wait([future])  # interrupted here, the task stays in the pool
@@ -163,14 +185,17 @@ class ParPool:
 
     def __delitem__(self, handle: Hashable) -> None:
         """Forget a task, cancelling it if it has not started."""
-        future = self._futures[handle]
+        future = self._futures.get(handle)
+        if future is None:
+            raise UnknownHandleError(f"no task with handle {handle!r} in this ParPool")
         self._forget(handle, future)
         future.cancel()
 
     def _forget(self, handle: Hashable, future: Future[Result]) -> None:
         with self._changed:
             if self._futures.get(handle) is not future:
-                raise KeyError(f"no task with handle {handle!r} in this ParPool (any more)")
+                raise UnknownHandleError(f"no task with handle {handle!r} in this ParPool "
+                                         "(any more)")
             del self._futures[handle]
             self._changed.notify_all()  # get_newest() waiting elsewhere looks again
 

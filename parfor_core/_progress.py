@@ -7,14 +7,29 @@ import sys
 import threading
 import types
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
+
+from ._task import add_note
 
 
-def check_bar(bar: object, bar_kwargs: Mapping[str, Any]) -> None:
-    """Reject a bad ``bar`` or an unknown keyword now, rather than after the work is done."""
-    if not (bar is None or isinstance(bar, bool) or callable(bar)):
-        raise TypeError(f"bar must be True, False, None or a callable taking the number of "
-                        f"done iterations, got {type(bar).__name__} {bar!r}")
+@runtime_checkable
+class ProgressBar(Protocol):
+    """A bar of the caller's own, such as a tqdm bar: advanced by ``update(n)`` with the items
+    just done, and left open (it is the caller's)."""
+
+    def update(self, n: int) -> object: ...
+
+
+def check_bar(bar: object, bar_kwargs: Mapping[str, Any], desc: object = None) -> None:
+    """Reject a bad ``bar``, ``desc`` or unknown keyword now, not after the work is done."""
+    if not (bar is None or isinstance(bar, bool) or callable(bar)
+            or (isinstance(bar, ProgressBar) and not isinstance(bar, Mapping))):
+        raise TypeError(f"bar must be True, False, None, a callable taking the number of done "
+                        f"iterations, or a bar with an update(n) method (such as a tqdm bar), "
+                        f"got {type(bar).__name__} {bar!r}")
+    if desc is not None and not isinstance(desc, str):
+        raise TypeError(f"desc must be a string (the progress bar's description), got "
+                        f"{type(desc).__name__} {desc!r}")
     if bar_kwargs:
         unknown = sorted(set(bar_kwargs) - _tqdm_parameters())
         if unknown:
@@ -38,38 +53,47 @@ def _tqdm_parameters() -> frozenset[str]:
 class Progress:
     """Counts finished items and shows them; safe to update from several threads."""
 
-    def __init__(self, bar: bool | Callable[[int], object], total: int | None,
+    def __init__(self, bar: bool | Callable[[int], object] | ProgressBar, total: int | None,
                  desc: str | None = None, bar_kwargs: Mapping[str, Any] | None = None) -> None:
         self.done = 0
         self._lock = threading.Lock()
         self._callback: Callable[[int], object] | None = None
-        self._tqdm: Any = None
+        self._bar: Any = None  # what update(n) moves: our tqdm bar, or the caller's bar
+        self._owned = False  # our tqdm bar, which we size and close
         if callable(bar) and not isinstance(bar, bool):
             self._callback = bar
+        elif isinstance(bar, ProgressBar):
+            self._bar = bar
         elif bar:
-            self._tqdm = _tqdm_class()(total=total, desc=desc,
-                                       **{"miniters": 1, **(bar_kwargs or {})})
+            try:
+                self._bar = _tqdm_class()(total=total, desc=desc,
+                                          **{"miniters": 1, **(bar_kwargs or {})})
+            except Exception as exc:
+                add_note(exc, f"parfor: raised by tqdm, given the bar keyword arguments "
+                              f"{dict(bar_kwargs or {})!r}")
+                raise
+            self._owned = True
 
     def add_total(self, n: int) -> None:
         """Grow the expected total (ParPool, where work arrives over time)."""
-        if self._tqdm is not None:
+        if self._owned:
             with self._lock:
-                self._tqdm.total = (self._tqdm.total or 0) + n
-                self._tqdm.refresh()
+                self._bar.total = (self._bar.total or 0) + n
+                self._bar.refresh()
 
     def update(self, n: int) -> None:
         if n <= 0:
             return
         with self._lock:
             self.done += n
-            if self._tqdm is not None:
-                self._tqdm.update(n)
+            if self._bar is not None:
+                self._bar.update(n)
             elif self._callback is not None:
                 self._callback(self.done)
 
     def close(self) -> None:
-        if self._tqdm is not None:
-            self._tqdm.close()
+        if self._owned:
+            self._bar.close()
 
 
 @functools.cache

@@ -244,3 +244,11 @@ def test_a_call_prepares_its_backend_before_the_first_task():
     assert [kind for kind, _ in backend.events[1:]] == ["submit"] * (len(backend.events) - 1)
     assert sum(n for _, n in backend.events[1:]) == 10
     backend.shutdown()
+
+
+def test_gmap_has_a_generators_send_and_throw():
+    results = gmap(abs, range(-5, 5), bar=False)
+    assert (next(results), results.send(None), results.send("ignored")) == (5, 4, 3)
+    with pytest.raises(LookupError, match="enough"):
+        results.throw(LookupError("enough"))
+    assert list(results) == []  # closed: the rest was cancelled

@@ -101,3 +101,14 @@ def test_wrong_length_is_a_clear_error():
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         Chunks(range(5), **kwargs)
+
+
+@pytest.mark.parametrize(("old", "new", "value"), [("s", "size", 3), ("n", "number", 3),
+                                                   ("r", "ratio", 1.5)])
+def test_the_original_deprecated_names_still_work_and_warn(old, new, value):
+    with pytest.warns(DeprecationWarning, match=f"'{old}' is deprecated, use '{new}'"):
+        chunks = list(Chunks(range(10), **{old: value}))
+    assert chunks == list(Chunks(range(10), **{new: value}))
+    with pytest.raises(TypeError, match=f"both '{old}' and '{new}'"), \
+            pytest.warns(DeprecationWarning):
+        Chunks(range(10), **{old: value, new: value})

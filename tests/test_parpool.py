@@ -80,6 +80,54 @@ def test_duplicate_and_unknown_handles(backend):
         assert 1 in pool and 2 not in pool
 
 
+def test_an_unknown_handle_is_a_key_error_and_a_value_error_as_in_the_original(backend):
+    with ParPool(power, backend=backend) as pool:
+        for error in (KeyError, ValueError):
+            with pytest.raises(error, match="^no task with handle 'x' in this ParPool$"):
+                pool["x"]
+            with pytest.raises(error, match="no task with handle 'x'"):
+                del pool["x"]
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def update(self, n: int) -> None:
+        self.steps.append(n)
+
+
+def test_barlength_is_how_far_a_task_moves_the_bar(backend, capsys):
+    counter = Counter()
+    with ParPool(power, bar=counter, backend=backend) as pool:
+        pool(2, handle="a", barlength=3)
+        pool.add_task(power, (3,), handle="b", barlength=0)
+        pool["c"] = 4
+        pool.process_queue()  # the original's call to collect results: nothing to do here
+        assert (pool["a"], pool["b"], pool["c"]) == (4, 9, 16)
+    assert sorted(counter.steps) == [1, 3]
+    with ParPool(power, bar=True, backend=backend) as pool:
+        pool(5, barlength=4)
+        assert pool.get_newest() == (0, 25)
+    assert "4/4" in capsys.readouterr().err
+    with ParPool(power, backend=backend) as pool, pytest.raises(ValueError, match="barlength"):
+        pool(5, barlength=-1)
+
+
+class Unsendable:
+    def __reduce__(self):
+        raise TypeError("refuses to be pickled")
+
+
+def test_a_task_that_cannot_be_added_is_named_by_its_handle(process_backend):
+    with ParPool(power, backend=process_backend) as pool:
+        with pytest.raises(TypeError) as caught:
+            pool["x"] = Unsendable()
+        assert "parfor: adding the ParPool task with handle 'x'" in caught.value.__notes__
+        pool["y"] = 3
+        assert pool["y"] == 9
+
+
 def test_pool_without_function_needs_add_task(backend):
     with ParPool(backend=backend) as pool:
         with pytest.raises(TypeError, match="no function"):

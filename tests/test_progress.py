@@ -6,6 +6,8 @@ import io
 import re
 import time
 
+import pytest
+
 from parfor import Chunks, gmap, pmap
 from parfor_core._progress import Progress
 
@@ -15,6 +17,43 @@ def test_callback_gets_running_count_of_items(backend):
     pmap(abs, range(500), bar=counts.append, backend=backend)
     assert counts == sorted(counts)
     assert counts[-1] == 500
+
+
+class Counter:
+    """A bar of the caller's own, as the original parfor's ParPool took: only ``update``."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def update(self, n: int) -> None:
+        self.steps.append(n)
+
+
+def test_a_bar_of_ones_own_is_moved_by_the_items_just_done(backend):
+    counter = Counter()
+    pmap(abs, range(500), bar=counter, backend=backend)
+    assert sum(counter.steps) == 500 and all(step > 0 for step in counter.steps)
+
+
+def test_a_tqdm_bar_of_ones_own_is_moved_and_left_open():
+    from tqdm import tqdm
+
+    out = io.StringIO()
+    with tqdm(total=600, file=out, mininterval=0) as shared:
+        pmap(abs, range(200), bar=shared)
+        pmap(abs, range(400), bar=shared)
+        assert shared.n == 600 and not shared.disable
+    assert "600/600" in out.getvalue()
+
+
+def test_a_bad_desc_or_bar_keyword_is_named():
+    with pytest.raises(TypeError, match="desc must be a string"):
+        pmap(abs, range(10), desc=5)
+    with pytest.raises(TypeError, match="bar must be"):
+        pmap(abs, range(10), bar={})  # a mapping has an update method, but is no bar
+    with pytest.raises(Exception) as caught:  # noqa: PT011 (whatever tqdm raises)
+        pmap(abs, range(10), ncols="wide", file=io.StringIO())
+    assert "raised by tqdm, given the bar keyword arguments" in " ".join(caught.value.__notes__)
 
 
 def test_tqdm_bar_counts_items_with_known_total(backend):
