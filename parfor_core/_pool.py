@@ -67,6 +67,7 @@ class ParPool:
         self._reserved: set[Hashable] = set()  # handles of tasks being submitted
         self._counted: set[Future[Result]] = set()  # finished, counted once, not yet twice
         self._barlengths: dict[Future[Result], int] = {}  # not counted yet
+        self._bar_error: Exception | None = None  # the bar's, for the pool's next operation
 
     @property
     def backend(self) -> Backend:
@@ -111,6 +112,7 @@ class ParPool:
     def _submit(self, call: Call, item: Any, handle: Hashable | None, barlength: int = 1
                 ) -> Hashable:
         check_count("barlength", barlength, 0)
+        self._raise_bar_error()
         with self._lock:  # one handle, one task, also when several threads add work
             if self._closed:
                 raise RuntimeError("this ParPool is closed")
@@ -150,10 +152,23 @@ class ParPool:
                 return
             self._counted.add(future)
             barlength = self._barlengths.pop(future, 1)
-        self._progress.update(barlength)
+        try:
+            self._progress.update(barlength)
+        except Exception as exc:  # a callback's, maybe in a worker's thread: no result is lost
+            add_note(exc, "parfor: raised by the ParPool's bar")
+            with self._lock:
+                self._bar_error = self._bar_error or exc
+
+    def _raise_bar_error(self) -> None:
+        """Raise what the bar raised since the last operation, so that it is not lost."""
+        with self._lock:
+            error, self._bar_error = self._bar_error, None
+        if error is not None:
+            raise error
 
     def __getitem__(self, handle: Hashable) -> Any:
         """Wait for the result of ``handle``, forget the task, and return (or raise) it."""
+        self._raise_bar_error()
         future = self._futures.get(handle)
         if future is None:
             raise UnknownHandleError(f"no task with handle {handle!r} in this ParPool")
@@ -205,6 +220,7 @@ class ParPool:
         None when the pool holds no tasks (or is closed), also while waiting: another thread
         may take the last one.
         """
+        self._raise_bar_error()
         with self._changed:
             while (taken := self._take_finished()) is None:
                 if not self._futures or self._closed:
@@ -223,7 +239,8 @@ class ParPool:
         return None
 
     def close(self) -> None:
-        """Cancel the tasks that have not started, and release the pool's resources."""
+        """Cancel the tasks that have not started, and release the pool's resources; then
+        raise what the bar raised, if it did since the last operation."""
         with self._changed:
             if self._closed:
                 return
@@ -238,6 +255,7 @@ class ParPool:
             self._default.release()
         self._progress.close()
         self._resources.close()
+        self._raise_bar_error()
 
     def __enter__(self) -> ParPool:
         return self

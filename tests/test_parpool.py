@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
@@ -112,6 +113,31 @@ def test_barlength_is_how_far_a_task_moves_the_bar(backend, capsys):
     assert "4/4" in capsys.readouterr().err
     with ParPool(power, backend=backend) as pool, pytest.raises(ValueError, match="barlength"):
         pool(5, barlength=-1)
+
+
+def test_an_error_of_the_bar_reaches_the_caller_and_no_result_is_lost(backend):
+    called = threading.Event()
+
+    def broken_bar(done: int) -> None:
+        called.set()
+        raise RuntimeError(f"the bar broke at {done}")
+
+    def until_the_bar_was_called() -> None:  # maybe in a worker's thread, which then raised
+        assert called.wait(30)
+        called.clear()
+        time.sleep(0.2)
+
+    pool = ParPool(power, bar=broken_bar, backend=backend)
+    pool["a"] = 2
+    until_the_bar_was_called()
+    with pytest.raises(RuntimeError, match="the bar broke at 1") as caught:
+        pool["a"]
+    assert "parfor: raised by the ParPool's bar" in caught.value.__notes__
+    assert pool["a"] == 4  # the task stayed in the pool
+    pool["b"] = 3
+    until_the_bar_was_called()
+    with pytest.raises(RuntimeError, match="the bar broke at 2"):
+        pool.close()  # the pool's last operation says so too
 
 
 class Unsendable:
