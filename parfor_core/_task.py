@@ -185,9 +185,9 @@ def run_task(task: Task, values: list[Any] | None = None) -> Result:
     start = perf_counter()
     try:
         _apply(call, task.items, values)
-    except KeyboardInterrupt:  # the caller's Ctrl-C: not an item's error
-        raise
     except BaseException as exc:  # SystemExit too: the item's, for the caller to raise
+        if _ctrl_c(exc):
+            raise
         position = len(values) - before
         failure = Failure.capture(task.indices[position], task.items[position], exc)
         return Result(values, perf_counter() - start, failure)
@@ -212,14 +212,22 @@ def run_task_whole(task: Task) -> Result:
     start = perf_counter()
     try:
         return Result([fun(item) for item in source], perf_counter() - start)
-    except KeyboardInterrupt:
-        raise
     except BaseException as exc:
+        if _ctrl_c(exc):
+            raise
         position = len(items) - length_hint(source) - 1
         failure = Failure.capture(task.indices[position], items[position], exc)
         return Result([], perf_counter() - start, failure)
     finally:
         _inside_worker.reset(token)
+
+
+def _ctrl_c(exc: BaseException) -> bool:
+    """Whether ``exc`` may be the user's Ctrl-C, which stops the call rather than failing an
+    item: a KeyboardInterrupt in the main thread of the caller's process (Python raises it
+    there only; anywhere else, ``fun`` raised it)."""
+    return (isinstance(exc, KeyboardInterrupt) and not _in_worker_process
+            and threading.current_thread() is threading.main_thread())
 
 
 #: Whether this interpreter specialises its bytecode (3.11 on, with the GIL): there a loop of

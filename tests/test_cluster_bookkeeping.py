@@ -3,8 +3,8 @@ cluster gives only by chance: many items of one worker dying at once while every
 callers giving up on items in quarantine, an interrupt inside a send.
 
 The engine here is a ClusterBackend of threads in this process. Its remote tasks run the real
-worker side (`execute_call`) at once, each on a thread of its own, and an item that raises
-`KillsItsWorker` takes every task running at that moment down with it, as a Dask worker does
+worker side (`execute_call`) at once, each on a thread of its own, and an item that calls
+`kill_its_worker()` takes every task running at that moment down with it, as a Dask worker does
 with the tasks it holds. The component under test is the bookkeeping, which is the same code
 that the dask and ray backends run; tests/test_cluster.py runs those on real clusters.
 """
@@ -29,8 +29,13 @@ pytestmark = pytest.mark.timeout(60)
 KILLER_SECONDS, OTHERS_SECONDS = 0.2, 1.0
 
 
-class KillsItsWorker(BaseException):  # noqa: N818 - what the item does, not an error it has
-    """Raised by an item to take its worker down, with every task running there."""
+_worker = threading.local()  # each remote task runs on a thread of its own
+
+
+def kill_its_worker() -> None:
+    """Called by an item: its worker goes down when the item returns, with every task running
+    there. (Whatever an item raises, even a BaseException, is its error, not a death.)"""
+    _worker.dying = True
 
 
 class WorkerLost(Exception):
@@ -76,9 +81,9 @@ class ThreadCluster(ClusterBackend):
         return remote
 
     def _run(self, remote: Future[bytes], call_id: str, shipped: bytes, items: bytes) -> None:
-        try:
-            answer = execute_call(call_id, lambda: shipped, items)
-        except KillsItsWorker:
+        answer = execute_call(call_id, lambda: shipped, items)
+        if getattr(_worker, "dying", False):
+            _worker.dying = False
             with self._live_lock:
                 victims, self._live = self._live, set()
                 self.deaths += 1
@@ -114,7 +119,8 @@ def killer_zero(x: int) -> int:
     KILL.wait(10)
     if x == 0:
         time.sleep(KILLER_SECONDS)
-        raise KillsItsWorker
+        kill_its_worker()
+        return x
     time.sleep(OTHERS_SECONDS)
     return x
 

@@ -78,6 +78,17 @@ def test_a_base_exception_from_fun_reaches_the_caller_once_naming_the_item(backe
     assert pmap(abs, range(-3, 3), backend=backend, bar=False) == [3, 2, 1, 0, 1, 2]
 
 
+def test_a_keyboard_interrupt_raised_by_fun_in_a_worker_is_that_items_error(backend, tmp_path):
+    """Only the caller's main thread gets Ctrl-C: anywhere else, fun raised it. In the caller
+    (serial) it stops the call as Ctrl-C does, unnoted."""
+    with pytest.raises(KeyboardInterrupt, match="item 7 says stop") as caught:
+        pmap(exit_on_seven, range(20), (str(tmp_path), KeyboardInterrupt), backend=backend,
+             bar=False)
+    assert ("raised by item 7 (7)" in report(caught.value)) == (backend != "serial")
+    assert [name.split("-")[0] for name in os.listdir(tmp_path)].count("7") == 1
+    assert pmap(abs, range(-3, 3), backend=backend, bar=False) == [3, 2, 1, 0, 1, 2]
+
+
 def stop_on_seven(i: int) -> int:
     if i == 7:
         raise StopIteration(i)
