@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -39,6 +40,8 @@ from parfor_core._idle import IdleWatch
 IDLE_TIMEOUT = SETTINGS["idle_timeout"].default
 #: How often an item that killed its worker is run again, alone, before it fails.
 RETRIES = SETTINGS["retries"].default
+#: Seconds that stopping workers waits for them to finish the item they run, before killing.
+STOP_SECONDS = 2.0
 
 
 class ProcessesBackend(Backend):
@@ -161,9 +164,10 @@ class ProcessesBackend(Backend):
             abandon(job.future, self.name, kill)
             release_shared(job.items)
         for worker in workers:  # all told first, so that they end side by side; one that is
-            worker.stop(kill or not worker.ready, wait=False)  # starting has run nothing yet
+            worker.stop(kill or not worker.ready, wait=None)  # starting has run nothing yet
+        deadline = time.monotonic() + STOP_SECONDS  # one wait for them all, not one each
         for worker in workers:
-            worker.stop(kill or not worker.ready)
+            worker.stop(kill or not worker.ready, wait=max(0.0, deadline - time.monotonic()))
 
     # -- events from the workers' reader threads -----------------------------------------------
 
@@ -369,9 +373,9 @@ class _Worker:
                 return f"killed by signal {-code}"
         return f"exit code {code}"
 
-    def stop(self, kill: bool, wait: bool = True) -> None:
-        """End the process: at once (``kill``), or by closing its task stream; then, with
-        ``wait``, wait for it to be gone (killed if it takes over 2 s)."""
+    def stop(self, kill: bool, wait: float | None = STOP_SECONDS) -> None:
+        """End the process: at once (``kill``), or by closing its task stream; then wait up to
+        ``wait`` seconds for it to be gone (then it is killed), unless ``wait`` is None."""
         if kill:
             self.process.kill()
         else:
@@ -379,9 +383,9 @@ class _Worker:
                 self.process.stdin.close()
             except OSError:
                 pass
-        if not wait:
+        if wait is None:
             return
-        _ended(self.process, 2)
+        _ended(self.process, wait)
         self.release()
 
     def release(self) -> None:

@@ -340,6 +340,29 @@ def test_workers_that_die_while_starting_fail_the_call_naming_why(monkeypatch,
                 if "os._exit(7)" in " ".join(child.cmdline())]  # none started for ever
 
 
+def mark_then_sleep(path: str) -> None:
+    Path(path).touch()
+    time.sleep(60)
+
+
+def test_busy_workers_are_given_one_grace_period_together_when_the_pool_stops(monkeypatch,
+                                                                               tmp_path):
+    """Each finishes its item or is killed when the one period ends: not one period each, one
+    after another (at exit, a program would wait for all of them in turn)."""
+    monkeypatch.setattr(processes, "STOP_SECONDS", 1.0)
+    backend = ProcessesBackend(4)
+    futures = [backend.submit(Task(Call(mark_then_sleep), (i,), (str(tmp_path / str(i)),)))
+               for i in range(4)]
+    deadline = time.monotonic() + 30
+    while len(os.listdir(tmp_path)) < 4:  # each worker runs its item
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    start = time.monotonic()
+    backend.shutdown()
+    assert time.monotonic() - start < 2.5  # one period and its kills; one each would be 4 s
+    assert all(future.done() for future in futures)
+
+
 def test_a_new_worker_count_replaces_the_pool_and_stops_the_old_one():
     pmap(abs, range(20), backend="processes", bar=False, n_processes=3)
     before = {p.pid: p for p in psutil.Process().children()}
