@@ -260,7 +260,9 @@ class ParPool:
     def __enter__(self) -> ParPool:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        if kind is not None and issubclass(kind, KeyboardInterrupt) and self._futures:
+            self._backend.interrupt()  # Ctrl-C in the block: its running tasks stop too
         self.close()
 
     def __getstate__(self) -> None:

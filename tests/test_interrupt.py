@@ -173,3 +173,27 @@ def test_ctrl_c_fails_another_threads_call_on_the_same_backend_at_once(process_b
         process.wait()
         process.stdout.close()
         process.stderr.close()
+
+
+def mark_then_sleep(path: str) -> None:
+    open(path, "w").close()
+    time.sleep(60)
+
+
+@pytest.mark.parametrize("backend", ["processes", "loky"])
+def test_ctrl_c_in_a_parpool_block_stops_its_running_tasks(backend, tmp_path):
+    """Ctrl-C that lands in the block's own code, not in a wait of parfor's: the tasks' workers
+    are stopped, and the next call does not wait for them."""
+    from parfor import ParPool, pmap
+
+    with pytest.raises(KeyboardInterrupt), ParPool(mark_then_sleep, backend=backend) as pool:
+        for i in range(2):
+            pool[i] = str(tmp_path / str(i))
+        deadline = time.monotonic() + 30
+        while len(os.listdir(tmp_path)) < 2:  # both run
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        raise KeyboardInterrupt
+    start = time.monotonic()
+    assert pmap(abs, [-1, -2], backend=backend, bar=False) == [1, 2]
+    assert time.monotonic() - start < 20  # not the 60 s of the tasks left running
