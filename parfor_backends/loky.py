@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import os
 import threading
+import time
+import weakref
 from concurrent.futures import Future
 from typing import Any
 
@@ -42,6 +46,7 @@ class LokyBackend(Backend):
         self.idle_timeout = idle_timeout
         self._executor: Any = None
         self._lock = threading.Lock()
+        _instances.add(self)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -60,6 +65,7 @@ class LokyBackend(Backend):
             future = executor.submit(execute_dumped, payload)
         except RuntimeError:  # broken by a dead worker, or shut down by an interrupt
             future = self._pool(replacing=executor).submit(execute_dumped, payload)
+        _stop_first_at_exit()
         future.add_done_callback(lambda _: release_shared(payload))  # its items are done with
         return then(future, load_result)
 
@@ -69,7 +75,7 @@ class LokyBackend(Backend):
                 from loky import ProcessPoolExecutor
 
                 self._executor = ProcessPoolExecutor(self.n_workers, timeout=self.idle_timeout,
-                                                     initializer=mark_worker_process)
+                                                     initializer=_start_worker)
             return self._executor
 
     def _stop(self, wait: bool) -> None:
@@ -83,6 +89,40 @@ class LokyBackend(Backend):
 
     def shutdown(self) -> None:
         self._stop(wait=True)
+
+
+#: Seconds between a loky worker's looks at whether its parent is still there.
+PARENT_CHECK_SECONDS = 0.5
+
+
+def _start_worker() -> None:
+    """In each loky worker, first: mark it as a worker, and end it when its parent is gone
+    (loky's workers outlived a parent killed with SIGKILL by minutes)."""
+    mark_worker_process()
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True,
+                     name="parfor-parent-watch").start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:  # a dead parent's children pass to another process
+        time.sleep(PARENT_CHECK_SECONDS)
+    os._exit(1)
+
+
+_instances: weakref.WeakSet[LokyBackend] = weakref.WeakSet()
+
+
+@functools.cache
+def _stop_first_at_exit() -> None:
+    """Once loky has its exit handler (registered at a pool's first task), add one that runs
+    before it and kills every pool's workers: loky's waits for the tasks still running (an
+    abandoned gmap's, for minutes), and a Ctrl-C during that wait hung the exit."""
+    threading._register_atexit(_interrupt_all)  # type: ignore[attr-defined]  # as loky does
+
+
+def _interrupt_all() -> None:
+    for backend in list(_instances):
+        backend.interrupt()
 
 
 @hookimpl

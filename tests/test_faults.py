@@ -373,9 +373,33 @@ def test_a_new_worker_count_replaces_the_pool_and_stops_the_old_one():
     assert alive == []
 
 
-def test_workers_do_not_outlive_a_killed_parent(tmp_path):
+@pytest.mark.parametrize("backend", ["processes", "loky"])
+def test_a_program_that_left_a_gmap_of_long_items_exits_at_once(tmp_path, backend):
+    """The items still running are not waited for at exit (loky's own exit handler did)."""
+    script = tmp_path / "leaves.py"
+    script.write_text(textwrap.dedent(f"""
+        import time
+        from parfor import gmap
+
+        def slow(i):
+            time.sleep(0 if i == 0 else 60)
+            return i
+
+        if __name__ == "__main__":
+            for result in gmap(slow, range(4), backend={backend!r}, bar=False):
+                break
+    """))
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=50)
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - start < 20  # not the 60 s of the items left running
+
+
+@pytest.mark.parametrize("backend", ["processes", "loky"])
+def test_workers_do_not_outlive_a_killed_parent(tmp_path, backend):
     script = tmp_path / "parent.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(textwrap.dedent(f"""
         import time
         from parfor import pmap
 
@@ -384,7 +408,7 @@ def test_workers_do_not_outlive_a_killed_parent(tmp_path):
                 print("started", flush=True)
 
         if __name__ == "__main__":
-            pmap(time.sleep, [0.2] * 10_000, backend="processes", bar=started)
+            pmap(time.sleep, [0.2] * 10_000, backend={backend!r}, bar=started)
     """))
     process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
                                cwd=tmp_path, text=True)
