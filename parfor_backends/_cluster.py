@@ -193,7 +193,9 @@ class ClusterBackend(Backend):
         try:
             with self._lock:
                 self._drop(job.future)  # its last remote task, if any, is over
-                now = not job.future.cancelled() and self._quarantine.admit(job)
+                # Done already: cancelled, or failed by an interrupt that raced this retry; its
+                # _forget has run, and a mark made now would stay for good (the backend busy).
+                now = not job.future.done() and self._quarantine.admit(job)
                 if now:
                     self._running[job.future] = _SENDING
             if now:
@@ -254,7 +256,7 @@ class ClusterBackend(Backend):
         """Start the job's remote task (it is marked on its way in _running), and _finished
         when that is done. A lost connection fails the job; other errors are raised, and the
         caller (_start or _drain) unmarks it."""
-        if job.future.cancelled():  # since it was marked: _forget has dropped it
+        if job.future.done():  # since it was marked: _forget has dropped it
             return
         connection = self._connections
         try:

@@ -44,7 +44,7 @@ class Quarantine:
             job = self._suspects.popleft()
             self._alone = job.future
             return [job]
-        ready = [job for job in self._held if not job.future.cancelled()]
+        ready = [job for job in self._held if not job.future.done()]
         self._held.clear()
         return ready
 
@@ -66,6 +66,7 @@ class Quarantine:
         return waiting
 
     def _prune(self) -> None:
-        """Drop suspects whose callers gave up: they would hold other jobs back for nothing."""
-        if any(job.future.cancelled() for job in self._suspects):
-            self._suspects = deque(job for job in self._suspects if not job.future.cancelled())
+        """Drop suspects that nobody waits for (their callers gave up, or an interrupt failed
+        them): they would hold other jobs back for nothing."""
+        if any(job.future.done() for job in self._suspects):
+            self._suspects = deque(job for job in self._suspects if not job.future.done())

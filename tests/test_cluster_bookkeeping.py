@@ -14,13 +14,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import pytest
 
 from parfor import WorkerDiedError, pmap
 from parfor_backends._cluster import ClusterBackend
+from parfor_backends._retrying import Job, settle
 from parfor_core import Call, Result, Task, execute_call
 
 pytestmark = pytest.mark.timeout(60)
@@ -198,6 +199,20 @@ def test_an_interrupt_inside_a_send_leaves_no_task_marked_as_out(cluster):
     cluster.interrupt_next_send = True
     with pytest.raises(KeyboardInterrupt):
         cluster.submit(Task(Call(abs), (0,), (-1,)))
+    with pytest.raises(WorkerDiedError, match=r"input item 0 died 2 times"):
+        in_time(pmap, killer_zero, range(3), backend=cluster, bar=False)
+    works_promptly(cluster)
+
+
+@pytest.mark.parametrize("deaths", [0, 1])  # a retry of a chunk's item; a suspect's next run
+def test_a_retry_whose_caller_an_interrupt_failed_meanwhile_leaves_nothing_out(cluster, deaths):
+    """An interrupt may fail a job's future while the engine's callback thread starts that
+    job's retry. Started after, it must not count as out: seen on Dask, a later item that
+    killed its worker waited for ever to run again alone."""
+    job = Job.of(Task(Call(abs), (0,), (-1,)))
+    job.deaths = deaths
+    settle(job.future, CancelledError("the thread-cluster backend was interrupted"))
+    cluster._start(job)  # as _finished starts a retry
     with pytest.raises(WorkerDiedError, match=r"input item 0 died 2 times"):
         in_time(pmap, killer_zero, range(3), backend=cluster, bar=False)
     works_promptly(cluster)
