@@ -33,7 +33,7 @@ from typing import Any
 import psutil
 
 from parfor import gmap, pmap
-from parfor_core import registry
+from parfor_core import available_cpus, registry
 from parfor_core._kept import release_all
 from parfor_core._registry import gil_enabled
 
@@ -150,8 +150,9 @@ def run(name: str, peers: Peers, fun: Callable[..., Any], items: list[Any], *arg
         return fixed_shares(peers.n_workers, fun, items, *args)
     if name in PEERS:
         return peers.map(name, fun, items, *args)
-    if name in ("auto", SHARED):
-        return pmap(fun, items, args, file=_NOWHERE, n_processes=peers.n_workers)
+    if name in ("auto", SHARED):  # default settings, where the worker count is the default
+        asked = None if peers.n_workers == available_cpus() else peers.n_workers
+        return pmap(fun, items, args, file=_NOWHERE, n_processes=asked)
     return pmap(fun, items, args, backend=name, bar=False, n_processes=peers.n_workers,
                 serial=False if name != "serial" else None)
 
