@@ -8,7 +8,7 @@ from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from ._chunking import ChunkSizer
-from ._task import Call, Result, Task, add_note, run_task
+from ._task import Call, Result, Task, add_note, is_item_error, run_task
 from .backend import Backend
 from .errors import WorkerError
 
@@ -83,8 +83,8 @@ def dispatch(
             while yielded in finished:
                 yield from emit(*finished.pop(yielded))
                 yielded += 1
-    except KeyboardInterrupt:
-        if in_flight:
+    except KeyboardInterrupt as interrupt:
+        if in_flight and not is_item_error(interrupt):
             backend.interrupt()
         raise
     finally:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from ._arguments import check_count, make_call, settings_for, show_bar
 from ._progress import Progress, ProgressBar, check_bar
 from ._registry import registry
-from ._task import Call, Result, Task, add_note, inside_worker
+from ._task import Call, Result, Task, add_note, inside_worker, is_item_error
 from .backend import Backend
 from .errors import WorkerError
 
@@ -260,8 +260,9 @@ class ParPool:
     def __enter__(self) -> ParPool:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
-        if kind is not None and issubclass(kind, KeyboardInterrupt) and self._futures:
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 *rest: object) -> None:
+        if isinstance(error, KeyboardInterrupt) and not is_item_error(error) and self._futures:
             self._backend.interrupt()  # Ctrl-C in the block: its running tasks stop too
         self.close()
 

@@ -151,7 +151,14 @@ class Failure:
         if isinstance(exc, (StopIteration, StopAsyncIteration)):
             raise RuntimeError(f"fun raised {type(exc).__name__} on {where}") from exc
         add_note(exc, f"parfor: raised by {where}")
+        exc.__parfor_item_error__ = True  # type: ignore[union-attr]  # see is_item_error
         raise exc
+
+
+def is_item_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is an item's own, raised again by `Failure.reraise`: a KeyboardInterrupt
+    that ``fun`` raised is the item's error, not the user's Ctrl-C, which stops the backend."""
+    return getattr(exc, "__parfor_item_error__", False)
 
 
 class Result(NamedTuple):

@@ -8,6 +8,7 @@ import traceback
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
 from parfor import (
@@ -87,6 +88,21 @@ def test_a_keyboard_interrupt_raised_by_fun_in_a_worker_is_that_items_error(back
     assert ("raised by item 7 (7)" in report(caught.value)) == (backend != "serial")
     assert [name.split("-")[0] for name in os.listdir(tmp_path)].count("7") == 1
     assert pmap(abs, range(-3, 3), backend=backend, bar=False) == [3, 2, 1, 0, 1, 2]
+
+
+def test_a_keyboard_interrupt_from_fun_is_not_a_ctrl_c_the_workers_stay(tmp_path):
+    """Ctrl-C stops the backend's workers; an item's error does not (a forced cancel of Ray
+    tasks in the caller's process may even abort it: ray-project/ray#54846)."""
+    def workers() -> set[int]:
+        return {child.pid for child in psutil.Process().children()
+                if "_process_worker" in " ".join(child.cmdline())}
+
+    pmap(abs, range(4), backend="processes", bar=False)
+    before = workers()
+    with pytest.raises(KeyboardInterrupt):
+        pmap(exit_on_seven, range(20), (str(tmp_path), KeyboardInterrupt), backend="processes",
+             bar=False)
+    assert before and workers() == before
 
 
 def stop_on_seven(i: int) -> int:
