@@ -265,4 +265,7 @@ def _apply(call: Call, items: Sequence[Any], values: list[Any]) -> None:
         for item in items:
             values.append(fun(item))
     else:
+        start = len(values)
         values.extend(map(fun, items))  # on a raise, extend keeps the values before it
+        if len(values) - start < len(items):  # fun raised StopIteration, which ended map
+            raise StopIteration  # as if silently: say so, at the item that raised it
