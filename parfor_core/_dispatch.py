@@ -123,9 +123,9 @@ class Input:
     back until the items read before it are done: a serial loop would have run them too, and
     gmap yields their results before the error (`raise_held`)."""
 
-    def __init__(self, items: Iterable[Any], read: int = 0) -> None:
+    def __init__(self, items: Iterable[Any]) -> None:
         self.source = iter(items)
-        self.read = read  # items read so far, counting those before ``items``
+        self.read = 0  # items read so far: the input position of the next one
         self._error: Exception | None = None
 
     def take(self, n: int) -> list[Any]:
