@@ -60,11 +60,13 @@ class Progress:
         self._callback: Callable[[int], object] | None = None
         self._bar: Any = None  # what update(n) moves: our tqdm bar, or the caller's bar
         self._owned = False  # our tqdm bar, which we size and close
-        if callable(bar) and not isinstance(bar, bool):
+        if bar is False:  # checked by identity first: a runtime Protocol check is slow
+            return
+        if callable(bar) and bar is not True:
             self._callback = bar
-        elif isinstance(bar, ProgressBar):
+        elif bar is not True:  # a bar object, as check_bar allowed
             self._bar = bar
-        elif bar:
+        else:
             try:
                 self._bar = _tqdm_class()(total=total, desc=desc,
                                           **{"miniters": 1, **(bar_kwargs or {})})

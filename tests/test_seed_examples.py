@@ -91,9 +91,9 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.Po
                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                            text=True)
     yield processes
-    for process in processes.values():
+    for process in processes.values():  # also those a -k left out: their pipes closed too
         process.kill()
-        process.wait()
+        process.communicate()
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
