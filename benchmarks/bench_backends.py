@@ -169,7 +169,9 @@ def fixed_shares(n_workers: int, fun: Callable[..., Any], items: list[Any], *arg
             warnings.simplefilter("ignore", DeprecationWarning)  # compute, and exit at once
             pid = os.fork()
         if pid == 0:
-            os.read(go_read, 1)
+            os.close(go_write)  # so that a parent that dies before the start ends the wait
+            if not os.read(go_read, 1):
+                os._exit(1)
             for item in items[share::n_workers]:
                 fun(item, *args)
             os._exit(0)
@@ -378,9 +380,10 @@ def scaling(quick: bool, repeats: int, counts: list[int], n_items: int | None) -
         finally:
             peers.close()
             registry.shutdown()  # the next count starts parfor's pools afresh too
-        print(f"# {count} workers: " + ", ".join(f"{name} {1 / ratio:.2f}"  # should the run be
+        # Each count's figures as they come, should the run be cut short before the table:
+        print(f"# {count} workers: " + ", ".join(f"{name} {1 / ratio:.2f}"
                                                  for name, ratio in ratios.items()), flush=True)
-        for name, ratio in ratios.items():                         # cut short before the table
+        for name, ratio in ratios.items():
             rows[name][f"{count} workers"] = f"{1 / ratio:.2f}"
             if count == counts[-1]:
                 rows[name][f"share of {count} cores"] = f"{100 / ratio / count:.0f}%"

@@ -33,7 +33,9 @@ def busy(count: int, items: int) -> tuple[float, list[float]]:
     for _ in range(count):
         pid = os.fork()
         if pid == 0:
-            os.read(go_read, 1)
+            os.close(go_write)  # so that a parent that dies before the start ends the wait
+            if not os.read(go_read, 1):
+                os._exit(1)
             start = time.process_time()
             for item in range(items):
                 cpu_bound(item, WORK)

@@ -60,9 +60,9 @@ class Progress:
         self._callback: Callable[[int], object] | None = None
         self._bar: Any = None  # what update(n) moves: our tqdm bar, or the caller's bar
         self._owned = False  # our tqdm bar, which we size and close
-        if bar is False:  # checked by identity first: a runtime Protocol check is slow
+        if bar is False:  # told by identity, not by a runtime Protocol check: those are slow
             return
-        if callable(bar) and bar is not True:
+        if callable(bar):
             self._callback = bar
         elif bar is not True:  # a bar object, as check_bar allowed
             self._bar = bar
