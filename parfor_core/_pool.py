@@ -169,9 +169,7 @@ class ParPool:
     def __getitem__(self, handle: Hashable) -> Any:
         """Wait for the result of ``handle``, forget the task, and return (or raise) it."""
         self._raise_bar_error()
-        future = self._futures.get(handle)
-        if future is None:
-            raise UnknownHandleError(f"no task with handle {handle!r} in this ParPool")
+        future = self._future_of(handle)
         from concurrent.futures import wait
 
         wait([future])  # interrupted here, the task stays in the pool
@@ -200,11 +198,15 @@ class ParPool:
 
     def __delitem__(self, handle: Hashable) -> None:
         """Forget a task, cancelling it if it has not started."""
+        future = self._future_of(handle)
+        self._forget(handle, future)
+        future.cancel()
+
+    def _future_of(self, handle: Hashable) -> Future[Result]:
         future = self._futures.get(handle)
         if future is None:
             raise UnknownHandleError(f"no task with handle {handle!r} in this ParPool")
-        self._forget(handle, future)
-        future.cancel()
+        return future
 
     def _forget(self, handle: Hashable, future: Future[Result]) -> None:
         with self._changed:
