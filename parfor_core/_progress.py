@@ -67,13 +67,7 @@ class Progress:
         elif bar is not True:  # a bar object, as check_bar allowed
             self._bar = bar
         else:
-            try:
-                self._bar = _tqdm_class()(total=total, desc=desc,
-                                          **{"miniters": 1, **(bar_kwargs or {})})
-            except Exception as exc:
-                add_note(exc, f"parfor: raised by tqdm, given the bar keyword arguments "
-                              f"{dict(bar_kwargs or {})!r}")
-                raise
+            self._bar = _new_tqdm_bar(total, desc, bar_kwargs or {})
             self._owned = True
 
     def add_total(self, n: int) -> None:
@@ -96,6 +90,28 @@ class Progress:
     def close(self) -> None:
         if self._owned:
             self._bar.close()
+
+
+def _new_tqdm_bar(total: int | None, desc: str | None, bar_kwargs: Mapping[str, Any]) -> Any:
+    """A tqdm bar; where tqdm rejects a value, its error, and no half-made bar left behind.
+
+    tqdm registers a bar before its ``__init__`` reads the arguments, and a bar whose
+    ``__init__`` failed is closed when collected: that close fails on the missing attributes
+    ("Exception ignored in ... __del__") and takes tqdm's lock at whatever moment the garbage
+    collector runs. So the bar is made in two steps, and a failed one is unregistered at once.
+    """
+    cls = _tqdm_class()
+    bar = cls.__new__(cls)
+    try:
+        bar.__init__(total=total, desc=desc, **{"miniters": 1, **bar_kwargs})
+    except Exception as exc:
+        bar.disable = True  # what tqdm's close() checks first: nothing left for it to do
+        with cls.get_lock():
+            cls._instances.discard(bar)
+        add_note(exc, f"parfor: raised by tqdm, given the bar keyword arguments "
+                      f"{dict(bar_kwargs)!r}")
+        raise
+    return bar
 
 
 @functools.cache

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import re
-import subprocess
 import sys
 import time
 
@@ -54,14 +54,24 @@ def test_a_bad_desc_or_bar_keyword_is_named():
         pmap(abs, range(10), desc=5)
     with pytest.raises(TypeError, match="bar must be"):
         pmap(abs, range(10), bar={})  # a mapping has an update method, but is no bar
-    # In a process of its own: tqdm keeps the bar it failed to make, and deleting it later,
-    # in whatever thread the garbage collector runs, can deadlock with tqdm's monitor thread.
-    program = ("import io\nfrom parfor import pmap\ntry:\n"
-               "    pmap(abs, range(10), ncols='wide', file=io.StringIO())\n"
-               "except Exception as error:\n    print(*error.__notes__)\n")
-    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
-                          timeout=60)
-    assert "raised by tqdm, given the bar keyword arguments" in done.stdout, done.stderr
+
+
+@pytest.mark.parametrize("bar_kwargs", [{"position": "a"}, {"nrows": "tall"}, {"ncols": "wide"}])
+def test_a_bar_value_tqdm_rejects_is_named_and_leaves_no_half_made_bar(bar_kwargs, monkeypatch):
+    from parfor_core._progress import _tqdm_class
+
+    registered = set(_tqdm_class()._instances)
+    unraisable = []  # what a half-made bar's close raises when the garbage collector takes it
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    with pytest.raises(TypeError) as raised:
+        pmap(abs, range(10), file=io.StringIO(), **bar_kwargs)
+    (name, value), = bar_kwargs.items()
+    assert re.search(f"given the bar keyword arguments {{.*'{name}': '{value}'",
+                     " ".join(raised.value.__notes__))
+    del raised  # its traceback holds tqdm's frames, and the bar in them
+    gc.collect()
+    assert set(_tqdm_class()._instances) == registered
+    assert unraisable == []
 
 
 def test_tqdm_bar_counts_items_with_known_total(backend):
