@@ -23,6 +23,7 @@ from typing import IO
 
 from parfor_backends._framing import COUNT, read_frame, write_frame
 from parfor_backends._retrying import Job, abandon, settle
+from parfor_backends._spawning import start_process
 from parfor_core import (
     SETTINGS,
     Backend,
@@ -277,13 +278,20 @@ class _Worker:
         env = {**os.environ, "PYTHONUNBUFFERED": "1",
                "PYTHONPATH": os.pathsep.join(filter(None, [package_root,
                                                            os.environ.get("PYTHONPATH")]))}
-        process = subprocess.Popen(
-            [sys.executable, "-c", WORKER_MAIN, str(lifeline_read), str(results_write)],
-            stdin=subprocess.PIPE, stdout=output, stderr=output,
-            pass_fds=(lifeline_read, results_write), env=env,
-        )
-        os.close(lifeline_read)
-        os.close(results_write)
+        try:
+            process = start_process(
+                [sys.executable, "-c", WORKER_MAIN, str(lifeline_read), str(results_write),
+                 str(os.getpid())],
+                stdin=subprocess.PIPE, stdout=output, stderr=output,
+                pass_fds=(lifeline_read, results_write), env=env,
+            )
+        except BaseException:
+            os.close(lifeline_write)
+            os.close(results_read)
+            raise
+        finally:
+            os.close(lifeline_read)
+            os.close(results_write)
         worker = cls(backend, process, lifeline_write, os.fdopen(results_read, "rb"))
         try:
             worker._send(b"I", pickle.dumps((sys.path, backend.worker_output)))

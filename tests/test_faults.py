@@ -426,6 +426,84 @@ def test_workers_do_not_outlive_a_killed_parent(tmp_path, backend):
         process.stdout.close()
 
 
+def test_workers_do_not_outlive_a_killed_parent_while_native_code_holds_their_gil(tmp_path):
+    """No Python thread of the worker can run then: the kernel kills it (processes, Linux)."""
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent("""
+        import ctypes, threading
+        from parfor import pmap
+
+        def stuck(n):
+            print("started", flush=True)
+            ctypes.PyDLL(None).sleep(60)  # a PyDLL call keeps the GIL
+
+        if __name__ == "__main__":  # called from a thread: the workers' parent is not it
+            thread = threading.Thread(target=pmap, args=(stuck, range(2)),
+                                      kwargs={"backend": "processes", "bar": False})
+            thread.start()
+            thread.join()
+    """))
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                               cwd=tmp_path, text=True)
+    try:
+        assert process.stdout.readline().strip() == "started"
+        workers = psutil.Process(process.pid).children(recursive=True)
+        assert workers
+        process.kill()
+        process.wait(timeout=10)
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert alive == []
+    finally:
+        process.kill()
+        process.wait()
+        process.stdout.close()
+        for worker in psutil.Process().children(recursive=True):
+            if worker.pid in {each.pid for each in workers}:
+                worker.kill()
+
+
+def test_workers_outlive_the_threads_that_started_them(tmp_path):
+    """They die with their parent process, not with the thread that needed them: a caller's
+    short-lived thread, or the reader thread of a worker that died, which starts its successor.
+    """
+    backend = ProcessesBackend(1)
+    try:
+        thread = threading.Thread(target=pmap, args=(sigkill_once, range(8), (str(tmp_path),)),
+                                  kwargs={"backend": backend, "bar": False})
+        thread.start()
+        thread.join()
+        assert (tmp_path / "killed").exists()  # the worker died, and was replaced
+        time.sleep(0.5)  # the threads that started the first worker and its successor ended
+        (worker,) = backend._workers
+        assert worker.process.poll() is None
+        assert pmap(sigkill_once, range(8), (str(tmp_path),), backend=backend,
+                    bar=False) == [i * 10 for i in range(8)]
+        assert [w.pid for w in backend._workers] == [worker.pid]
+    finally:
+        backend.shutdown()
+
+
+def test_a_process_start_interrupted_by_ctrl_c_leaves_no_process():
+    from parfor_backends._spawning import start_process
+
+    def ctrl_c(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    before = {child.pid for child in psutil.Process().children()}
+    previous = signal.signal(signal.SIGALRM, ctrl_c)
+    signal.setitimer(signal.ITIMER_REAL, 0.2)  # while the child is still starting
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            start_process([sys.executable, "-c", "import time; time.sleep(60)"],
+                          preexec_fn=lambda: time.sleep(1))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    started = [child for child in psutil.Process().children() if child.pid not in before]
+    _, alive = psutil.wait_procs(started, timeout=10)
+    assert alive == []
+    assert start_process([sys.executable, "-c", "pass"]).wait(timeout=30) == 0  # still serving
+
 
 def test_workers_talk_over_pipes_only():
     backend = ProcessesBackend(2)
