@@ -132,12 +132,25 @@ class ProcessesBackend(Backend):
                 break
             self._pending.popleft()
             worker.run(job)
+        if self._pending:
+            self._retire_abandoned()
         starting = sum(not worker.ready for worker in self._workers)
         while len(self._workers) < self.n_workers and len(self._pending) > starting:
             self._workers.append(_Worker.start(self))
             starting += 1
         if self._workers and not self._pending and not any(w.job for w in self._workers):
             self._idle.arm()
+
+    def _retire_abandoned(self) -> None:
+        """Kill the workers still running a task that nobody waits for any more (a closed gmap's,
+        a deleted ParPool handle's), now that other work waits for a worker: that work is not
+        held up, for as long as a long item takes, by results that will be thrown away."""
+        for worker in [w for w in self._workers if w.job is not None and w.job.future.cancelled()]:
+            self._workers.remove(worker)
+            release_shared(worker.job.items)
+            worker.job = None
+            worker.retired = True  # its reader thread closes the pipes once it has ended
+            worker.stop(kill=True, wait=None)
 
     def _stop_if_idle(self) -> None:
         with self._lock:  # looked at and taken in one go: a task may come in at any moment
@@ -206,6 +219,8 @@ class ProcessesBackend(Backend):
         outcome = None
         with self._lock:
             if worker not in self._workers:  # stopped on purpose
+                if worker.retired:
+                    worker.release()
                 return
             self._workers.remove(worker)
             worker.release()
@@ -262,6 +277,7 @@ class _Worker:
         self.pid = process.pid
         self.job: Job | None = None
         self.ready = False  # it has started and read its settings: it may take tasks
+        self.retired = False  # killed for running what nobody wanted (see _retire_abandoned)
         self.known_calls: set[str] = set()
         self._lifeline = lifeline
         self._results = results

@@ -16,7 +16,7 @@ from types import FrameType
 import psutil
 import pytest
 
-from parfor import ParPool, WorkerDiedError, WorkerError, pmap
+from parfor import ParPool, WorkerDiedError, WorkerError, gmap, pmap
 from parfor_backends import processes
 from parfor_backends.processes import ProcessesBackend
 from parfor_core import Call, Task
@@ -34,6 +34,11 @@ def sigkill_once(i: int, marker_dir: str) -> int:
 def always_sigkill(i: int) -> int:
     if i == 137:
         os.kill(os.getpid(), signal.SIGKILL)
+    return i
+
+
+def long_unless_first(i: int) -> int:
+    time.sleep(0 if i == 0 else 60)
     return i
 
 
@@ -479,6 +484,47 @@ def test_workers_outlive_the_threads_that_started_them(tmp_path):
         assert pmap(sigkill_once, range(8), (str(tmp_path),), backend=backend,
                     bar=False) == [i * 10 for i in range(8)]
         assert [w.pid for w in backend._workers] == [worker.pid]
+    finally:
+        backend.shutdown()
+
+
+def test_items_left_running_by_a_closed_gmap_do_not_hold_up_the_next_call():
+    backend = ProcessesBackend(2)
+    try:
+        results = gmap(long_unless_first, range(4), backend=backend, bar=False)
+        assert next(results) == 0
+        deadline = time.monotonic() + 30  # until both workers run one of the 60 s items
+        while sum(w.job is not None for w in backend._workers) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        busy = [psutil.Process(w.pid) for w in backend._workers]
+        results.close()  # as a break, or a Ctrl-C, in the loop's body would
+        start = time.monotonic()
+        assert pmap(abs, range(-3, 3), backend=backend, bar=False) == [3, 2, 1, 0, 1, 2]
+        assert time.monotonic() - start < 30  # not the 60 s the abandoned items take
+        _, alive = psutil.wait_procs(busy, timeout=10)  # killed, not left to run on
+        assert alive == []
+    finally:
+        backend.shutdown()
+
+
+def test_a_running_parpool_task_whose_handle_is_deleted_does_not_hold_up_the_next():
+    backend = ProcessesBackend(1)
+    try:
+        with ParPool(long_unless_first, backend=backend, bar=False) as pool:
+            pool["long"] = 1
+            deadline = time.monotonic() + 30
+            while not any(w.job is not None for w in backend._workers):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            (busy,) = [psutil.Process(w.pid) for w in backend._workers]
+            del pool["long"]
+            start = time.monotonic()
+            pool["quick"] = 0
+            assert pool["quick"] == 0
+            assert time.monotonic() - start < 30
+        _, alive = psutil.wait_procs([busy], timeout=10)
+        assert alive == []
     finally:
         backend.shutdown()
 
