@@ -43,6 +43,9 @@ IDLE_TIMEOUT = SETTINGS["idle_timeout"].default
 RETRIES = SETTINGS["retries"].default
 #: Seconds that stopping workers waits for them to finish the item they run, before killing.
 STOP_SECONDS = 2.0
+#: Seconds a task nobody waits for any more may run on, while other work waits for its worker,
+#: before the worker is killed: quick chunks finish sooner than a new worker starts.
+ABANDONED_SECONDS = 0.25
 
 
 class ProcessesBackend(Backend):
@@ -61,6 +64,7 @@ class ProcessesBackend(Backend):
         self._workers: list[_Worker] = []
         self._pending: deque[Job] = deque()
         self._idle = IdleWatch(idle_timeout, self._stop_if_idle)
+        self._recheck: threading.Timer | None = None  # for abandoned tasks still in their grace
 
     @classmethod
     def auto_priority(cls) -> int | None:
@@ -143,14 +147,29 @@ class ProcessesBackend(Backend):
 
     def _retire_abandoned(self) -> None:
         """Kill the workers still running a task that nobody waits for any more (a closed gmap's,
-        a deleted ParPool handle's), now that other work waits for a worker: that work is not
-        held up, for as long as a long item takes, by results that will be thrown away."""
+        a deleted ParPool handle's) for over ``ABANDONED_SECONDS``, now that other work waits
+        for a worker: that work is not held up, for as long as a long item takes, by results
+        that will be thrown away. One younger than that is looked at again when it is not."""
+        now = time.monotonic()
+        young = False
         for worker in [w for w in self._workers if w.job is not None and w.job.future.cancelled()]:
+            if now - worker.running_since < ABANDONED_SECONDS:
+                young = True
+                continue
             self._workers.remove(worker)
             release_shared(worker.job.items)
             worker.job = None
             worker.retired = True  # its reader thread closes the pipes once it has ended
             worker.stop(kill=True, wait=None)
+        if young and self._recheck is None:
+            self._recheck = threading.Timer(ABANDONED_SECONDS, self._look_again)
+            self._recheck.daemon = True
+            self._recheck.start()
+
+    def _look_again(self) -> None:
+        with self._lock:
+            self._recheck = None
+            self._pump()
 
     def _stop_if_idle(self) -> None:
         with self._lock:  # looked at and taken in one go: a task may come in at any moment
@@ -277,6 +296,7 @@ class _Worker:
         self.pid = process.pid
         self.job: Job | None = None
         self.ready = False  # it has started and read its settings: it may take tasks
+        self.running_since = 0.0  # when it was given its job
         self.retired = False  # killed for running what nobody wanted (see _retire_abandoned)
         self.known_calls: set[str] = set()
         self._lifeline = lifeline
@@ -318,6 +338,7 @@ class _Worker:
     def run(self, job: Job) -> None:
         """Send ``job`` to this idle worker, and the call first if the worker lacks it."""
         self.job = job
+        self.running_since = time.monotonic()
         job.started = True
         call = job.task.call
         try:

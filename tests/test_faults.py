@@ -508,6 +508,23 @@ def test_items_left_running_by_a_closed_gmap_do_not_hold_up_the_next_call():
         backend.shutdown()
 
 
+def test_quick_items_left_running_by_a_closed_gmap_finish_on_their_warm_workers():
+    backend = ProcessesBackend(2)
+    try:
+        results = gmap(time.sleep, [0] + [0.05] * 20, backend=backend, bar=False)
+        next(results)
+        deadline = time.monotonic() + 30
+        while sum(w.job is not None for w in backend._workers) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        workers = [w.pid for w in backend._workers]
+        results.close()
+        assert pmap(abs, range(-3, 3), backend=backend, bar=False) == [3, 2, 1, 0, 1, 2]
+        assert [w.pid for w in backend._workers] == workers  # not killed and started anew
+    finally:
+        backend.shutdown()
+
+
 def test_a_running_parpool_task_whose_handle_is_deleted_does_not_hold_up_the_next():
     backend = ProcessesBackend(1)
     try:
