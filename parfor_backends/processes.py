@@ -82,6 +82,7 @@ class ProcessesBackend(Backend):
     def submit(self, task: Task) -> Future[Result]:
         share_call(task.call)  # serialized here, so that what cannot be sent fails the caller
         job = Job.of(task, local=True)
+        job.future.add_done_callback(self._on_settled)
         with self._lock:
             self._pending.append(job)
             self._pump()
@@ -126,6 +127,7 @@ class ProcessesBackend(Backend):
         that frees up first, nor taken back by the caller while the workers start.
         """
         self._idle.disarm()
+        self._retire_abandoned()
         while self._pending:
             job = self._pending[0]
             if job.future.cancelled():
@@ -136,8 +138,6 @@ class ProcessesBackend(Backend):
                 break
             self._pending.popleft()
             worker.run(job)
-        if self._pending:
-            self._retire_abandoned()
         starting = sum(not worker.ready for worker in self._workers)
         while len(self._workers) < self.n_workers and len(self._pending) > starting:
             self._workers.append(_Worker.start(self))
@@ -146,10 +146,10 @@ class ProcessesBackend(Backend):
             self._idle.arm()
 
     def _retire_abandoned(self) -> None:
-        """Kill the workers still running a task that nobody waits for any more (a closed gmap's,
-        a deleted ParPool handle's) for over ``ABANDONED_SECONDS``, now that other work waits
-        for a worker: that work is not held up, for as long as a long item takes, by results
-        that will be thrown away. One younger than that is looked at again when it is not."""
+        """Kill the workers that have run a task nobody waits for any more (a closed gmap's, a
+        deleted ParPool handle's) for over ``ABANDONED_SECONDS``: a ``break`` or Ctrl-C in a
+        gmap's loop stops its work, as in a serial loop, and no later work waits for it. One
+        younger than that is looked at again then: a quick chunk finishes, its worker warm."""
         now = time.monotonic()
         young = False
         for worker in [w for w in self._workers if w.job is not None and w.job.future.cancelled()]:
@@ -165,6 +165,11 @@ class ProcessesBackend(Backend):
             self._recheck = threading.Timer(ABANDONED_SECONDS, self._look_again)
             self._recheck.daemon = True
             self._recheck.start()
+
+    def _on_settled(self, future: Future[Result]) -> None:
+        if future.cancelled():  # perhaps while a worker runs it
+            with self._lock:
+                self._pump()
 
     def _look_again(self) -> None:
         with self._lock:

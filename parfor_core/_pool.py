@@ -198,7 +198,7 @@ class ParPool:
 
     def __delitem__(self, handle: Hashable) -> None:
         """Forget a task, cancelling it if it has not started (a backend may also stop it while
-        it runs, as `processes` does once other work needs its worker)."""
+        it runs, as `processes` does)."""
         future = self._future_of(handle)
         self._forget(handle, future)
         future.cancel()
