@@ -1,17 +1,17 @@
 """A worker process of the processes backend: runs tasks from its parent, and only its parent.
 
-Started as ``main(LIFELINE, RESULTS, PARENT_PID)`` in a fresh interpreter
-(``processes.WORKER_MAIN``).
+Started as ``main(LIFELINE, RESULTS)`` in a fresh interpreter (``processes.WORKER_MAIN``).
 Tasks arrive on stdin, results leave on the RESULTS pipe; both are pipes the parent made for
 this worker alone. What the tasks print to sys.stdout and sys.stderr travels on the RESULTS
 pipe too, line by line, so the parent shows it before the result it came with. The worker exits
 when stdin closes, and at once when the parent dies (the LIFELINE pipe, whose other end only
-the parent holds, reaches EOF; on Linux the kernel kills it then, too, also while native code
-holds the GIL and that watch cannot run). Ctrl-C is the parent's to handle.
+the parent holds, reaches EOF: the kernel's SIGIO ends it then, also while native code holds
+the GIL, and a thread watching the pipe backs that up). Ctrl-C is the parent's to handle.
 """
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import pickle
@@ -27,13 +27,9 @@ from parfor_backends._framing import COUNT, read_frame, write_frame
 PROGRESS_INTERVAL = 0.2
 
 
-#: prctl(2)'s request for a signal at the parent's death.
-PR_SET_PDEATHSIG = 1
-
-
-def main(lifeline: int, results_fd: int, parent_pid: int) -> None:
+def main(lifeline: int, results_fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _killed_with_parent(parent_pid)
+    _killed_with_parent(lifeline)
     threading.Thread(target=_exit_with_parent, args=(lifeline,), daemon=True).start()
     tasks = os.fdopen(os.dup(0), "rb")
     _stdin_from_devnull()  # user code calling input() must not read the task stream
@@ -97,20 +93,18 @@ def _answer(calls: dict[str, Any], task: memoryview, reporter: _ProgressReporter
     return answer
 
 
-def _killed_with_parent(parent_pid: int) -> None:
-    """Have Linux SIGKILL this process when the parent's thread that forked it ends, which
-    needs no GIL here (see parfor_backends._spawning for which thread that is)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
+def _killed_with_parent(lifeline: int) -> None:
+    """Have the kernel send SIGIO, whose default action ends a process, when the parent's end
+    of the lifeline closes. That needs no GIL here, unlike the watching thread: a worker deep in
+    native code that holds it goes at once too. (A parent gone before this is armed is caught by
+    that thread.)"""
     try:
-        # prctl takes unsigned longs after the option: passed as such, no upper bits unset
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, *map(ctypes.c_ulong, (signal.SIGKILL, 0, 0, 0)))
-    except (OSError, AttributeError):  # no prctl in this C library: the lifeline still works
-        return
-    if os.getppid() != parent_pid:  # the parent died before the request was made
-        os._exit(1)
+        signal.signal(signal.SIGIO, signal.SIG_DFL)  # not ignored, as an exec'd child may inherit
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGIO})
+        fcntl.fcntl(lifeline, fcntl.F_SETOWN, os.getpid())
+        fcntl.fcntl(lifeline, fcntl.F_SETFL, fcntl.fcntl(lifeline, fcntl.F_GETFL) | os.O_ASYNC)
+    except (AttributeError, OSError):  # a system without them: the watching thread still works
+        pass
 
 
 def _exit_with_parent(lifeline: int) -> None:

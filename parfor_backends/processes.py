@@ -23,7 +23,6 @@ from typing import IO
 
 from parfor_backends._framing import COUNT, read_frame, write_frame
 from parfor_backends._retrying import Job, abandon, settle
-from parfor_backends._spawning import start_process
 from parfor_core import (
     SETTINGS,
     Backend,
@@ -44,7 +43,7 @@ RETRIES = SETTINGS["retries"].default
 #: Seconds that stopping workers waits for them to finish the item they run, before killing.
 STOP_SECONDS = 2.0
 #: Seconds a task nobody waits for any more may run on, while other work waits for its worker,
-#: before the worker is killed: quick chunks finish sooner than a new worker starts.
+#: before the worker is killed: a quick chunk finishes sooner than a new worker starts.
 ABANDONED_SECONDS = 0.25
 
 
@@ -82,7 +81,6 @@ class ProcessesBackend(Backend):
     def submit(self, task: Task) -> Future[Result]:
         share_call(task.call)  # serialized here, so that what cannot be sent fails the caller
         job = Job.of(task, local=True)
-        job.future.add_done_callback(self._on_settled)
         with self._lock:
             self._pending.append(job)
             self._pump()
@@ -127,7 +125,6 @@ class ProcessesBackend(Backend):
         that frees up first, nor taken back by the caller while the workers start.
         """
         self._idle.disarm()
-        self._retire_abandoned()
         while self._pending:
             job = self._pending[0]
             if job.future.cancelled():
@@ -138,6 +135,8 @@ class ProcessesBackend(Backend):
                 break
             self._pending.popleft()
             worker.run(job)
+        if self._pending:
+            self._retire_abandoned()  # before starting workers: the killed ones' successors
         starting = sum(not worker.ready for worker in self._workers)
         while len(self._workers) < self.n_workers and len(self._pending) > starting:
             self._workers.append(_Worker.start(self))
@@ -146,14 +145,18 @@ class ProcessesBackend(Backend):
             self._idle.arm()
 
     def _retire_abandoned(self) -> None:
-        """Kill the workers that have run a task nobody waits for any more (a closed gmap's, a
-        deleted ParPool handle's) for over ``ABANDONED_SECONDS``: a ``break`` or Ctrl-C in a
-        gmap's loop stops its work, as in a serial loop, and no later work waits for it. One
-        younger than that is looked at again then: a quick chunk finishes, its worker warm."""
+        """Work waits for a worker: kill the workers that run a task nobody waits for any more
+        (a closed gmap's, a deleted or closed ParPool's) and have done so for
+        ``ABANDONED_SECONDS`` since work first waited for them, so that the work is not held
+        up, for as long as a long item takes, by results that will be thrown away. One still in
+        that grace is looked at again when it ends: a quick chunk finishes meanwhile, and its
+        worker stays warm."""
         now = time.monotonic()
         young = False
         for worker in [w for w in self._workers if w.job is not None and w.job.future.cancelled()]:
-            if now - worker.running_since < ABANDONED_SECONDS:
+            if worker.wanted_since is None:
+                worker.wanted_since = now
+            if now - worker.wanted_since < ABANDONED_SECONDS:
                 young = True
                 continue
             self._workers.remove(worker)
@@ -161,19 +164,17 @@ class ProcessesBackend(Backend):
             worker.job = None
             worker.retired = True  # its reader thread closes the pipes once it has ended
             worker.stop(kill=True, wait=None)
-        if young and self._recheck is None:
+        if young and (self._recheck is None or not self._recheck.is_alive()):
             self._recheck = threading.Timer(ABANDONED_SECONDS, self._look_again)
             self._recheck.daemon = True
-            self._recheck.start()
-
-    def _on_settled(self, future: Future[Result]) -> None:
-        if future.cancelled():  # perhaps while a worker runs it
-            with self._lock:
-                self._pump()
+            try:
+                self._recheck.start()
+            except RuntimeError:  # no new threads at interpreter exit, which stops them all
+                self._recheck = None
 
     def _look_again(self) -> None:
         with self._lock:
-            self._recheck = None
+            self._recheck = None  # a worker found still in its grace now needs a new timer
             self._pump()
 
     def _stop_if_idle(self) -> None:
@@ -301,7 +302,7 @@ class _Worker:
         self.pid = process.pid
         self.job: Job | None = None
         self.ready = False  # it has started and read its settings: it may take tasks
-        self.running_since = 0.0  # when it was given its job
+        self.wanted_since: float | None = None  # when other work first waited for it
         self.retired = False  # killed for running what nobody wanted (see _retire_abandoned)
         self.known_calls: set[str] = set()
         self._lifeline = lifeline
@@ -320,9 +321,8 @@ class _Worker:
                "PYTHONPATH": os.pathsep.join(filter(None, [package_root,
                                                            os.environ.get("PYTHONPATH")]))}
         try:
-            process = start_process(
-                [sys.executable, "-c", WORKER_MAIN, str(lifeline_read), str(results_write),
-                 str(os.getpid())],
+            process = subprocess.Popen(
+                [sys.executable, "-c", WORKER_MAIN, str(lifeline_read), str(results_write)],
                 stdin=subprocess.PIPE, stdout=output, stderr=output,
                 pass_fds=(lifeline_read, results_write), env=env,
             )
@@ -343,7 +343,7 @@ class _Worker:
     def run(self, job: Job) -> None:
         """Send ``job`` to this idle worker, and the call first if the worker lacks it."""
         self.job = job
-        self.running_since = time.monotonic()
+        self.wanted_since = None
         job.started = True
         call = job.task.call
         try:

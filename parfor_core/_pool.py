@@ -197,8 +197,8 @@ class ParPool:
         return len(self._futures)
 
     def __delitem__(self, handle: Hashable) -> None:
-        """Forget a task, cancelling it if it has not started (a backend may also stop it while
-        it runs, as `processes` does)."""
+        """Forget a task, cancelling it if it has not started (`processes` also stops a running
+        one, should other work need its worker)."""
         future = self._future_of(handle)
         self._forget(handle, future)
         future.cancel()

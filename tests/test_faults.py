@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -462,15 +463,15 @@ def test_workers_do_not_outlive_a_killed_parent_while_native_code_holds_their_gi
         process.kill()
         process.wait()
         process.stdout.close()
-        for worker in psutil.Process().children(recursive=True):
-            if worker.pid in {each.pid for each in workers}:
+        for worker in workers:  # whose parent is no longer this test's child
+            with contextlib.suppress(psutil.NoSuchProcess):
                 worker.kill()
 
 
 def test_workers_outlive_the_threads_that_started_them(tmp_path):
     """They die with their parent process, not with the thread that needed them: a caller's
     short-lived thread, or the reader thread of a worker that died, which starts its successor.
-    """
+    (Linux's parent-death signal, say, would follow the thread.)"""
     backend = ProcessesBackend(1)
     try:
         thread = threading.Thread(target=pmap, args=(sigkill_once, range(8), (str(tmp_path),)),
@@ -488,7 +489,7 @@ def test_workers_outlive_the_threads_that_started_them(tmp_path):
         backend.shutdown()
 
 
-def test_long_items_left_running_by_a_closed_gmap_are_stopped():
+def test_long_items_left_running_by_a_closed_gmap_do_not_hold_up_the_next_call():
     backend = ProcessesBackend(2)
     try:
         results = gmap(long_unless_first, range(4), backend=backend, bar=False)
@@ -499,33 +500,34 @@ def test_long_items_left_running_by_a_closed_gmap_are_stopped():
             time.sleep(0.01)
         busy = [psutil.Process(w.pid) for w in backend._workers]
         results.close()  # as a break, or a Ctrl-C, in the loop's body would
-        _, alive = psutil.wait_procs(busy, timeout=10)  # killed, not left to run for 60 s
-        assert alive == []
         start = time.monotonic()
         assert pmap(abs, range(-3, 3), backend=backend, bar=False) == [3, 2, 1, 0, 1, 2]
-        assert time.monotonic() - start < 30
+        assert time.monotonic() - start < 30  # not the 60 s the abandoned items take
+        _, alive = psutil.wait_procs(busy, timeout=10)  # killed, not left to run on
+        assert alive == []
     finally:
         backend.shutdown()
 
 
-def test_quick_items_left_running_by_a_closed_gmap_finish_on_their_warm_workers():
+def test_quick_items_left_running_by_a_closed_gmap_finish_on_their_warm_workers(monkeypatch):
+    monkeypatch.setattr(processes, "ABANDONED_SECONDS", 5.0)  # ample on a loaded machine
     backend = ProcessesBackend(2)
     try:
-        results = gmap(time.sleep, [0] + [0.05] * 20, backend=backend, bar=False)
+        results = gmap(time.sleep, [0] + [0.2] * 20, backend=backend, bar=False)
         next(results)
         deadline = time.monotonic() + 30
-        while sum(w.job is not None for w in backend._workers) < 2:
+        while not any(w.job is not None for w in backend._workers):
             assert time.monotonic() < deadline
             time.sleep(0.001)
         workers = [w.pid for w in backend._workers]
         results.close()
         assert pmap(abs, range(-3, 3), backend=backend, bar=False) == [3, 2, 1, 0, 1, 2]
-        assert [w.pid for w in backend._workers] == workers  # not killed and started anew
+        assert [w.pid for w in backend._workers] == workers  # waited for, not started anew
     finally:
         backend.shutdown()
 
 
-def test_a_running_parpool_task_whose_handle_is_deleted_is_stopped():
+def test_a_running_parpool_task_whose_handle_is_deleted_does_not_hold_up_the_next():
     backend = ProcessesBackend(1)
     try:
         with ParPool(long_unless_first, backend=backend, bar=False) as pool:
@@ -536,34 +538,14 @@ def test_a_running_parpool_task_whose_handle_is_deleted_is_stopped():
                 time.sleep(0.01)
             (busy,) = [psutil.Process(w.pid) for w in backend._workers]
             del pool["long"]
-            _, alive = psutil.wait_procs([busy], timeout=10)
-            assert alive == []
+            start = time.monotonic()
             pool["quick"] = 0
             assert pool["quick"] == 0
+            assert time.monotonic() - start < 30
+        _, alive = psutil.wait_procs([busy], timeout=10)
+        assert alive == []
     finally:
         backend.shutdown()
-
-
-def test_a_process_start_interrupted_by_ctrl_c_leaves_no_process():
-    from parfor_backends._spawning import start_process
-
-    def ctrl_c(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    before = {child.pid for child in psutil.Process().children()}
-    previous = signal.signal(signal.SIGALRM, ctrl_c)
-    signal.setitimer(signal.ITIMER_REAL, 0.2)  # while the child is still starting
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            start_process([sys.executable, "-c", "import time; time.sleep(60)"],
-                          preexec_fn=lambda: time.sleep(1))
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-    started = [child for child in psutil.Process().children() if child.pid not in before]
-    _, alive = psutil.wait_procs(started, timeout=10)
-    assert alive == []
-    assert start_process([sys.executable, "-c", "pass"]).wait(timeout=30) == 0  # still serving
 
 
 def test_workers_talk_over_pipes_only():
