@@ -63,7 +63,8 @@ class ProcessesBackend(Backend):
         self._workers: list[_Worker] = []
         self._pending: deque[Job] = deque()
         self._idle = IdleWatch(idle_timeout, self._stop_if_idle)
-        self._recheck: threading.Timer | None = None  # for abandoned tasks still in their grace
+        self._recheck: threading.Timer | None = None  # looks at abandoned tasks (see below)
+        self._recheck_lock = threading.RLock()  # not the pool's: taken where its holder may be
 
     @classmethod
     def auto_priority(cls) -> int | None:
@@ -81,6 +82,7 @@ class ProcessesBackend(Backend):
     def submit(self, task: Task) -> Future[Result]:
         share_call(task.call)  # serialized here, so that what cannot be sent fails the caller
         job = Job.of(task, local=True)
+        job.future.add_done_callback(self._on_done)
         with self._lock:
             self._pending.append(job)
             self._pump()
@@ -135,8 +137,7 @@ class ProcessesBackend(Backend):
                 break
             self._pending.popleft()
             worker.run(job)
-        if self._pending:
-            self._retire_abandoned()  # before starting workers: the killed ones' successors
+        self._retire_abandoned()  # before starting workers: the killed ones' successors
         starting = sum(not worker.ready for worker in self._workers)
         while len(self._workers) < self.n_workers and len(self._pending) > starting:
             self._workers.append(_Worker.start(self))
@@ -145,36 +146,57 @@ class ProcessesBackend(Backend):
             self._idle.arm()
 
     def _retire_abandoned(self) -> None:
-        """Work waits for a worker: kill the workers that run a task nobody waits for any more
-        (a closed gmap's, a deleted or closed ParPool's) and have done so for
-        ``ABANDONED_SECONDS`` since work first waited for them, so that the work is not held
-        up, for as long as a long item takes, by results that will be thrown away. One still in
-        that grace is looked at again when it ends: a quick chunk finishes meanwhile, and its
-        worker stays warm."""
+        """Kill workers that run a task nobody waits for any more (a closed gmap's, a deleted or
+        closed ParPool's), as many as the waiting work needs beyond the workers that are
+        starting or may still start, and only once they have had ``ABANDONED_SECONDS`` since
+        that work first needed them: the work is not held up, for as long as a long item takes,
+        by results that will be thrown away, while a quick chunk finishes and keeps its warm
+        worker. One still in that grace is looked at again when the grace ends."""
+        abandoned = [w for w in self._workers if w.job is not None and w.job.future.cancelled()]
+        if not abandoned:
+            return
+        waiting = sum(not job.future.cancelled() for job in self._pending)
+        short = (waiting - sum(not w.ready for w in self._workers)
+                 - (self.n_workers - len(self._workers)))
+        abandoned.sort(key=lambda w: (w.wanted_since is None, w.wanted_since or 0.0))
+        for worker in abandoned[max(0, short):]:  # not needed (any more)
+            worker.wanted_since = None
         now = time.monotonic()
-        young = False
-        for worker in [w for w in self._workers if w.job is not None and w.job.future.cancelled()]:
+        for worker in abandoned[:max(0, short)]:
             if worker.wanted_since is None:
                 worker.wanted_since = now
             if now - worker.wanted_since < ABANDONED_SECONDS:
-                young = True
+                self._look_again_in(worker.wanted_since + ABANDONED_SECONDS - now)
                 continue
             self._workers.remove(worker)
             release_shared(worker.job.items)
             worker.job = None
-            worker.retired = True  # its reader thread closes the pipes once it has ended
             worker.stop(kill=True, wait=None)
-        if young and (self._recheck is None or not self._recheck.is_alive()):
-            self._recheck = threading.Timer(ABANDONED_SECONDS, self._look_again)
-            self._recheck.daemon = True
+            worker.release()  # now: a process the task forked may hold its results pipe open
+
+    def _on_done(self, future: Future[Result]) -> None:
+        """A task was cancelled, perhaps while a worker runs it: look at the workers soon. From
+        the timer's thread, not this one, which may be anywhere, even in this pool's own code
+        (a garbage collection there that closes a forgotten gmap)."""
+        if future.cancelled():
+            self._look_again_in(0.0)
+
+    def _look_again_in(self, seconds: float) -> None:
+        with self._recheck_lock:
+            if self._recheck is not None and self._recheck.is_alive():
+                return  # that one looks, and asks for another if it needs to
+            timer = threading.Timer(seconds, self._look_again)
+            timer.daemon = True
             try:
-                self._recheck.start()
+                timer.start()
             except RuntimeError:  # no new threads at interpreter exit, which stops them all
-                self._recheck = None
+                return
+            self._recheck = timer
 
     def _look_again(self) -> None:
+        with self._recheck_lock:
+            self._recheck = None  # what this look finds still in its grace needs a new timer
         with self._lock:
-            self._recheck = None  # a worker found still in its grace now needs a new timer
             self._pump()
 
     def _stop_if_idle(self) -> None:
@@ -244,8 +266,6 @@ class ProcessesBackend(Backend):
         outcome = None
         with self._lock:
             if worker not in self._workers:  # stopped on purpose
-                if worker.retired:
-                    worker.release()
                 return
             self._workers.remove(worker)
             worker.release()
@@ -303,7 +323,6 @@ class _Worker:
         self.job: Job | None = None
         self.ready = False  # it has started and read its settings: it may take tasks
         self.wanted_since: float | None = None  # when other work first waited for it
-        self.retired = False  # killed for running what nobody wanted (see _retire_abandoned)
         self.known_calls: set[str] = set()
         self._lifeline = lifeline
         self._results = results

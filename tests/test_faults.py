@@ -432,6 +432,7 @@ def test_workers_do_not_outlive_a_killed_parent(tmp_path, backend):
         process.stdout.close()
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="SIGIO ends a process by default on Linux")
 def test_workers_do_not_outlive_a_killed_parent_while_native_code_holds_their_gil(tmp_path):
     """No Python thread of the worker can run then: the kernel kills it (processes, Linux)."""
     script = tmp_path / "parent.py"
@@ -451,6 +452,7 @@ def test_workers_do_not_outlive_a_killed_parent_while_native_code_holds_their_gi
     """))
     process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
                                cwd=tmp_path, text=True)
+    workers: list[psutil.Process] = []
     try:
         assert process.stdout.readline().strip() == "started"
         workers = psutil.Process(process.pid).children(recursive=True)
@@ -544,6 +546,43 @@ def test_a_running_parpool_task_whose_handle_is_deleted_does_not_hold_up_the_nex
             assert time.monotonic() - start < 30
         _, alive = psutil.wait_procs([busy], timeout=10)
         assert alive == []
+    finally:
+        backend.shutdown()
+
+
+def test_work_that_waited_before_the_cancel_is_not_held_up_either():
+    backend = ProcessesBackend(1)
+    try:
+        with ParPool(long_unless_first, backend=backend, bar=False) as pool:
+            pool["long"] = 1
+            deadline = time.monotonic() + 30
+            while not any(w.job is not None for w in backend._workers):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            pool["quick"] = 0  # waits for the only worker
+            time.sleep(0.5)
+            start = time.monotonic()
+            del pool["long"]
+            assert pool["quick"] == 0
+            assert time.monotonic() - start < 30
+    finally:
+        backend.shutdown()
+
+
+def test_only_as_many_abandoned_workers_are_killed_as_the_waiting_work_needs():
+    backend = ProcessesBackend(2)
+    try:
+        results = gmap(long_unless_first, range(4), backend=backend, bar=False)
+        assert next(results) == 0
+        deadline = time.monotonic() + 30
+        while sum(w.job is not None for w in backend._workers) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        busy = [psutil.Process(w.pid) for w in backend._workers]
+        results.close()
+        assert pmap(abs, [-1], backend=backend, bar=False) == [1]  # one task: one worker
+        time.sleep(1)  # past the grace, should a look kill more
+        assert sorted(process.is_running() for process in busy) == [False, True]
     finally:
         backend.shutdown()
 
