@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -65,6 +66,7 @@ class ProcessesBackend(Backend):
         self._idle = IdleWatch(idle_timeout, self._stop_if_idle)
         self._recheck: threading.Timer | None = None  # looks at abandoned tasks (see below)
         self._recheck_lock = threading.RLock()  # not the pool's: taken where its holder may be
+        _backends.add(self)
 
     @classmethod
     def auto_priority(cls) -> int | None:
@@ -116,6 +118,20 @@ class ProcessesBackend(Backend):
 
     def shutdown(self) -> None:
         self._stop(kill=False)
+
+    def _forget_in_child(self) -> None:
+        """In a forked child: the workers are the parent's. Close this process's copies of
+        their pipes, without a byte written (a copy of a lifeline would keep them alive past
+        the parent's death), and start empty: the child starts workers of its own if it calls.
+        """
+        for worker in self._workers:
+            worker.disown()
+        self._lock = threading.RLock()  # another thread of the parent may have held these
+        self._recheck_lock = threading.RLock()
+        self._workers = []
+        self._pending = deque()
+        self._idle = IdleWatch(self._idle.timeout, self._stop_if_idle)
+        self._recheck = None
 
     # -- scheduling (all with self._lock held) -------------------------------------------------
 
@@ -457,6 +473,22 @@ class _Worker:
         _ended(self.process, wait)
         self.release()
 
+    def disown(self) -> None:
+        """In a forked child: close this process's copies of the pipes to the parent's worker.
+        The Python files on them are pointed at /dev/null and kept for good: closing one, even
+        by collecting it, takes its lock, which a reader thread of the parent may have held."""
+        if self._lifeline is not None:
+            os.close(self._lifeline)
+            self._lifeline = None
+        devnull = os.open(os.devnull, os.O_RDWR)
+        try:
+            for stream in (self.process.stdin, self._results):
+                if stream is not None and not stream.closed:
+                    os.dup2(devnull, stream.fileno(), inheritable=False)
+                    _disowned.append(stream)
+        finally:
+            os.close(devnull)
+
     def release(self) -> None:
         """Close this side of the pipes to a worker that has ended (its reader thread closes
         the one from it when it reaches its end)."""
@@ -467,6 +499,21 @@ class _Worker:
             self.process.stdin.close()
         except OSError:
             pass
+
+
+#: Every ProcessesBackend of this process, to be emptied in a forked child.
+_backends: weakref.WeakSet[ProcessesBackend] = weakref.WeakSet()
+#: In a forked child, the parent's pipe files, never to be closed (see `_Worker.disown`).
+_disowned: list[IO[bytes]] = []
+
+
+def _forget_in_child() -> None:
+    for backend in list(_backends):
+        backend._forget_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def _ended(process: subprocess.Popen[bytes], timeout: float) -> int:

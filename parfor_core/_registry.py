@@ -296,6 +296,16 @@ class Registry:
         if kept is not None:
             kept.release_all()
 
+    def forget_in_child(self) -> None:
+        """In a forked child: the pooled backends are the parent's (their workers, threads and
+        pipes), and another thread of the parent may have held the lock. The child's calls get
+        backends of their own (the processes backend also closes its copies of the workers'
+        pipes, see there)."""
+        self._lock = threading.RLock()
+        self._instances = {}
+        self._leases = {}
+        self._retired = weakref.WeakSet()
+
     def _exit(self) -> None:
         """At interpreter exit: shut everything down; calls still open (an abandoned gmap)
         release their backend later, during teardown, and must not shut it down again."""
@@ -333,3 +343,5 @@ def _dist_label(ep: EntryPoint) -> str:
 
 
 registry = Registry()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=registry.forget_in_child)

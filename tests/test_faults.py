@@ -587,6 +587,70 @@ def test_only_as_many_abandoned_workers_are_killed_as_the_waiting_work_needs():
         backend.shutdown()
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("backend", ["processes", "threads"])  # loky: see docs/reliability.md
+def test_a_forked_child_of_a_process_with_a_warm_pool_can_call_too(tmp_path, backend):
+    """The child's calls get backends of their own: those of the parent are its threads' and
+    pipes', which the child has no working copy of (it hung, waiting for them)."""
+    script = tmp_path / "fork.py"
+    script.write_text(textwrap.dedent(f"""
+        import os
+        from parfor import pmap
+
+        if __name__ == "__main__":
+            print("parent", pmap(abs, range(-4, 4), backend={backend!r}, bar=False), flush=True)
+            child = os.fork()
+            if child == 0:
+                print("child", pmap(abs, range(-2, 2), backend={backend!r}, bar=False),
+                      flush=True)
+                os._exit(0)
+            assert os.waitpid(child, 0)[1] == 0
+            print("again", pmap(abs, range(-1, 1), backend={backend!r}, bar=False), flush=True)
+    """))
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["parent [4, 3, 2, 1, 0, 1, 2, 3]", "child [2, 1, 0, 1]",
+                                        "again [1, 0]"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_workers_do_not_outlive_a_killed_parent_that_forked(tmp_path):
+    """The forked child closes its copies of the workers' lifelines: it does not keep them."""
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent("""
+        import os, time
+        from parfor import pmap
+
+        if __name__ == "__main__":
+            pmap(abs, range(-4, 4), backend="processes", bar=False)
+            if os.fork() == 0:
+                time.sleep(60)
+                os._exit(0)
+            print("forked", flush=True)
+            time.sleep(60)
+    """))
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                               cwd=tmp_path, text=True)
+    children: list[psutil.Process] = []
+    try:
+        assert process.stdout.readline().strip() == "forked"
+        children = psutil.Process(process.pid).children()
+        workers = [c for c in children if "_process_worker" in " ".join(c.cmdline())]
+        assert len(workers) == 2
+        process.kill()
+        process.wait(timeout=10)
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert alive == []
+    finally:
+        process.kill()
+        process.wait()
+        process.stdout.close()
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+
+
 def test_workers_talk_over_pipes_only():
     backend = ProcessesBackend(2)
 
