@@ -120,12 +120,8 @@ class ProcessesBackend(Backend):
         self._stop(kill=False)
 
     def _forget_in_child(self) -> None:
-        """In a forked child: the workers are the parent's. Close this process's copies of
-        their pipes, without a byte written (a copy of a lifeline would keep them alive past
-        the parent's death), and start empty: the child starts workers of its own if it calls.
-        """
-        for worker in self._workers:
-            worker.disown()
+        """In a forked child: the workers are the parent's (`_disown_in_child` lets go of them).
+        Start empty: the child starts workers of its own if it calls."""
         self._lock = threading.RLock()  # another thread of the parent may have held these
         self._recheck_lock = threading.RLock()
         self._workers = []
@@ -342,10 +338,17 @@ class _Worker:
         self.known_calls: set[str] = set()
         self._lifeline = lifeline
         self._results = results
+        self._disowned = False  # in a forked child: the parent's worker, never written to
+        _live.add(self)
         threading.Thread(target=self._read_results, daemon=True).start()
 
     @classmethod
     def start(cls, backend: ProcessesBackend) -> _Worker:
+        with _starting:  # no fork while the pipes are made and not yet on the list of workers
+            return cls._start(backend)
+
+    @classmethod
+    def _start(cls, backend: ProcessesBackend) -> _Worker:
         lifeline_read, lifeline_write = os.pipe()
         results_read, results_write = os.pipe()
         # Python-level output comes over the results pipe; what native code writes to the file
@@ -420,7 +423,8 @@ class _Worker:
             pass  # it died, or is stopping: its memory goes with it
 
     def _send(self, kind: bytes, *body: bytes, flush: bool = True) -> None:
-        write_frame(self.process.stdin, kind, *body, flush=flush)
+        if not self._disowned:  # its file's lock may be one a parent's thread held at the fork
+            write_frame(self.process.stdin, kind, *body, flush=flush)
 
     def _read_results(self) -> None:
         while self._take_message():
@@ -473,47 +477,63 @@ class _Worker:
         _ended(self.process, wait)
         self.release()
 
-    def disown(self) -> None:
-        """In a forked child: close this process's copies of the pipes to the parent's worker.
-        The Python files on them are pointed at /dev/null and kept for good: closing one, even
-        by collecting it, takes its lock, which a reader thread of the parent may have held."""
+    def disown(self, devnull: int) -> None:
+        """In a forked child: close this process's copies of the pipes to the parent's worker,
+        without a byte written. The Python files on them are pointed at ``devnull`` and kept for
+        good: closing one, even by collecting it, takes its lock, which a parent's thread may
+        have held."""
+        self._disowned = True
         if self._lifeline is not None:
             os.close(self._lifeline)
             self._lifeline = None
-        devnull = os.open(os.devnull, os.O_RDWR)
-        try:
-            for stream in (self.process.stdin, self._results):
-                if stream is not None and not stream.closed:
-                    os.dup2(devnull, stream.fileno(), inheritable=False)
-                    _disowned.append(stream)
-        finally:
-            os.close(devnull)
+        for stream in (self.process.stdin, self._results):
+            if stream is not None and not stream.closed:
+                os.dup2(devnull, stream.fileno(), inheritable=False)
+                _disowned.append(stream)
 
     def release(self) -> None:
         """Close this side of the pipes to a worker that has ended (its reader thread closes
         the one from it when it reaches its end)."""
-        if self._lifeline is not None:
-            os.close(self._lifeline)
-            self._lifeline = None
+        lifeline, self._lifeline = self._lifeline, None
+        if lifeline is not None:
+            os.close(lifeline)
         try:
             self.process.stdin.close()
         except OSError:
             pass
+        _live.discard(self)
 
 
 #: Every ProcessesBackend of this process, to be emptied in a forked child.
 _backends: weakref.WeakSet[ProcessesBackend] = weakref.WeakSet()
+#: Every worker whose pipes this process holds: in a pool, starting, or stopping.
+_live: weakref.WeakSet[_Worker] = weakref.WeakSet()
+#: Held while a worker starts, and by a fork: a worker's pipes are on `_live` when it forks.
+_starting = threading.RLock()
 #: In a forked child, the parent's pipe files, never to be closed (see `_Worker.disown`).
 _disowned: list[IO[bytes]] = []
 
 
-def _forget_in_child() -> None:
+def _disown_in_child() -> None:
+    """In a forked child: close its copies of the pipes to the parent's workers (a copy of a
+    lifeline would keep them alive past the parent's death), and empty every pool."""
+    global _starting
+    _starting = threading.RLock()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        for worker in list(_live):
+            worker.disown(devnull)
+    finally:
+        os.close(devnull)
+    _live.clear()
     for backend in list(_backends):
         backend._forget_in_child()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_in_child)
+    os.register_at_fork(before=lambda: _starting.acquire(),  # the lock of the moment
+                        after_in_parent=lambda: _starting.release(),
+                        after_in_child=_disown_in_child)
 
 
 def _ended(process: subprocess.Popen[bytes], timeout: float) -> int:
@@ -541,10 +561,11 @@ def _ended(process: subprocess.Popen[bytes], timeout: float) -> int:
 
 
 def _show(lines: str, file: IO[str]) -> None:
-    """Show lines a worker printed, above any progress bar."""
-    from tqdm import tqdm
+    """Show lines a worker printed, above any progress bar (under the bars' lock, which a
+    forked child renews)."""
+    from parfor_core._progress import tqdm_class
 
-    tqdm.write(lines, file=file)
+    tqdm_class().write(lines, file=file)
 
 
 @hookimpl

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import threading
 import types
@@ -100,7 +101,7 @@ def _new_tqdm_bar(total: int | None, desc: str | None, bar_kwargs: Mapping[str, 
     ("Exception ignored in ... __del__") and takes tqdm's lock at whatever moment the garbage
     collector runs. So the bar is made in two steps, and a failed one is unregistered at once.
     """
-    cls = _tqdm_class()
+    cls = tqdm_class()
     bar = cls.__new__(cls)
     try:
         bar.__init__(total=total, desc=desc, **{"miniters": 1, **bar_kwargs})
@@ -115,7 +116,7 @@ def _new_tqdm_bar(total: int | None, desc: str | None, bar_kwargs: Mapping[str, 
 
 
 @functools.cache
-def _tqdm_class() -> Any:
+def tqdm_class() -> Any:
     """A notebook widget in Jupyter, else tqdm's plain console bar; what tqdm.auto picks, but
     without the asyncio support it adds, whose import costs more than a short call.
 
@@ -143,6 +144,17 @@ def _tqdm_class() -> Any:
     if not hasattr(tqdm, "_lock") and TqdmDefaultWriteLock.th_lock is not None:
         ParforBar.set_lock(TqdmDefaultWriteLock.th_lock)
     return ParforBar
+
+
+def _renew_bar_lock_in_child() -> None:
+    """In a forked child: the bars' lock is a copy of one that a parent's thread (drawing a bar,
+    showing a worker's output) may have held; the child's bars take a new one."""
+    if tqdm_class.cache_info().currsize:
+        tqdm_class().set_lock(threading.RLock())
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_bar_lock_in_child)
 
 
 def _import_tqdm() -> None:

@@ -637,7 +637,85 @@ def test_workers_do_not_outlive_a_killed_parent_that_forked(tmp_path):
         assert process.stdout.readline().strip() == "forked"
         children = psutil.Process(process.pid).children()
         workers = [c for c in children if "_process_worker" in " ".join(c.cmdline())]
-        assert len(workers) == 2
+        assert workers and len(workers) == len(children) - 1  # and the forked child
+        process.kill()
+        process.wait(timeout=10)
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert alive == []
+    finally:
+        process.kill()
+        process.wait()
+        process.stdout.close()
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_draws_bars_though_a_parent_thread_held_their_lock(tmp_path):
+    script = tmp_path / "fork.py"
+    script.write_text(textwrap.dedent("""
+        import io, os, threading
+        from parfor import pmap
+        from parfor_core._progress import tqdm_class
+
+        if __name__ == "__main__":
+            pmap(abs, range(-4, 4), backend="threads", file=io.StringIO())
+            held, done = threading.Event(), threading.Event()
+
+            def drawing():  # as a reader thread showing a worker's output would
+                with tqdm_class().get_lock():
+                    held.set()
+                    done.wait()
+
+            threading.Thread(target=drawing).start()
+            held.wait()
+            child = os.fork()
+            if child == 0:
+                out = io.StringIO()
+                print("child", pmap(abs, range(-2, 2), backend="threads", file=out), flush=True)
+                os._exit(0)
+            done.set()
+            assert os.waitpid(child, 0)[1] == 0
+    """))
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["child [2, 1, 0, 1]"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_fork_while_a_worker_starts_does_not_keep_that_worker_alive(tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent("""
+        import os, subprocess, threading, time
+        from parfor import pmap
+
+        class SlowPopen(subprocess.Popen):  # the fork lands while the worker starts
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                time.sleep(1)
+
+        if __name__ == "__main__":
+            subprocess.Popen = SlowPopen
+            threading.Thread(target=pmap, args=(time.sleep, [60] * 2),
+                             kwargs={"backend": "processes", "bar": False}).start()
+            time.sleep(0.5)
+            if os.fork() == 0:
+                time.sleep(60)
+                os._exit(0)
+            time.sleep(3)  # every worker started and running
+            print("forked", flush=True)
+            time.sleep(60)
+    """))
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                               cwd=tmp_path, text=True)
+    children: list[psutil.Process] = []
+    try:
+        assert process.stdout.readline().strip() == "forked"
+        children = psutil.Process(process.pid).children()
+        workers = [c for c in children if "_process_worker" in " ".join(c.cmdline())]
+        assert workers
         process.kill()
         process.wait(timeout=10)
         _, alive = psutil.wait_procs(workers, timeout=10)

@@ -58,9 +58,9 @@ def test_a_bad_desc_or_bar_keyword_is_named():
 
 @pytest.mark.parametrize("bar_kwargs", [{"position": "a"}, {"nrows": "tall"}, {"ncols": "wide"}])
 def test_a_bar_value_tqdm_rejects_is_named_and_leaves_no_half_made_bar(bar_kwargs, monkeypatch):
-    from parfor_core._progress import _tqdm_class
+    from parfor_core._progress import tqdm_class
 
-    registered = set(_tqdm_class()._instances)
+    registered = set(tqdm_class()._instances)
     unraisable = []  # what a half-made bar's close raises when the garbage collector takes it
     monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
     with pytest.raises(TypeError) as raised:
@@ -70,7 +70,7 @@ def test_a_bar_value_tqdm_rejects_is_named_and_leaves_no_half_made_bar(bar_kwarg
                      " ".join(raised.value.__notes__))
     del raised  # its traceback holds tqdm's frames, and the bar in them
     gc.collect()
-    assert set(_tqdm_class()._instances) == registered
+    assert set(tqdm_class()._instances) == registered
     assert unraisable == []
 
 
