@@ -587,6 +587,21 @@ def test_only_as_many_abandoned_workers_are_killed_as_the_waiting_work_needs():
         backend.shutdown()
 
 
+def run_forking(script: Path) -> subprocess.CompletedProcess[str]:
+    """Run a script that forks, in a process group of its own, killed whole if it hangs: a
+    forked child that hangs is no child of the script's by then."""
+    process = subprocess.Popen([sys.executable, str(script)], cwd=script.parent, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 @pytest.mark.parametrize("backend", ["processes", "threads"])  # loky: see docs/reliability.md
 def test_a_forked_child_of_a_process_with_a_warm_pool_can_call_too(tmp_path, backend):
@@ -607,8 +622,7 @@ def test_a_forked_child_of_a_process_with_a_warm_pool_can_call_too(tmp_path, bac
             assert os.waitpid(child, 0)[1] == 0
             print("again", pmap(abs, range(-1, 1), backend={backend!r}, bar=False), flush=True)
     """))
-    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=60)
+    done = run_forking(script)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["parent [4, 3, 2, 1, 0, 1, 2, 3]", "child [2, 1, 0, 1]",
                                         "again [1, 0]"]
@@ -678,8 +692,7 @@ def test_a_forked_child_draws_bars_though_a_parent_thread_held_their_lock(tmp_pa
             done.set()
             assert os.waitpid(child, 0)[1] == 0
     """))
-    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=60)
+    done = run_forking(script)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["child [2, 1, 0, 1]"]
 
