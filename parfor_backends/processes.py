@@ -8,6 +8,7 @@ worker prints is shown in the caller, line by line, above any progress bar.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import select
@@ -36,6 +37,7 @@ from parfor_core import (
     share_call,
 )
 from parfor_core._idle import IdleWatch
+from parfor_core._progress import tqdm_class
 
 #: Seconds a pool with nothing to do keeps its workers (the configured default).
 IDLE_TIMEOUT = SETTINGS["idle_timeout"].default
@@ -344,12 +346,10 @@ class _Worker:
 
     @classmethod
     def start(cls, backend: ProcessesBackend) -> _Worker:
-        with _starting:  # no fork while the pipes are made and not yet on the list of workers
-            return cls._start(backend)
-
-    @classmethod
-    def _start(cls, backend: ProcessesBackend) -> _Worker:
-        lifeline_read, lifeline_write = os.pipe()
+        if backend.worker_output:  # the bar class, made on a caller's thread (the first start
+            tqdm_class()  # is on one), not by _show on a reader thread: making it is not safe
+        lifeline_read, lifeline_write = os.pipe()  # for other threads (warnings.catch_warnings)
+        _lifelines.add(lifeline_write)  # at once: a fork from now on lets go of it
         results_read, results_write = os.pipe()
         # Python-level output comes over the results pipe; what native code writes to the file
         # descriptors goes straight to ours.
@@ -365,6 +365,7 @@ class _Worker:
                 pass_fds=(lifeline_read, results_write), env=env,
             )
         except BaseException:
+            _lifelines.discard(lifeline_write)
             os.close(lifeline_write)
             os.close(results_read)
             raise
@@ -478,14 +479,12 @@ class _Worker:
         self.release()
 
     def disown(self, devnull: int) -> None:
-        """In a forked child: close this process's copies of the pipes to the parent's worker,
-        without a byte written. The Python files on them are pointed at ``devnull`` and kept for
-        good: closing one, even by collecting it, takes its lock, which a parent's thread may
-        have held."""
+        """In a forked child: close this process's copies of the task and result pipes of the
+        parent's worker, without a byte written. The Python files on them are pointed at
+        ``devnull`` and kept for good: closing one, even by collecting it, takes its lock,
+        which a parent's thread may have held."""
         self._disowned = True
-        if self._lifeline is not None:
-            os.close(self._lifeline)
-            self._lifeline = None
+        self._lifeline = None  # closed with every other lifeline (see _disown_in_child)
         for stream in (self.process.stdin, self._results):
             if stream is not None and not stream.closed:
                 os.dup2(devnull, stream.fileno(), inheritable=False)
@@ -496,6 +495,7 @@ class _Worker:
         the one from it when it reaches its end)."""
         lifeline, self._lifeline = self._lifeline, None
         if lifeline is not None:
+            _lifelines.discard(lifeline)
             os.close(lifeline)
         try:
             self.process.stdin.close()
@@ -506,34 +506,37 @@ class _Worker:
 
 #: Every ProcessesBackend of this process, to be emptied in a forked child.
 _backends: weakref.WeakSet[ProcessesBackend] = weakref.WeakSet()
-#: Every worker whose pipes this process holds: in a pool, starting, or stopping.
+#: Every worker whose pipes this process holds: in a pool, or stopping.
 _live: weakref.WeakSet[_Worker] = weakref.WeakSet()
-#: Held while a worker starts, and by a fork: a worker's pipes are on `_live` when it forks.
-_starting = threading.RLock()
+#: This process's end of every lifeline: put here as soon as it exists, also while its worker
+#: starts, so that a forked child closes its copy (which would keep the worker alive).
+_lifelines: set[int] = set()
 #: In a forked child, the parent's pipe files, never to be closed (see `_Worker.disown`).
 _disowned: list[IO[bytes]] = []
 
 
 def _disown_in_child() -> None:
-    """In a forked child: close its copies of the pipes to the parent's workers (a copy of a
-    lifeline would keep them alive past the parent's death), and empty every pool."""
-    global _starting
-    _starting = threading.RLock()
+    """In a forked child: empty every pool, and close the child's copies of the pipes to the
+    parent's workers (a copy of a lifeline would keep them alive past the parent's death).
+    The pools first: the descriptors may fail, and must not leave the parent's pools in use."""
+    for backend in list(_backends):
+        backend._forget_in_child()
+    for lifeline in list(_lifelines):
+        with contextlib.suppress(OSError):
+            os.close(lifeline)
+    _lifelines.clear()
+    workers = list(_live)
+    _live.clear()
     devnull = os.open(os.devnull, os.O_RDWR)
     try:
-        for worker in list(_live):
+        for worker in workers:
             worker.disown(devnull)
     finally:
         os.close(devnull)
-    _live.clear()
-    for backend in list(_backends):
-        backend._forget_in_child()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=lambda: _starting.acquire(),  # the lock of the moment
-                        after_in_parent=lambda: _starting.release(),
-                        after_in_child=_disown_in_child)
+    os.register_at_fork(after_in_child=_disown_in_child)
 
 
 def _ended(process: subprocess.Popen[bytes], timeout: float) -> int:
@@ -563,8 +566,6 @@ def _ended(process: subprocess.Popen[bytes], timeout: float) -> int:
 def _show(lines: str, file: IO[str]) -> None:
     """Show lines a worker printed, above any progress bar (under the bars' lock, which a
     forked child renews)."""
-    from parfor_core._progress import tqdm_class
-
     tqdm_class().write(lines, file=file)
 
 

@@ -141,14 +141,22 @@ def tqdm_class() -> Any:
         #: are updated once per chunk, so each update may redraw (every ``mininterval``).
         monitor_interval = 0
 
-    if not hasattr(tqdm, "_lock") and TqdmDefaultWriteLock.th_lock is not None:
+    if _forked:  # tqdm's locks are copies of the parent's, which a thread there may have held
+        ParforBar.set_lock(threading.RLock())
+    elif not hasattr(tqdm, "_lock") and TqdmDefaultWriteLock.th_lock is not None:
         ParforBar.set_lock(TqdmDefaultWriteLock.th_lock)
     return ParforBar
+
+
+#: Whether this process is a fork of one that may have drawn bars (see `tqdm_class`).
+_forked = False
 
 
 def _renew_bar_lock_in_child() -> None:
     """In a forked child: the bars' lock is a copy of one that a parent's thread (drawing a bar,
     showing a worker's output) may have held; the child's bars take a new one."""
+    global _forked
+    _forked = True
     if tqdm_class.cache_info().currsize:
         tqdm_class().set_lock(threading.RLock())
 

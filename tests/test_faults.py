@@ -666,19 +666,26 @@ def test_workers_do_not_outlive_a_killed_parent_that_forked(tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_a_forked_child_draws_bars_though_a_parent_thread_held_their_lock(tmp_path):
+@pytest.mark.parametrize("drawn", ["a parfor bar", "only a bar of ones own"])
+def test_a_forked_child_draws_bars_though_a_parent_thread_held_their_lock(tmp_path, drawn):
     script = tmp_path / "fork.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(textwrap.dedent(f"""
         import io, os, threading
+        from tqdm import tqdm
         from parfor import pmap
         from parfor_core._progress import tqdm_class
 
         if __name__ == "__main__":
-            pmap(abs, range(-4, 4), backend="threads", file=io.StringIO())
+            if {drawn == "a parfor bar"}:
+                pmap(abs, range(-4, 4), backend="threads", file=io.StringIO())
+                lock = tqdm_class().get_lock()
+            else:
+                tqdm(range(3), file=io.StringIO()).close()
+                lock = tqdm.get_lock()
             held, done = threading.Event(), threading.Event()
 
             def drawing():  # as a reader thread showing a worker's output would
-                with tqdm_class().get_lock():
+                with lock:
                     held.set()
                     done.wait()
 
