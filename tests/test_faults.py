@@ -402,6 +402,41 @@ def test_a_program_that_left_a_gmap_of_long_items_exits_at_once(tmp_path, backen
     assert time.monotonic() - start < 20  # not the 60 s of the items left running
 
 
+def assert_workers_end_with_their_killed_parent(script: Path, ready: str) -> None:
+    """Run ``script`` until it prints ``ready``, SIGKILL it (no clean-up code runs), and check
+    that its workers end. Children it forked (copies of it) are no workers; all are killed
+    after the check, whatever it found."""
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                               cwd=script.parent, text=True)
+    descendants: list[psutil.Process] = []
+    try:
+        assert process.stdout.readline().strip() == ready
+        parent = psutil.Process(process.pid)
+        descendants = parent.children(recursive=True)
+        workers = [each for each in descendants if each.cmdline() != parent.cmdline()]
+        assert workers
+        process.kill()
+        process.wait(timeout=10)
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert alive == []
+    finally:
+        process.kill()
+        process.wait()
+        process.stdout.close()
+        for each in descendants:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                each.kill()
+
+
+def busy_workers(backend: ProcessesBackend, count: int) -> list[psutil.Process]:
+    """Wait until ``count`` of the backend's workers run a task; those workers' processes."""
+    deadline = time.monotonic() + 30
+    while sum(w.job is not None for w in backend._workers) < count:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    return [psutil.Process(w.pid) for w in backend._workers if w.job is not None]
+
+
 @pytest.mark.parametrize("backend", ["processes", "loky"])
 def test_workers_do_not_outlive_a_killed_parent(tmp_path, backend):
     script = tmp_path / "parent.py"
@@ -416,20 +451,7 @@ def test_workers_do_not_outlive_a_killed_parent(tmp_path, backend):
         if __name__ == "__main__":
             pmap(time.sleep, [0.2] * 10_000, backend={backend!r}, bar=started)
     """))
-    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
-                               cwd=tmp_path, text=True)
-    try:
-        assert process.stdout.readline().strip() == "started"
-        workers = psutil.Process(process.pid).children(recursive=True)
-        assert workers
-        process.kill()  # SIGKILL: no clean-up code runs in the parent
-        process.wait(timeout=10)
-        _, alive = psutil.wait_procs(workers, timeout=10)
-        assert alive == []
-    finally:
-        process.kill()
-        process.wait()
-        process.stdout.close()
+    assert_workers_end_with_their_killed_parent(script, "started")
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="SIGIO ends a process by default on Linux")
@@ -450,24 +472,7 @@ def test_workers_do_not_outlive_a_killed_parent_while_native_code_holds_their_gi
             thread.start()
             thread.join()
     """))
-    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
-                               cwd=tmp_path, text=True)
-    workers: list[psutil.Process] = []
-    try:
-        assert process.stdout.readline().strip() == "started"
-        workers = psutil.Process(process.pid).children(recursive=True)
-        assert workers
-        process.kill()
-        process.wait(timeout=10)
-        _, alive = psutil.wait_procs(workers, timeout=10)
-        assert alive == []
-    finally:
-        process.kill()
-        process.wait()
-        process.stdout.close()
-        for worker in workers:  # whose parent is no longer this test's child
-            with contextlib.suppress(psutil.NoSuchProcess):
-                worker.kill()
+    assert_workers_end_with_their_killed_parent(script, "started")
 
 
 def test_workers_outlive_the_threads_that_started_them(tmp_path):
@@ -496,11 +501,7 @@ def test_long_items_left_running_by_a_closed_gmap_do_not_hold_up_the_next_call()
     try:
         results = gmap(long_unless_first, range(4), backend=backend, bar=False)
         assert next(results) == 0
-        deadline = time.monotonic() + 30  # until both workers run one of the 60 s items
-        while sum(w.job is not None for w in backend._workers) < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        busy = [psutil.Process(w.pid) for w in backend._workers]
+        busy = busy_workers(backend, 2)  # each runs one of the 60 s items
         results.close()  # as a break, or a Ctrl-C, in the loop's body would
         start = time.monotonic()
         assert pmap(abs, range(-3, 3), backend=backend, bar=False) == [3, 2, 1, 0, 1, 2]
@@ -517,10 +518,7 @@ def test_quick_items_left_running_by_a_closed_gmap_finish_on_their_warm_workers(
     try:
         results = gmap(time.sleep, [0] + [0.2] * 20, backend=backend, bar=False)
         next(results)
-        deadline = time.monotonic() + 30
-        while not any(w.job is not None for w in backend._workers):
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
+        busy_workers(backend, 1)
         workers = [w.pid for w in backend._workers]
         results.close()
         assert pmap(abs, range(-3, 3), backend=backend, bar=False) == [3, 2, 1, 0, 1, 2]
@@ -534,11 +532,7 @@ def test_a_running_parpool_task_whose_handle_is_deleted_does_not_hold_up_the_nex
     try:
         with ParPool(long_unless_first, backend=backend, bar=False) as pool:
             pool["long"] = 1
-            deadline = time.monotonic() + 30
-            while not any(w.job is not None for w in backend._workers):
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
-            (busy,) = [psutil.Process(w.pid) for w in backend._workers]
+            (busy,) = busy_workers(backend, 1)
             del pool["long"]
             start = time.monotonic()
             pool["quick"] = 0
@@ -555,10 +549,7 @@ def test_work_that_waited_before_the_cancel_is_not_held_up_either():
     try:
         with ParPool(long_unless_first, backend=backend, bar=False) as pool:
             pool["long"] = 1
-            deadline = time.monotonic() + 30
-            while not any(w.job is not None for w in backend._workers):
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            busy_workers(backend, 1)
             pool["quick"] = 0  # waits for the only worker
             time.sleep(0.5)
             start = time.monotonic()
@@ -574,11 +565,7 @@ def test_only_as_many_abandoned_workers_are_killed_as_the_waiting_work_needs():
     try:
         results = gmap(long_unless_first, range(4), backend=backend, bar=False)
         assert next(results) == 0
-        deadline = time.monotonic() + 30
-        while sum(w.job is not None for w in backend._workers) < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        busy = [psutil.Process(w.pid) for w in backend._workers]
+        busy = busy_workers(backend, 2)
         results.close()
         assert pmap(abs, [-1], backend=backend, bar=False) == [1]  # one task: one worker
         time.sleep(1)  # past the grace, should a look kill more
@@ -644,25 +631,7 @@ def test_workers_do_not_outlive_a_killed_parent_that_forked(tmp_path):
             print("forked", flush=True)
             time.sleep(60)
     """))
-    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
-                               cwd=tmp_path, text=True)
-    children: list[psutil.Process] = []
-    try:
-        assert process.stdout.readline().strip() == "forked"
-        children = psutil.Process(process.pid).children()
-        workers = [c for c in children if "_process_worker" in " ".join(c.cmdline())]
-        assert workers and len(workers) == len(children) - 1  # and the forked child
-        process.kill()
-        process.wait(timeout=10)
-        _, alive = psutil.wait_procs(workers, timeout=10)
-        assert alive == []
-    finally:
-        process.kill()
-        process.wait()
-        process.stdout.close()
-        for child in children:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.kill()
+    assert_workers_end_with_their_killed_parent(script, "forked")
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
@@ -728,25 +697,7 @@ def test_a_fork_while_a_worker_starts_does_not_keep_that_worker_alive(tmp_path):
             print("forked", flush=True)
             time.sleep(60)
     """))
-    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
-                               cwd=tmp_path, text=True)
-    children: list[psutil.Process] = []
-    try:
-        assert process.stdout.readline().strip() == "forked"
-        children = psutil.Process(process.pid).children()
-        workers = [c for c in children if "_process_worker" in " ".join(c.cmdline())]
-        assert workers
-        process.kill()
-        process.wait(timeout=10)
-        _, alive = psutil.wait_procs(workers, timeout=10)
-        assert alive == []
-    finally:
-        process.kill()
-        process.wait()
-        process.stdout.close()
-        for child in children:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.kill()
+    assert_workers_end_with_their_killed_parent(script, "forked")
 
 
 def test_workers_talk_over_pipes_only():
