@@ -346,9 +346,12 @@ class _Worker:
 
     @classmethod
     def start(cls, backend: ProcessesBackend) -> _Worker:
-        if backend.worker_output:  # the bar class, made on a caller's thread (the first start
-            tqdm_class()  # is on one), not by _show on a reader thread: making it is not safe
-        lifeline_read, lifeline_write = os.pipe()  # for other threads (warnings.catch_warnings)
+        # The bar class that _show writes through, made here, on a caller's thread (the first
+        # start is on one), not on a reader thread: making it (warnings.catch_warnings) is not
+        # safe for the process's other threads.
+        if backend.worker_output:
+            tqdm_class()
+        lifeline_read, lifeline_write = os.pipe()
         _lifelines.add(lifeline_write)  # at once: a fork from now on lets go of it
         results_read, results_write = os.pipe()
         # Python-level output comes over the results pipe; what native code writes to the file
