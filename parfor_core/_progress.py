@@ -154,11 +154,11 @@ _forked = False
 
 def _renew_bar_lock_in_child() -> None:
     """In a forked child: the bars' lock is a copy of one that a parent's thread (drawing a bar,
-    showing a worker's output) may have held; the child's bars take a new one."""
+    showing a worker's output) may have held; the child's bar class is made anew, with a new
+    lock, when next needed."""
     global _forked
     _forked = True
-    if tqdm_class.cache_info().currsize:
-        tqdm_class().set_lock(threading.RLock())
+    tqdm_class.cache_clear()
 
 
 if hasattr(os, "register_at_fork"):
