@@ -68,10 +68,10 @@ class Job:
             self.losses += 1
             if self.losses <= LOST_DATA_RETRIES:
                 return self
+            subject = f"input items {task.indices[0]} to {task.indices[-1]}"
             return self._failed(worker, WorkerDiedError(
-                f"The data of input items {task.indices[0]} to {task.indices[-1]} was lost with "
-                f"a worker {self.losses} times in a row: {how}",
-                backend=backend, indices=list(task.indices),
+                f"The data of {subject} was lost with a worker {self.losses} times in a row: "
+                f"{how}", backend=backend, indices=list(task.indices), subject=subject,
             ))
         if len(task.items) > 1:  # isolate the item that kills: one at a time from now on
             release_shared(self.items)
@@ -81,17 +81,17 @@ class Job:
         if self.deaths <= retries or not alone:
             return self
         index = task.indices[0]
+        subject = f"input item {index}"
         return self._failed(worker, WorkerDiedError(
-            f"The worker running input item {index} died {self.deaths} times in a row: {how}",
-            backend=backend, indices=[index],
+            f"The worker running {subject} died {self.deaths} times in a row: {how}",
+            backend=backend, indices=[index], subject=subject,
         ))
 
     def _failed(self, worker: str, error: WorkerDiedError) -> Result:
         """The Result that fails this job's first item with ``error``, seen in ``worker``,
         keeping the values before it."""
         release_shared(self.items)
-        failure = Failure.capture(self.task.indices[0], self.task.items[0], error)
-        failure.worker = worker
+        failure = Failure.about(self.task.indices[0], self.task.items[0], error, worker)
         return Result(self.done, self.elapsed, failure)
 
     def _next(self, values: list[Any], elapsed: float) -> Job:

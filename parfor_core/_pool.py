@@ -14,7 +14,7 @@ from ._progress import Progress, ProgressBar, check_bar
 from ._registry import registry
 from ._task import Call, Result, Task, add_note, inside_worker, is_item_error
 from .backend import Backend
-from .errors import WorkerError
+from .errors import WorkerDiedError, WorkerError
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -184,8 +184,11 @@ class ParPool:
             result = future.result()
         except Exception as exc:
             raise WorkerError.running(self._backend.name, what, exc) from exc
-        if result.failure is not None:
-            result.failure.reraise(f"{what} ({result.failure.item_repr})")
+        failure = result.failure
+        if failure is not None:
+            if isinstance(failure.exception, WorkerDiedError):  # not "input item 0": which task
+                failure.exception = failure.exception.naming(what)
+            failure.reraise(f"{what} ({failure.item_repr})")
         return result.values[0]
 
     def __contains__(self, handle: Hashable) -> bool:

@@ -138,6 +138,12 @@ class Failure:
         return cls(index, short_repr(item), exc, "".join(traceback.format_exception(exc)),
                    describe_worker())
 
+    @classmethod
+    def about(cls, index: int, item: object, exc: BaseException, worker: str) -> Failure:
+        """An error the caller's side made about an item (the worker running it died): it has
+        no worker's traceback to chain."""
+        return cls(index, short_repr(item), exc, "", worker)
+
     def reraise(self, what: str) -> None:
         """Raise the original exception in the caller, saying which item (``what``) raised it.
 
@@ -145,7 +151,7 @@ class Failure:
         into a bare RuntimeError there), nor would a serial loop's caller see it as an error:
         it comes as a RuntimeError that names the item, from the original."""
         exc = self.exception
-        if exc.__traceback__ is None:  # it crossed a process boundary: chain the worker's frames
+        if exc.__traceback__ is None and self.traceback:  # from a worker: chain its frames
             exc.__cause__ = RemoteTraceback(self.traceback)
         where = f"{what} in {self.worker}"
         if isinstance(exc, (StopIteration, StopAsyncIteration)):

@@ -85,6 +85,17 @@ class WorkerError(ParforError):
 class WorkerDiedError(WorkerError):
     """A worker process died while running an item, each time that item was tried."""
 
+    def __init__(self, message: str, *, backend: str, indices: Sequence[int],
+                 subject: str) -> None:
+        super().__init__(message, backend=backend, indices=indices)
+        self.subject = subject  # the words of the message that name the work
+
+    def naming(self, subject: str) -> WorkerDiedError:
+        """The same error naming the work otherwise: a ParPool's task by its handle, rather
+        than as the input item 0 that each of its tasks is to the backend."""
+        return WorkerDiedError(str(self).replace(self.subject, subject, 1),
+                               backend=self.backend, indices=self.indices, subject=subject)
+
 
 _seen: set[tuple[type[Warning], str]] = set()
 

@@ -460,6 +460,19 @@ def test_an_item_that_keeps_killing_workers_fails_naming_it(name, cluster_addres
     assert pmap(abs, [-1, -2], backend=name, bar=False) == [1, 2]
 
 
+@pytest.mark.parametrize("name", CLUSTER_NAMES)
+def test_a_parpool_task_that_keeps_killing_workers_is_named_by_its_handle(
+        name, cluster_addresses):
+    cluster_addresses(name)
+    with ParPool(kill_on_five, backend=name) as pool:
+        pool["fatal"] = 5
+        with pytest.raises(WorkerDiedError) as caught:
+            pool["fatal"]
+    assert str(caught.value).startswith(
+        "The worker running the task with handle 'fatal' died 2 times")
+    cluster_addresses(name)  # the cluster is whole again
+
+
 def timed_run(x: int, log_dir: str, killer: int) -> int:
     """Sleeps 0.4 s (``killer``: 0.3 s, then kills its worker), and logs when it ran."""
     start = time.monotonic()

@@ -68,6 +68,7 @@ def test_an_item_that_keeps_killing_workers_fails_naming_it():
     assert "input item 137" in message and "SIGKILL" in message and "out-of-memory" in message
     assert caught.value.indices == [137]
     assert any("raised by item 137 (137)" in note for note in caught.value.__notes__)
+    assert caught.value.__cause__ is None  # made in the caller: no worker traceback to repeat
     assert pmap(abs, [-1, -2], backend="processes", bar=False) == [1, 2]
 
 
@@ -88,6 +89,19 @@ def test_retries_are_configurable_and_bounded(tmp_path):
             pmap(sigkill_once, range(10), (str(tmp_path),), backend=backend, bar=False)
     finally:
         backend.shutdown()
+
+
+def test_a_parpool_task_that_keeps_killing_workers_is_named_by_its_handle():
+    with ParPool(exit_three, backend="processes") as pool:
+        pool["fine"] = 1
+        pool["fatal"] = 2
+        assert pool["fine"] == 1
+        with pytest.raises(WorkerDiedError) as caught:
+            pool["fatal"]
+    message = str(caught.value)
+    assert message.startswith("The worker running the task with handle 'fatal' died 2 times")
+    assert "exit code 3" in message and "input item" not in message
+    assert caught.value.__cause__ is None  # made in the caller: no worker traceback to repeat
 
 
 def test_parpool_task_that_kills_fails_alone(tmp_path):
