@@ -67,7 +67,14 @@ class LokyBackend(Backend):
             future = self._pool(replacing=executor).submit(execute_dumped, payload)
         _stop_first_at_exit()
         future.add_done_callback(lambda _: release_shared(payload))  # its items are done with
-        return then(future, load_result)
+        return then(future, load_result, functools.partial(self._cancel, executor))
+
+    def _cancel(self, executor: Any, future: Future[Result]) -> None:
+        """Cancel a task, unless its executor is stopping: loky's manager thread fails every
+        waiting task at a stop with kill_workers, and one cancelled meanwhile crashes it."""
+        with self._lock:
+            if self._executor is executor:
+                future.cancel()
 
     def _pool(self, replacing: Any = None) -> Any:
         with self._lock:
@@ -79,9 +86,10 @@ class LokyBackend(Backend):
             return self._executor
 
     def _stop(self, wait: bool) -> None:
-        with self._lock:
+        with self._lock:  # from here on its tasks are not cancelled (see _cancel)
             executor, self._executor = self._executor, None
         if executor is not None:
+            _renew_cancelled(executor)
             executor.shutdown(wait=wait, kill_workers=True)
 
     def interrupt(self) -> None:
@@ -89,6 +97,15 @@ class LokyBackend(Backend):
 
     def shutdown(self) -> None:
         self._stop(wait=True)
+
+
+def _renew_cancelled(executor: Any) -> None:
+    """Give each cancelled task that still waits in a stopping loky executor a new future:
+    loky fails every waiting task's future at a stop with kill_workers, and a cancelled one
+    raises there, which crashes its manager thread with a logged traceback (loky 3.7)."""
+    for work_item in list(getattr(executor, "_pending_work_items", {}).values()):
+        if work_item.future.cancelled():
+            work_item.future = Future()
 
 
 #: Seconds between a loky worker's looks at whether its parent is still there.

@@ -78,8 +78,10 @@ class Backend(ABC):
         return f"<{type(self).__name__} {self.name!r} n_workers={self.n_workers}>"
 
 
-def then(future: Future[Any], convert: Callable[[Any], T]) -> Future[T]:
-    """A Future of ``convert(future.result())``; cancelling it cancels ``future`` too.
+def then(future: Future[Any], convert: Callable[[Any], T],
+         cancel: Callable[[Future[Any]], object] | None = None) -> Future[T]:
+    """A Future of ``convert(future.result())``; cancelling it cancels ``future`` too, by
+    ``cancel(future)`` if given (an executor that must not see a cancel at some moments).
 
     For process backends, whose executors answer bytes: ``then(fut, load_result)``.
     """
@@ -96,6 +98,7 @@ def then(future: Future[Any], convert: Callable[[Any], T]) -> Future[T]:
         except BaseException as exc:  # also worker deaths, which the caller reports
             converted.set_exception(exc)
 
-    converted.add_done_callback(lambda c: c.cancelled() and future.cancel())
+    cancel_inner = cancel or Future.cancel
+    converted.add_done_callback(lambda c: c.cancelled() and cancel_inner(future))
     future.add_done_callback(finish)
     return converted

@@ -197,3 +197,39 @@ def test_ctrl_c_in_a_parpool_block_stops_its_running_tasks(backend, tmp_path):
     start = time.monotonic()
     assert pmap(abs, [-1, -2], backend=backend, bar=False) == [1, 2]
     assert time.monotonic() - start < 20  # not the 60 s of the tasks left running
+
+
+WAITING_TASKS = textwrap.dedent("""
+    import sys, time
+    from parfor import ParPool
+
+    def slow(i):
+        time.sleep(0.2)
+        return i
+
+    if __name__ == "__main__":
+        try:
+            with ParPool(slow, backend=sys.argv[1]) as pool:
+                for i in range(20):  # more than the workers hold: most wait, to be cancelled
+                    pool[i] = i
+                time.sleep(0.3)
+                if sys.argv[2] == "ctrl-c":
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            pass
+        print("left", flush=True)
+""")
+
+
+@pytest.mark.parametrize("how", ["close", "ctrl-c"])
+def test_tasks_cancelled_while_waiting_leave_no_traceback_at_the_stop(process_backend, how,
+                                                                       tmp_path):
+    # loky's manager thread crashed, printing a traceback, when its executor was stopped (by
+    # a Ctrl-C, or at exit) with tasks that were cancelled while they waited.
+    script = tmp_path / "waiting.py"
+    script.write_text(WAITING_TASKS)
+    done = subprocess.run([sys.executable, str(script), process_backend, how], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "left"
+    assert "Traceback" not in done.stderr and "Exception" not in done.stderr, done.stderr
