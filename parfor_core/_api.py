@@ -130,9 +130,11 @@ class _Results(itertools.chain):  # type: ignore[type-arg]
     and raises ``error``, as a generator that does not catch it would."""
 
     _batches: Generator[list[Any], None, None]
+    _reading: list[list[Any]]  # the batch being read: emptied by close(), so nothing more comes
 
     def close(self) -> None:
         self._batches.close()
+        self._reading[0].clear()
 
     def send(self, value: object) -> Any:
         return next(self)
@@ -143,9 +145,18 @@ class _Results(itertools.chain):  # type: ignore[type-arg]
 
 
 def _flatten(batches: Generator[list[Any], None, None]) -> Iterator[Any]:
-    results = _Results.from_iterable(batches)
-    results._batches = batches
+    reading: list[list[Any]] = [[]]
+    results = _Results.from_iterable(_noted(batches, reading))
+    results._batches, results._reading = batches, reading
     return results
+
+
+def _noted(batches: Generator[list[Any], None, None], reading: list[list[Any]]
+           ) -> Generator[list[Any], None, None]:
+    """The batches, each noted in ``reading`` as it is handed out (see `_Results.close`)."""
+    for batch in batches:
+        reading[0] = batch
+        yield batch
 
 
 def pmap(

@@ -133,6 +133,21 @@ def test_gmap_is_lazy_on_an_endless_generator(backend):
     assert read_ahead < 1000, read_ahead
 
 
+@pytest.mark.parametrize("stop", ["close", "throw"])
+def test_a_closed_gmap_gives_no_more_results(backend, stop):
+    # Halfway through a batch of results: a closed generator yields nothing, as any would.
+    results = gmap(square, range(100_000), backend=backend, bar=False)
+    assert list(itertools.islice(results, 3000)) == [i * i for i in range(3000)]
+    if stop == "close":
+        results.close()
+    else:
+        with pytest.raises(LookupError):
+            results.throw(LookupError("enough"))
+    assert list(results) == []
+    with pytest.raises(StopIteration):
+        next(results)
+
+
 def test_gmap_reads_nothing_before_it_is_iterated(backend):
     pulled = []
     source = (pulled.append(i) or i for i in range(10))
