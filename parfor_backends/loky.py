@@ -7,7 +7,6 @@ import importlib.util
 import os
 import threading
 import time
-import weakref
 from concurrent.futures import Future
 from typing import Any
 
@@ -22,6 +21,7 @@ from parfor_core import (
     load_result,
     mark_worker_process,
     release_shared,
+    stop_before_exit,
     then,
 )
 
@@ -46,7 +46,6 @@ class LokyBackend(Backend):
         self.idle_timeout = idle_timeout
         self._executor: Any = None
         self._lock = threading.Lock()
-        _instances.add(self)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -65,7 +64,7 @@ class LokyBackend(Backend):
             future = executor.submit(execute_dumped, payload)
         except RuntimeError:  # broken by a dead worker, or shut down by an interrupt
             future = self._pool(replacing=executor).submit(execute_dumped, payload)
-        _stop_first_at_exit()
+        stop_before_exit(self, LokyBackend.interrupt)  # loky's handler is registered by now
         future.add_done_callback(lambda _: release_shared(payload))  # its items are done with
         return then(future, load_result, functools.partial(self._cancel, executor))
 
@@ -124,22 +123,6 @@ def _exit_with_parent(parent: int) -> None:
     while os.getppid() == parent:  # a dead parent's children pass to another process
         time.sleep(PARENT_CHECK_SECONDS)
     os._exit(1)
-
-
-_instances: weakref.WeakSet[LokyBackend] = weakref.WeakSet()
-
-
-@functools.cache
-def _stop_first_at_exit() -> None:
-    """Once loky has its exit handler (registered at a pool's first task), add one that runs
-    before it and kills every pool's workers: loky's waits for the tasks still running (an
-    abandoned gmap's, for minutes), and a Ctrl-C during that wait hung the exit."""
-    threading._register_atexit(_interrupt_all)  # type: ignore[attr-defined]  # as loky does
-
-
-def _interrupt_all() -> None:
-    for backend in list(_instances):
-        backend.interrupt()
 
 
 @hookimpl

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 
-from parfor_core import Backend, Result, Task, gil_enabled, hookimpl, run_task
+from parfor_core import Backend, Result, Task, gil_enabled, hookimpl, run_task, stop_before_exit
 
 
 class ThreadsBackend(Backend):
@@ -21,6 +21,8 @@ class ThreadsBackend(Backend):
 
         super().__init__(n_workers)
         self._executor = ThreadPoolExecutor(n_workers, thread_name_prefix="parfor-worker")
+        # At exit the tasks that wait are cancelled (else all of them would run first).
+        stop_before_exit(self, ThreadsBackend.shutdown)
 
     @classmethod
     def auto_priority(cls) -> int | None:

@@ -48,7 +48,7 @@ if TYPE_CHECKING:  # for type checkers and the API docs; at run time loaded by _
         share_call,
         unloadable,
     )
-    from .backend import Backend, then
+    from .backend import Backend, stop_before_exit, then
     from .errors import (
         BackendUnavailableError,
         ParforError,
@@ -74,7 +74,7 @@ _MODULES = {
     "._wire": ("answer_holds_shared", "dump_call", "dump_items", "dump_task", "execute_call",
                "execute_dumped", "load_call", "load_result", "load_shared_call",
                "release_shared", "run_items", "share_call", "unloadable"),
-    ".backend": ("Backend", "then"),
+    ".backend": ("Backend", "stop_before_exit", "then"),
     ".errors": ("BackendUnavailableError", "ParforError", "PluginError", "SerializationError",
                 "UnknownBackendError", "WorkerDiedError", "WorkerError"),
     ".hookspecs": ("hookimpl",),  # imports pluggy
@@ -138,6 +138,7 @@ __all__ = [
     "run_items",
     "run_task",
     "share_call",
+    "stop_before_exit",
     "then",
     "unloadable",
 ]

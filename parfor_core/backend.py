@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -12,6 +14,7 @@ if TYPE_CHECKING:
     from concurrent.futures import Future
 
 T = TypeVar("T")
+B = TypeVar("B", bound="Backend")
 
 
 class Backend(ABC):
@@ -102,3 +105,29 @@ def then(future: Future[Any], convert: Callable[[Any], T],
     converted.add_done_callback(lambda c: c.cancelled() and cancel_inner(future))
     future.add_done_callback(finish)
     return converted
+
+
+_stopped_at_exit: dict[tuple[type[Backend], Callable[..., object]], weakref.WeakSet[Backend]] = {}
+_stopped_at_exit_lock = threading.Lock()
+
+
+def stop_before_exit(backend: B, stop: Callable[[B], object]) -> None:
+    """Have ``stop(backend)`` run when the interpreter exits, before the exit handlers of
+    ``concurrent.futures`` and loky: those wait for every task in their executors' queues (an
+    abandoned gmap's, an unclosed ParPool's), and a Ctrl-C in that wait hangs the exit.
+
+    Call it once the executor's own handler is registered (at the import of
+    ``concurrent.futures.thread``; loky's at a pool's first task): the last registered runs
+    first. Each backend class and ``stop`` registers one handler; the backend is held weakly.
+    """
+    key = (type(backend), stop)
+    with _stopped_at_exit_lock:
+        instances = _stopped_at_exit.get(key)
+        if instances is None:
+            instances = _stopped_at_exit[key] = weakref.WeakSet()
+            try:
+                threading._register_atexit(  # type: ignore[attr-defined]  # as they do
+                    lambda: [stop(each) for each in list(instances)])  # type: ignore[arg-type]
+            except RuntimeError:  # the interpreter is exiting already: nothing to run before
+                return
+        instances.add(backend)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -242,3 +244,48 @@ def test_a_task_may_add_work_to_its_own_pool(backend):
         assert pool["inner"] == 9
     finally:
         pool.close()
+
+
+LEFT_OPEN = """
+import sys, time
+from pathlib import Path
+from parfor import ParPool, gmap
+
+def slow(i, marks, quick_first):
+    Path(marks, str(i)).touch()
+    time.sleep(0 if i == 0 and quick_first else 1)
+    return i
+
+if __name__ == "__main__":
+    backend, marks, what = sys.argv[1:]
+    if what == "pool":  # two run (or as many as a cluster runs at once), the others wait
+        pool = ParPool(slow, (marks, False), backend=backend, n_processes=2, bar=False)
+        for i in range(10):
+            pool[i] = i
+        running = 2
+    else:  # once the first result is read, two run, and one more waits (2 tasks per worker)
+        results = gmap(slow, range(10), (marks, True), backend=backend, n_processes=2,
+                       bar=False)
+        next(results)
+        running = 3
+    while len(list(Path(marks).iterdir())) < running:
+        time.sleep(0.05)
+    print(*sorted(int(path.name) for path in Path(marks).iterdir()), flush=True)
+"""
+
+
+@pytest.mark.parametrize("what", ["pool", "gmap"])
+def test_tasks_waiting_at_exit_do_not_run(backend, what, tmp_path):
+    # An unclosed ParPool, or a gmap left half read, at the end of a script: the interpreter
+    # exits without running the tasks that have not started (threads ran them all first).
+    if backend == "serial":
+        pytest.skip("serial runs each task as it is added or pulled: none ever waits")
+    script, marks = tmp_path / "left_open.py", tmp_path / "marks"
+    script.write_text(LEFT_OPEN)
+    marks.mkdir()
+    done = subprocess.run([sys.executable, str(script), backend, str(marks), what],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    time.sleep(1.5)  # on a cluster, what it would start after the caller left, it has by now
+    ran = sorted(int(path.name) for path in marks.iterdir())
+    assert " ".join(map(str, ran)) == done.stdout.strip()  # none of those that waited
