@@ -38,6 +38,7 @@ from parfor_core import (
 )
 from parfor_core._idle import IdleWatch
 from parfor_core._progress import tqdm_class
+from parfor_core._task import add_note
 
 #: Seconds a pool with nothing to do keeps its workers (the configured default).
 IDLE_TIMEOUT = SETTINGS["idle_timeout"].default
@@ -249,13 +250,14 @@ class ProcessesBackend(Backend):
     # Futures are resolved after the lock is released: resolving runs the caller's callbacks,
     # which may take locks of their own (a ParPool's) while the caller holds those and submits.
 
-    def _finished(self, worker: _Worker, answer: Result | Exception) -> None:
-        """The worker answered its job: a Result, or the error that reading the answer raised."""
+    def _finished(self, worker: _Worker, answer: Result | BaseException) -> None:
+        """The worker answered its job: a Result, or the error that reading the answer (or
+        showing the job's output) raised."""
         outcome = None
         with self._lock:
             job, worker.job = worker.job, None
             if job is not None:
-                if isinstance(answer, Exception):
+                if isinstance(answer, BaseException):
                     release_shared(job.items)
                     outcome = answer
                 else:
@@ -288,8 +290,9 @@ class ProcessesBackend(Backend):
                 job = self._pending.popleft()
                 how += " while it was starting, before it ran anything"
             if job is not None:
-                if job.future.cancelled():
+                if job.future.cancelled() or worker.error is not None:
                     release_shared(job.items)
+                    outcome = worker.error
                 else:
                     outcome = self._advance(job, lambda: job.after_death(
                         f"worker process {worker.pid}", f"{how}. {_meaning(how)}",
@@ -341,6 +344,9 @@ class _Worker:
         self._lifeline = lifeline
         self._results = results
         self._disowned = False  # in a forked child: the parent's worker, never written to
+        #: What fails the running job instead of its answer: what showing its output raised,
+        #: or a fault of the reader thread itself (the worker is then killed).
+        self.error: BaseException | None = None
         _live.add(self)
         threading.Thread(target=self._read_results, daemon=True).start()
 
@@ -408,14 +414,16 @@ class _Worker:
 
     def _on_result(self, body: memoryview) -> None:
         """Hand the answer to the running job, and tell the worker it was read."""
-        answer: Result | Exception
+        answer: Result | BaseException
         try:
             answer = load_result(body)
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit too (a __setstate__'s): the caller's to raise
             answer = exc
         if answer_holds_shared(body):
             with self.backend._lock:
                 self._acknowledge()
+        if self.error is not None:
+            answer, self.error = self.error, None
         self.backend._finished(self, answer)
 
     def _acknowledge(self) -> None:
@@ -431,8 +439,13 @@ class _Worker:
             write_frame(self.process.stdin, kind, *body, flush=flush)
 
     def _read_results(self) -> None:
-        while self._take_message():
-            pass
+        try:
+            while self._take_message():
+                pass
+        except BaseException as exc:  # never a job left unanswered: this fails it
+            add_note(exc, f"parfor: raised while reading what worker process {self.pid} sent")
+            self.error = exc
+            self.process.kill()
         self._results.close()
         self.backend._died(self)
 
@@ -453,8 +466,14 @@ class _Worker:
             if job is not None and job.task.report is not None:
                 job.task.report(COUNT.unpack(body)[0])
         else:  # b"O" or b"E": lines the worker printed
-            _show(bytes(body).decode(errors="replace"), sys.stdout if kind == b"O"
-                  else sys.stderr)
+            try:
+                _show(bytes(body).decode(errors="replace"), sys.stdout if kind == b"O"
+                      else sys.stderr)
+            except Exception as exc:  # a closed or broken stream: the job fails, as print would
+                if self.error is None:
+                    add_note(exc, f"parfor: raised while showing what worker process "
+                                  f"{self.pid} printed")
+                    self.error = exc
         return True
 
     def exit_description(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import io
 import os
 import signal
 import subprocess
@@ -749,24 +750,24 @@ def test_items_a_worker_cannot_load_fail_with_a_clear_error(tmp_path, monkeypatc
         backend.shutdown()
 
 
-def _refuse_to_load(caller: int) -> str:
+def _refuse_to_load(caller: int, error: type[BaseException]) -> str:
     if os.getpid() == caller:
-        raise RuntimeError("this result cannot be read in the caller")
+        raise error("this result cannot be read in the caller")
     return "read elsewhere"
 
 
 class ReadableOnlyElsewhere:
     """A result that the worker sends well, and the caller cannot unpickle."""
 
-    def __init__(self, caller: int) -> None:
-        self.caller = caller
+    def __init__(self, caller: int, error: type[BaseException]) -> None:
+        self.caller, self.error = caller, error
 
-    def __reduce__(self) -> tuple[object, tuple[int]]:
-        return _refuse_to_load, (self.caller,)
+    def __reduce__(self) -> tuple[object, tuple[int, type[BaseException]]]:
+        return _refuse_to_load, (self.caller, self.error)
 
 
-def unreadable_first(i: int, caller: int) -> object:
-    return ReadableOnlyElsewhere(caller) if i == 0 else i
+def unreadable_first(i: int, caller: int, error: type[BaseException] = RuntimeError) -> object:
+    return ReadableOnlyElsewhere(caller, error) if i == 0 else i
 
 
 def test_a_result_the_caller_cannot_read_fails_its_task_and_the_others_still_run():
@@ -779,3 +780,47 @@ def test_a_result_the_caller_cannot_read_fails_its_task_and_the_others_still_run
         with pytest.raises(WorkerError, match="RuntimeError: this result cannot be read in the"):
             pool[0]
         assert [pool[i] for i in range(1, 4)] == [1, 2, 3]
+
+
+def test_a_result_whose_loading_raises_system_exit_ends_the_call_with_it():
+    # Read in a reader thread, where the SystemExit once ended the thread: the call hung.
+    with pytest.raises(SystemExit, match="cannot be read in the caller"):
+        pmap(unreadable_first, range(4), (os.getpid(), SystemExit), backend="processes",
+             bar=False)
+    assert pmap(abs, [-1, -2], backend="processes", bar=False) == [1, 2]
+
+
+def chatty(i: int) -> int:
+    print(f"item {i} speaks")
+    return i
+
+
+class _BrokenStream(io.StringIO):
+    """The caller's stdout once its reader went away (``python script.py | head -1``), or
+    worse: its write raises ``error``."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__()
+        self.error = error
+
+    def write(self, text: str) -> int:
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [BrokenPipeError(32, "Broken pipe"), SystemExit("gone")])
+def test_worker_output_the_caller_cannot_show_fails_the_call_instead_of_hanging(monkeypatch,
+                                                                                 error):
+    backend = ProcessesBackend(2)
+    try:
+        monkeypatch.setattr(sys, "stdout", _BrokenStream(error))
+        with pytest.raises(BaseException) as caught:
+            pmap(chatty, range(4), backend=backend, bar=False)
+        monkeypatch.undo()
+        raised = caught.value.__cause__ if isinstance(error, Exception) else caught.value
+        if isinstance(error, Exception):  # a job's failure outside its function
+            assert isinstance(caught.value, WorkerError)
+        assert raised is error
+        assert any("worker process" in note for note in error.__notes__)
+        assert pmap(abs, [-1, -2], backend=backend, bar=False) == [1, 2]
+    finally:
+        backend.shutdown()
