@@ -29,6 +29,7 @@ PROGRESS_INTERVAL = 0.2
 
 def main(lifeline: int, results_fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.register_at_fork(after_in_child=_output_of_a_fork)
     _killed_with_parent(lifeline)
     threading.Thread(target=_exit_with_parent, args=(lifeline,), daemon=True).start()
     tasks = os.fdopen(os.dup(0), "rb")
@@ -91,6 +92,14 @@ def _answer(calls: dict[str, Any], task: memoryview, reporter: _ProgressReporter
     for output in outputs:
         output.flush()
     return answer
+
+
+def _output_of_a_fork() -> None:
+    """In a process that a task forked: what it prints goes to the file descriptors, as a
+    native write would, not into the results pipe, whose messages are the worker's alone (it
+    ends, sending nothing, when it is back from the task: see ``parfor_core.leave_fork``)."""
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - for its whole life
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
 
 
 def _killed_with_parent(lifeline: int) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from operator import length_hint
 from time import perf_counter
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 _short = reprlib.Repr()
 _short.maxstring = _short.maxother = 80
@@ -18,6 +18,7 @@ _short.maxlist = _short.maxtuple = _short.maxdict = _short.maxset = 6
 
 _inside_worker: ContextVar[bool] = ContextVar("parfor_inside_worker", default=False)
 _in_worker_process = False
+_worker_pid: int | None = None  # the worker's own: a process its tasks fork has another
 
 
 def inside_worker() -> bool:
@@ -27,8 +28,39 @@ def inside_worker() -> bool:
 
 def mark_worker_process() -> None:
     """Call once in each worker process, so that every call made there runs serially."""
-    global _in_worker_process
+    global _in_worker_process, _worker_pid
     _in_worker_process = True
+    _worker_pid = os.getpid()
+
+
+def in_fork_of_worker() -> bool:
+    """Whether this is a process that a task forked in a worker process: it runs on in the
+    task's code, and must never answer for the worker (see `leave_fork`)."""
+    return _in_worker_process and os.getpid() != _worker_pid
+
+
+def leave_fork(exc: BaseException | None = None) -> NoReturn:
+    """End a process that a task forked in a worker, back from the task (or raising ``exc``)
+    as Python would end a program, but without the exit handlers: they are the worker's, for
+    the worker's resources (its shared memory)."""
+    code = 0
+    if isinstance(exc, SystemExit):
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    elif exc is not None:
+        import traceback
+
+        traceback.print_exception(exc)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: S110 - closed or broken: nothing left to show
+            pass
+    os._exit(code)
 
 
 def short_repr(obj: object) -> str:
@@ -199,7 +231,7 @@ def run_task(task: Task, values: list[Any] | None = None) -> Result:
     try:
         _apply(call, task.items, values)
     except BaseException as exc:  # SystemExit too: the item's, for the caller to raise
-        if _ctrl_c(exc):
+        if _ends_the_task(exc):
             raise
         position = len(values) - before
         failure = Failure.capture(task.indices[position], task.items[position], exc)
@@ -226,7 +258,7 @@ def run_task_whole(task: Task) -> Result:
     try:
         return Result([fun(item) for item in source], perf_counter() - start)
     except BaseException as exc:
-        if _ctrl_c(exc):
+        if _ends_the_task(exc):
             raise
         position = len(items) - length_hint(source) - 1
         failure = Failure.capture(task.indices[position], items[position], exc)
@@ -235,11 +267,14 @@ def run_task_whole(task: Task) -> Result:
         _inside_worker.reset(token)
 
 
-def _ctrl_c(exc: BaseException) -> bool:
-    """Whether ``exc`` may be the user's Ctrl-C, which stops the call rather than failing an
-    item: a KeyboardInterrupt in the main thread of the caller's process (Python raises it
-    there only; anywhere else, ``fun`` raised it)."""
-    return (isinstance(exc, KeyboardInterrupt) and not _in_worker_process
+def _ends_the_task(exc: BaseException) -> bool:
+    """Whether ``exc`` ends the task rather than failing an item: the user's Ctrl-C, a
+    KeyboardInterrupt in the main thread of the caller's process (Python raises it there only;
+    anywhere else, ``fun`` raised it); or anything that ends a process ``fun`` forked in a
+    worker (``sys.exit`` there is that process's exit, not an item's error)."""
+    if _in_worker_process:
+        return in_fork_of_worker()
+    return (isinstance(exc, KeyboardInterrupt)
             and threading.current_thread() is threading.main_thread())
 
 

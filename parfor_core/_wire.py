@@ -25,7 +25,16 @@ from typing import Any
 
 from ._pickling import dumps, loads
 from ._shared import Address, Placement, Segment, attach, still_shared
-from ._task import Call, Failure, Result, Task, describe_worker, run_task
+from ._task import (
+    Call,
+    Failure,
+    Result,
+    Task,
+    describe_worker,
+    in_fork_of_worker,
+    leave_fork,
+    run_task,
+)
 from .errors import ParforError, SerializationError, rebuild_exception
 
 #: Serialized calls this large go through shared memory, not with each task or to each worker.
@@ -233,7 +242,14 @@ def run_items(call: Call, data: bytes, values: list[Any] | None = None,
         items = _loads_local(items)
     except Exception as exc:
         return unloadable(data, "the items", exc)
-    result = run_task(Task(call, indices, items), values)
+    try:
+        result = run_task(Task(call, indices, items), values)
+    except BaseException as exc:
+        if in_fork_of_worker():  # the task forked, and this is the fork, raising to its end
+            leave_fork(exc)
+        raise
+    if in_fork_of_worker():  # the fork, back from the task: it ends, and answers nothing
+        leave_fork()
     if result.failure is not None:
         _make_portable(result.failure)
     try:

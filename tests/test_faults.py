@@ -824,3 +824,28 @@ def test_worker_output_the_caller_cannot_show_fails_the_call_instead_of_hanging(
         assert pmap(abs, [-1, -2], backend=backend, bar=False) == [1, 2]
     finally:
         backend.shutdown()
+
+
+def fork_and_wait(i: int, child_does: str) -> tuple[int, str, int]:
+    """Forks; the fork prints, then exits or returns; the worker waits for it."""
+    pid = os.fork()
+    if pid == 0:  # the fork: what it returns or raises must never reach the caller
+        print(f"the fork of item {i} speaks")
+        if child_does == "exit":
+            sys.exit(5)
+        return (i, "from the fork", 0)
+    _, status = os.waitpid(pid, 0)
+    return (i, "from the worker", os.waitstatus_to_exitcode(status))
+
+
+@pytest.mark.parametrize("child_does", ["exit", "return"])
+def test_a_process_that_a_task_forks_ends_on_its_own_and_sends_nothing(process_backend,
+                                                                        child_does):
+    # The fork once went on as the worker: its sys.exit failed the next call, and its results
+    # answered for the worker's (on loky, in that call; on processes, in later calls too).
+    code = 5 if child_does == "exit" else 0
+    assert pmap(fork_and_wait, range(3), (child_does,), backend=process_backend,
+                n_processes=1, bar=False) == [(i, "from the worker", code) for i in range(3)]
+    for _ in range(3):
+        assert pmap(abs, range(-6, 0), backend=process_backend, n_processes=1,
+                    bar=False) == [6, 5, 4, 3, 2, 1]
