@@ -28,7 +28,9 @@ PROGRESS_INTERVAL = 0.2
 
 
 def main(lifeline: int, results_fd: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # born with it blocked: a pending one goes
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     os.register_at_fork(after_in_child=_output_of_a_fork)
     _killed_with_parent(lifeline)
     threading.Thread(target=_exit_with_parent, args=(lifeline,), daemon=True).start()

@@ -19,7 +19,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import IO
 
@@ -368,11 +368,12 @@ class _Worker:
                "PYTHONPATH": os.pathsep.join(filter(None, [package_root,
                                                            os.environ.get("PYTHONPATH")]))}
         try:
-            process = subprocess.Popen(
-                [sys.executable, "-c", WORKER_MAIN, str(lifeline_read), str(results_write)],
-                stdin=subprocess.PIPE, stdout=output, stderr=output,
-                pass_fds=(lifeline_read, results_write), env=env,
-            )
+            with _sigint_blocked():
+                process = subprocess.Popen(
+                    [sys.executable, "-c", WORKER_MAIN, str(lifeline_read), str(results_write)],
+                    stdin=subprocess.PIPE, stdout=output, stderr=output,
+                    pass_fds=(lifeline_read, results_write), env=env,
+                )
         except BaseException:
             _lifelines.discard(lifeline_write)
             os.close(lifeline_write)
@@ -583,6 +584,21 @@ def _ended(process: subprocess.Popen[bytes], timeout: float) -> int:
     except subprocess.TimeoutExpired:
         process.kill()
         return process.wait()
+
+
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """Block SIGINT in this thread while a worker is made, which then starts with it blocked,
+    until it ignores it: a Ctrl-C is the caller's to handle, also while a worker imports (its
+    traceback then appeared among the bars). One that comes meanwhile here comes after."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _show(lines: str, file: IO[str]) -> None:

@@ -233,3 +233,49 @@ def test_tasks_cancelled_while_waiting_leave_no_traceback_at_the_stop(process_ba
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "left"
     assert "Traceback" not in done.stderr and "Exception" not in done.stderr, done.stderr
+
+
+SLOW_WORKER_START = textwrap.dedent("""
+    import os, sys
+    from parfor import pmap
+
+    if __name__ == "__main__":
+        os.environ["SLOW_START"] = sys.argv[1]  # the workers' sitecustomize: a slow start
+        try:
+            pmap(abs, range(-4, 0), backend="processes", n_processes=2, bar=False)
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+""")
+
+
+def test_ctrl_c_while_workers_start_is_the_callers_alone(tmp_path):
+    # Workers that got the Ctrl-C while they started (before they ignore it) printed their
+    # KeyboardInterrupt tracebacks among the bars.
+    (tmp_path / "sitecustomize.py").write_text(textwrap.dedent("""
+        import os, time
+        if os.environ.get("SLOW_START"):  # a worker: it says it is starting, then takes long
+            open(os.path.join(os.environ["SLOW_START"], str(os.getpid())), "w").close()
+            time.sleep(2)
+    """))
+    starting = tmp_path / "starting"
+    starting.mkdir()
+    script = tmp_path / "slow_start.py"
+    script.write_text(SLOW_WORKER_START)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    process = subprocess.Popen([sys.executable, str(script), str(starting)], cwd=tmp_path,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while len(os.listdir(starting)) < 2:  # both workers are in their slow start
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.01)
+        ctrl_c(process)
+        out, err = process.communicate(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert out.strip() == "interrupted", err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
