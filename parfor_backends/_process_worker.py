@@ -11,6 +11,7 @@ the GIL, and a thread watching the pipe backs that up). Ctrl-C is the parent's t
 
 from __future__ import annotations
 
+import codecs
 import fcntl
 import io
 import os
@@ -71,7 +72,7 @@ def main(lifeline: int, results_fd: int) -> None:
         elif kind == b"I":
             sys.path[:], show_output = pickle.loads(body)
             if show_output:
-                outputs[:] = [_Output(send, b"O"), _Output(send, b"E")]
+                outputs[:] = [_Output(send, b"O", 1), _Output(send, b"E", 2)]
                 sys.stdout, sys.stderr = outputs
             else:
                 sys.stdout = sys.stderr = open(os.devnull, "w")
@@ -131,20 +132,34 @@ def _stdin_from_devnull() -> None:
 
 
 class _Output(io.TextIOBase):
-    """sys.stdout or sys.stderr of a worker: sends whole lines to the parent as they come."""
+    """sys.stdout or sys.stderr of a worker: sends whole lines to the parent as they come.
 
-    def __init__(self, send: Any, kind: bytes) -> None:
+    Code that needs a file descriptor (a subprocess's stdout, faulthandler) gets ``fd``, the
+    worker's own, which the parent's is: what goes there is shown as native writes are.
+    """
+
+    def __init__(self, send: Any, kind: bytes, fd: int) -> None:
         self._send = send
         self._kind = kind
+        self._fd = fd
         self._pending = ""
         self._lock = threading.Lock()
+        self.buffer = _OutputBuffer(self)
 
     @property
     def encoding(self) -> str:
         return "utf-8"
 
+    @property
+    def errors(self) -> str:
+        return "replace"
+
     def writable(self) -> bool:
         return True
+
+    def fileno(self) -> int:
+        self.flush()  # what was printed before comes first
+        return self._fd
 
     def write(self, text: str) -> int:
         with self._lock:
@@ -158,6 +173,25 @@ class _Output(io.TextIOBase):
             if self._pending:
                 self._send(self._kind, self._pending.encode(errors="replace"))
                 self._pending = ""
+
+
+class _OutputBuffer(io.RawIOBase):
+    """The bytes side of an `_Output` (``sys.stdout.buffer``): UTF-8, decoded as it comes."""
+
+    def __init__(self, text: _Output) -> None:
+        self._text = text
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        data = memoryview(data)
+        self._text.write(self._decoder.decode(data))
+        return data.nbytes
+
+    def fileno(self) -> int:
+        return self._text.fileno()
 
 
 class _ProgressReporter:

@@ -734,6 +734,34 @@ def test_workers_talk_over_pipes_only():
         backend.shutdown()
 
 
+def test_worker_output_works_as_files_do(tmp_path):
+    # sys.stdout and sys.stderr in a worker had no buffer and no file descriptor: a subprocess
+    # given them, faulthandler and bytes written to the buffer failed the item.
+    script = tmp_path / "files.py"
+    script.write_text(textwrap.dedent("""
+        import faulthandler, subprocess, sys
+        from parfor import pmap
+
+        def write(i):
+            sys.stdout.buffer.write(f"bytes from item {i} \u00e9\\n".encode())
+            subprocess.run([sys.executable, "-c", f"print('a subprocess of item {i}')"],
+                           stdout=sys.stdout, check=True)
+            faulthandler.enable(sys.stderr)
+            faulthandler.disable()
+            return i
+
+        if __name__ == "__main__":
+            print(pmap(write, range(3), backend="processes", bar=False))
+    """))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-1] == "[0, 1, 2]"
+    assert {f"bytes from item {i} \u00e9" for i in range(3)} <= set(lines)
+    assert {f"a subprocess of item {i}" for i in range(3)} <= set(lines)
+
+
 def test_items_a_worker_cannot_load_fail_with_a_clear_error(tmp_path, monkeypatch):
     (tmp_path / "only_in_parent.py").write_text("class Shape:\n    side = 3\n")
     monkeypatch.syspath_prepend(str(tmp_path))
