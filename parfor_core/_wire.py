@@ -14,6 +14,7 @@ and a call's function and extra arguments are serialized once per call.
 
 from __future__ import annotations
 
+import builtins
 import os
 import pickle
 import threading
@@ -35,7 +36,7 @@ from ._task import (
     leave_fork,
     run_task,
 )
-from .errors import ParforError, SerializationError, rebuild_exception
+from .errors import ParforError, SerializationError, rebuild_exception, rebuild_group
 
 #: Serialized calls this large go through shared memory, not with each task or to each worker.
 LARGE_CALL_BYTES = 1 << 20
@@ -370,31 +371,46 @@ def _run_cached(call_id: str, load: Callable[[], Call], items: bytes) -> bytes:
 
 class _Rebuilt:
     """Sends an exception as class, args and attributes: many exception classes cannot be
-    unpickled the usual way (an ``__init__`` with required arguments)."""
+    unpickled the usual way (an ``__init__`` with required arguments). A group is sent with
+    its members made portable each (``members``)."""
 
-    def __init__(self, exception: BaseException) -> None:
+    def __init__(self, exception: BaseException, members: list[Any] | None = None) -> None:
         self.exception = exception
+        self.members = members
 
     def __reduce__(self) -> tuple[object, ...]:
-        exc = self.exception
-        return rebuild_exception, (type(exc), exc.args, getattr(exc, "__dict__", {}))
+        exc, state = self.exception, getattr(self.exception, "__dict__", {})
+        if self.members is not None:
+            return rebuild_group, (type(exc), exc.message, self.members, state)  # type: ignore[attr-defined]
+        return rebuild_exception, (type(exc), exc.args, state)
+
+
+_GROUP: Any = getattr(builtins, "BaseExceptionGroup", ())  # Python 3.11 on
 
 
 def _make_portable(failure: Failure) -> None:
     """Make sure the caller can rebuild the exception, of its own type where at all possible."""
-    original = failure.exception
-    candidates: tuple[Any, ...] = (original, _Rebuilt(original))
-    if type(original).__init__ is not BaseException.__init__:  # it may reword its arguments
-        candidates = candidates[::-1]
+    failure.exception = _portable(failure.exception)
+
+
+def _portable(original: BaseException) -> Any:
+    """``original``, or what the caller can rebuild it from (also each member of a group);
+    a ParforError that describes it where nothing can be sent."""
+    if isinstance(original, _GROUP):
+        members = [_portable(member) for member in original.exceptions]
+        candidates: tuple[Any, ...] = (original, _Rebuilt(original, members))
+    else:
+        candidates = (original, _Rebuilt(original))
+        if type(original).__init__ is not BaseException.__init__:  # it may reword arguments
+            candidates = candidates[::-1]
     for candidate in candidates:
         try:
             loads(dumps(candidate))
         except Exception as exc:
             problem = exc
         else:
-            failure.exception = candidate  # type: ignore[assignment]
-            return
-    failure.exception = ParforError(
+            return candidate
+    return ParforError(
         f"{type(original).__module__}.{type(original).__qualname__}: {original} (the "
         f"original exception cannot be sent back from the worker: "
         f"{type(problem).__name__}: {problem})"

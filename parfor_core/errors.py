@@ -28,6 +28,15 @@ def rebuild_exception(cls: type[BaseException], args: tuple[object, ...],
     return error
 
 
+def rebuild_group(cls: type[BaseException], message: str, exceptions: list[BaseException],
+                  state: dict[str, object]) -> BaseException:
+    """Make an exception group from its class, message, members and attributes (its
+    ``__new__`` needs the message and the members; ``__init__`` may want other arguments)."""
+    group = cls.__new__(cls, message, exceptions)  # type: ignore[call-arg]
+    group.__dict__.update(state)
+    return group
+
+
 class UnknownBackendError(ParforError, ValueError):
     """No backend is registered under the requested name."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 import traceback
 import uuid
@@ -299,6 +300,27 @@ def test_exception_that_pickle_cannot_rebuild_keeps_its_type(backend):
     with pytest.raises(TwoPartError, match="3: bad item") as caught:
         pmap(raise_two_part, range(6), backend=backend, bar=False)
     assert caught.value.code == 3
+    assert "raised by item 3 (3)" in report(caught.value)
+
+
+def raise_group(i: int) -> int:
+    if i == 3:
+        raise ExceptionGroup("two went wrong", [  # noqa: F821 - Python 3.11 on, as the test
+            ValueError("plain"), TwoPartError(i, "bad item"),
+            ExceptionGroup("inner", [TwoPartError(i + 1, "worse")])])  # noqa: F821
+    return i
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception groups are Python 3.11 on")
+def test_an_exception_group_keeps_its_type_and_its_members(backend):
+    # A member that pickle cannot rebuild made the whole group a ParforError.
+    with pytest.raises(ExceptionGroup, match="two went wrong") as caught:  # noqa: F821
+        pmap(raise_group, range(6), backend=backend, bar=False)
+    plain, two_part, inner = caught.value.exceptions
+    assert (type(plain), str(plain)) == (ValueError, "plain")
+    assert (type(two_part), str(two_part), two_part.code) == (TwoPartError, "3: bad item", 3)
+    assert isinstance(inner, ExceptionGroup)  # noqa: F821
+    assert [(type(e), e.code) for e in inner.exceptions] == [(TwoPartError, 4)]
     assert "raised by item 3 (3)" in report(caught.value)
 
 
