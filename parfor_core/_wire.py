@@ -241,7 +241,7 @@ def run_items(call: Call, data: bytes, values: list[Any] | None = None,
     indices, items = pickle.loads(data)
     try:
         items = _loads_local(items)
-    except Exception as exc:
+    except BaseException as exc:  # a __setstate__'s SystemExit too: the item's, not the worker's
         return unloadable(data, "the items", exc)
     try:
         result = run_task(Task(call, indices, items), values)
@@ -255,7 +255,7 @@ def run_items(call: Call, data: bytes, values: list[Any] | None = None,
         _make_portable(result.failure)
     try:
         return _dumps_local(result) if local else dumps(result)
-    except Exception as exc:
+    except BaseException as exc:  # a __reduce__'s SystemExit too: that result's, not the worker's
         return dumps(_sendable(result, indices, items, exc))
 
 
@@ -417,12 +417,13 @@ def _portable(original: BaseException) -> Any:
     )
 
 
-def _sendable(result: Result, indices: list[int], items: list[Any], cause: Exception) -> Result:
+def _sendable(result: Result, indices: list[int], items: list[Any], cause: BaseException
+              ) -> Result:
     """Replace what cannot be sent back to the parent by a Failure that names it."""
     for position, value in enumerate(result.values):
         try:
             dumps(value)
-        except Exception as exc:
+        except BaseException as exc:
             error = SerializationError(f"the result of input item {indices[position]}", value, exc)
             failure = Failure.capture(indices[position], items[position], error)
             return Result(result.values[:position], result.elapsed, failure)

@@ -212,6 +212,24 @@ def test_unserializable_result_is_named(process_backend):
     assert pmap(abs, [-2, 2], backend=process_backend, bar=False) == [2, 2]
 
 
+class ExitsWhenSent:
+    """A result whose pickling raises SystemExit: it once ended the worker, and the call failed
+    with a WorkerDiedError after the retries."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise SystemExit(3)
+
+
+def return_exits_when_sent(i: int) -> object:
+    return ExitsWhenSent() if i == 3 else i
+
+
+def test_a_result_whose_pickling_raises_system_exit_is_named(process_backend):
+    with pytest.raises(SerializationError, match=r"result of input item 3.*SystemExit"):
+        pmap(return_exits_when_sent, range(6), backend=process_backend, bar=False)
+    assert pmap(abs, [-2, 2], backend=process_backend, bar=False) == [2, 2]
+
+
 class LockedError(Exception):
     def __init__(self) -> None:
         super().__init__("cannot travel")
