@@ -326,6 +326,9 @@ class ClusterBackend(Backend):
             try:
                 outcome = job.finish(load_result(self._outcome(remote)))
             except Exception as error:
+                if job.future.cancelled():  # by the caller, since the look above: nobody waits
+                    error.__traceback__ = None  # the engine keeps it (Dask's cancel), and its
+                    return                      # frames would keep the job's call alive
                 to = self._lost_connection(error, sending=False)
                 if to is not None:
                     raise self._connection_error(to, error, "waiting for a task", job,

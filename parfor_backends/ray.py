@@ -100,7 +100,10 @@ class RayBackend(ClusterBackend):
         return reference, reference.future()  # the future fetches the answer once
 
     def _when_done(self, remote: Any, callback: Callable[[], object]) -> None:
-        remote[1].add_done_callback(lambda _: callback())
+        # Let go of once called: the callback holds the remote, whose future keeps its
+        # callbacks, and that cycle kept each call's arguments until a garbage collection.
+        once = [callback]
+        remote[1].add_done_callback(lambda _: once.pop()())
 
     def _outcome(self, remote: Any) -> bytes:
         return remote[1].result()

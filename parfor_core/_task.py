@@ -159,8 +159,9 @@ class Failure:
         self.worker = worker
 
     def __repr__(self) -> str:
+        exception = getattr(self, "exception", "<raised>")
         return (f"Failure(index={self.index}, item_repr={self.item_repr!r}, "
-                f"exception={self.exception!r}, worker={self.worker!r})")
+                f"exception={exception!r}, worker={self.worker!r})")
 
     @classmethod
     def capture(cls, index: int, item: object, exc: BaseException) -> Failure:
@@ -190,7 +191,13 @@ class Failure:
             raise RuntimeError(f"fun raised {type(exc).__name__} on {where}") from exc
         add_note(exc, f"parfor: raised by {where}")
         exc.__parfor_item_error__ = True  # type: ignore[union-attr]  # see is_item_error
-        raise exc
+        # Raised once, and let go of: no cycle (the error, its traceback, a frame there that
+        # holds this Failure) keeps the call's arguments alive until a garbage collection.
+        del self.exception
+        try:
+            raise exc
+        finally:
+            del exc
 
 
 def is_item_error(exc: BaseException) -> bool:

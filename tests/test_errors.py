@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import sys
 import time
 import traceback
 import uuid
+import weakref
 from pathlib import Path
 
 import psutil
@@ -228,6 +231,36 @@ def test_a_result_whose_pickling_raises_system_exit_is_named(process_backend):
     with pytest.raises(SerializationError, match=r"result of input item 3.*SystemExit"):
         pmap(return_exits_when_sent, range(6), backend=process_backend, bar=False)
     assert pmap(abs, [-2, 2], backend=process_backend, bar=False) == [2, 2]
+
+
+class Held:
+    """An argument whose life a weak reference tells."""
+
+
+def maybe_fail_on_two(i: int, held: Held, fails: bool) -> int:
+    if fails and i == 2:
+        raise ValueError("two")
+    return i
+
+
+@pytest.mark.parametrize("fails", [True, False])
+def test_a_call_lets_go_of_its_arguments_without_a_garbage_collection(backend, fails):
+    # They stayed in cycles until one (a large array, and its shared memory, for as long as
+    # the program had none): a failed call's error, its traceback, a frame there, the error;
+    # on Ray, every call's task, its remote future, the callback that holds both.
+    held = Held()
+    alive = weakref.ref(held)
+    gc.disable()
+    try:
+        with pytest.raises(ValueError, match="two") if fails else contextlib.nullcontext():
+            pmap(maybe_fail_on_two, range(4), (held, fails), backend=backend, bar=False)
+        del held
+        deadline = time.monotonic() + 10  # tasks still running (Ray's) may hold it till they end
+        while alive() is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert alive() is None
+    finally:
+        gc.enable()
 
 
 class LockedError(Exception):
