@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -14,11 +15,7 @@ def make_call(fun: object, args: object, kwargs: object) -> Call:
     """The Call of ``fun(item, *args, **kwargs)``, after checking each part."""
     if not callable(fun):
         raise TypeError(f"fun must be callable, got {type(fun).__name__} {fun!r}")
-    if args is None:
-        args = ()
-    elif not isinstance(args, (tuple, list)):
-        raise TypeError(f"args must be a tuple of extra positional arguments for fun, got "
-                        f"{type(args).__name__} {args!r}; did you mean args=({args!r},)?")
+    args = check_args(args, "extra positional arguments")
     if kwargs is None:
         kwargs = {}
     elif not isinstance(kwargs, Mapping):
@@ -27,17 +24,32 @@ def make_call(fun: object, args: object, kwargs: object) -> Call:
     return Call(fun, args, kwargs)  # type: ignore[arg-type]
 
 
+def check_args(args: object, what: str) -> tuple[Any, ...]:
+    """``args`` (None: none) as a tuple, if it is a tuple or list of ``what`` for fun."""
+    if args is None:
+        return ()
+    if not isinstance(args, (tuple, list)):
+        raise TypeError(f"args must be a tuple of {what} for fun, got {type(args).__name__} "
+                        f"{args!r}; did you mean args=({args!r},)?")
+    return tuple(args)
+
+
 def check_count(name: str, value: object, minimum: int) -> int:
-    """``value`` if it is a whole number of at least ``minimum``; else a ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """``value`` as an int if it is a whole number (numpy's too) of at least ``minimum``; else
+    a ValueError naming it."""
+    try:
+        number = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        number = None
+    if isinstance(value, bool) or number is None or number < minimum:
         raise ValueError(f"{name} must be a whole number of at least {minimum}, got {value!r}")
-    return value
+    return number
 
 
 def settings_for(backend: object, n_processes: object, bar: object) -> Configuration:
     """The settings of one call: its own arguments (checked here) over the configuration."""
     if n_processes is not None:
-        check_count("n_processes", n_processes, 1)
+        n_processes = check_count("n_processes", n_processes, 1)
     return current(backend=backend if isinstance(backend, str) else None,
                    n_processes=n_processes, bar=bar)
 

@@ -42,13 +42,14 @@ class Chunks:
                                (("s", s, size), ("n", n, number), ("r", r, ratio)))
         if not iterables:
             raise TypeError("Chunks needs at least one iterable")
-        for name, value, minimum in (("size", size, 1), ("number", number, 1),
-                                     ("length", length, 0)):
-            if value is not None:
-                check_count(f"Chunks: {name}", value, minimum)
+        size, number, length = (None if value is None else check_count(f"Chunks: {name}",
+                                                                        value, minimum)
+                                for name, value, minimum in (("size", size, 1),
+                                                             ("number", number, 1),
+                                                             ("length", length, 0)))
         if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
-                                  or not ratio > 0):
-            raise ValueError(f"Chunks: ratio must be a number above 0, got {ratio!r}")
+                                  or not 0 < ratio < math.inf):
+            raise ValueError(f"Chunks: ratio must be a finite number above 0, got {ratio!r}")
         self.iterables = iterables
         self.size = size
         if length is None:

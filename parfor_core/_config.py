@@ -53,7 +53,7 @@ def _whole(minimum: int) -> Callable[[object], int]:
     def parse(value: object) -> int:
         if isinstance(value, str):
             value = value.strip()
-            if value.lstrip("-").isdigit():
+            if value.removeprefix("-").isascii() and value.removeprefix("-").isdigit():
                 value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"must be a whole number of at least {minimum}")

@@ -9,7 +9,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
-from ._arguments import check_count, make_call, settings_for, show_bar
+from ._arguments import check_args, check_count, make_call, settings_for, show_bar
 from ._progress import Progress, ProgressBar, check_bar
 from ._registry import registry
 from ._task import Call, Result, Task, add_note, inside_worker, is_item_error
@@ -26,6 +26,15 @@ class UnknownHandleError(KeyError, ValueError):
 
     def __str__(self) -> str:
         return str(self.args[0])  # the message, not KeyError's repr of it
+
+
+#: The handle of a task that is given none: a new one is made up.
+_MADE_UP: Any = object()
+
+
+def _made_up(handle: Hashable | None) -> Hashable:
+    """``handle``, or `_MADE_UP` for None, which asks for a new one (where it is optional)."""
+    return _MADE_UP if handle is None else handle
 
 
 class ParPool:
@@ -77,10 +86,10 @@ class ParPool:
     def __call__(self, item: Any, handle: Hashable | None = None, barlength: int = 1
                  ) -> Hashable:
         """Run the pool's function on ``item``; returns the handle (made up if not given)."""
-        return self._submit(self._require_default(), item, handle, barlength)
+        return self._submit(self._require_default(), item, _made_up(handle), barlength)
 
     def __setitem__(self, handle: Hashable, item: Any) -> None:
-        """Run the pool's function on ``item`` under the given handle."""
+        """Run the pool's function on ``item`` under the given handle (None too)."""
         self._submit(self._require_default(), item, handle)
 
     def add_task(
@@ -96,8 +105,9 @@ class ParPool:
         call = make_call(fun if fun is not None else (default.fun if default else None),
                          (), kwargs if kwargs is not None else (default.kwargs if default else {}))
         call.unpack = True
-        item = tuple(args) if args is not None else (default.args if default else ())
-        return self._submit(call, item, handle, barlength)
+        item = check_args(args, "the positional arguments") if args is not None else (
+            default.args if default else ())
+        return self._submit(call, item, _made_up(handle), barlength)
 
     def process_queue(self) -> None:
         """Nothing to do: results arrive on their own. The original parfor's ParPool needed this
@@ -109,14 +119,15 @@ class ParPool:
                             "or use add_task(fun, args, kwargs)")
         return self._default
 
-    def _submit(self, call: Call, item: Any, handle: Hashable | None, barlength: int = 1
+    def _submit(self, call: Call, item: Any, handle: Hashable, barlength: int = 1
                 ) -> Hashable:
-        check_count("barlength", barlength, 0)
+        """Run ``call`` on ``item`` under ``handle`` (`_MADE_UP`: a new one, returned)."""
+        barlength = check_count("barlength", barlength, 0)
         self._raise_bar_error()
         with self._lock:  # one handle, one task, also when several threads add work
             if self._closed:
                 raise RuntimeError("this ParPool is closed")
-            if handle is None:
+            if handle is _MADE_UP:
                 handle = next(h for h in self._handles
                               if h not in self._futures and h not in self._reserved)
             elif handle in self._futures or handle in self._reserved:
@@ -209,7 +220,8 @@ class ParPool:
     def _future_of(self, handle: Hashable) -> Future[Result]:
         future = self._futures.get(handle)
         if future is None:
-            raise UnknownHandleError(f"no task with handle {handle!r} in this ParPool")
+            closed = " (it is closed: the tasks not fetched were cancelled)" if self._closed else ""
+            raise UnknownHandleError(f"no task with handle {handle!r} in this ParPool{closed}")
         return future
 
     def _forget(self, handle: Hashable, future: Future[Result]) -> None:

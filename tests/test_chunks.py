@@ -97,7 +97,8 @@ def test_wrong_length_is_a_clear_error():
 
 
 @pytest.mark.parametrize("kwargs", [{"size": 0}, {"number": -1}, {"ratio": 0}, {"size": 2.5},
-                                    {"ratio": "a"}, {"ratio": True}])
+                                    {"ratio": "a"}, {"ratio": True}, {"ratio": float("inf")},
+                                    {"ratio": float("nan")}])
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         Chunks(range(5), **kwargs)
@@ -112,3 +113,11 @@ def test_the_original_deprecated_names_still_work_and_warn(old, new, value):
     with pytest.raises(TypeError, match=f"both '{old}' and '{new}'"), \
             pytest.warns(DeprecationWarning):
         Chunks(range(10), **{old: value, new: value})
+
+
+def test_numpy_integers_are_whole_numbers_too():
+    import numpy
+
+    chunks = Chunks(range(7), size=numpy.int64(3), length=numpy.int32(7))
+    assert list(chunks) == [[0, 1], [2, 3], [4, 5, 6]]
+    assert type(chunks.size) is int

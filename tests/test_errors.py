@@ -326,6 +326,14 @@ def test_bad_arguments_fail_at_once_with_a_clear_message(kwargs, error, match):
         gmap(**call)
 
 
+def test_numpy_integers_are_accepted_where_whole_numbers_are():
+    import numpy
+
+    assert pmap(abs, range(-3, 0), total=numpy.int64(3), n_processes=numpy.int32(2),
+                bar=False) == [3, 2, 1]
+
+
+
 def test_length_is_a_deprecated_alias_of_total():
     shown = []
     with pytest.warns(DeprecationWarning, match="total"):

@@ -166,9 +166,31 @@ def test_pool_without_function_needs_add_task(backend):
 
 def test_closed_pool_refuses_work(backend):
     pool = ParPool(power, backend=backend)
+    pool["unfetched"] = 2
     pool.close()
     with pytest.raises(RuntimeError, match="closed"):
         pool[0] = 1
+    with pytest.raises(KeyError, match="'unfetched' in this ParPool .it is closed: the tasks "
+                                       "not fetched were cancelled"):
+        pool["unfetched"]
+
+
+def test_none_is_a_handle_like_any_other(backend):
+    # It once asked for a made-up handle: the task went under 0, and pool[None] failed.
+    with ParPool(power, backend=backend) as pool:
+        pool[None] = 3
+        assert None in pool and 0 not in pool
+        made_up = pool(4)  # a handle left out is made up, as before
+        assert made_up is not None
+        assert (pool[None], pool[made_up]) == (9, 16)
+
+
+def test_add_task_names_args_that_are_not_a_sequence(backend):
+    with ParPool(power, backend=backend) as pool:
+        with pytest.raises(TypeError, match=r"args must be a tuple of the positional arguments "
+                                            r"for fun, got int 5; did you mean args=\(5,\)"):
+            pool.add_task(power, 5)
+        assert len(pool) == 0
 
 
 def test_progress_callback_counts_finished_tasks(backend):
