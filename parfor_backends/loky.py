@@ -27,6 +27,9 @@ from parfor_core import (
 
 #: Seconds an idle loky worker waits for work before it exits (the configured default).
 IDLE_TIMEOUT = SETTINGS["idle_timeout"].default
+#: The longest wait a loky worker can be given (its select() counts in milliseconds, in a C
+#: int): a longer idle timeout (endless, say) is none at all.
+LONGEST_WAIT = (2**31 - 1) / 1000
 
 
 class LokyBackend(Backend):
@@ -80,7 +83,8 @@ class LokyBackend(Backend):
             if self._executor is None or self._executor is replacing:
                 from loky import ProcessPoolExecutor
 
-                self._executor = ProcessPoolExecutor(self.n_workers, timeout=self.idle_timeout,
+                timeout = self.idle_timeout if self.idle_timeout <= LONGEST_WAIT else None
+                self._executor = ProcessPoolExecutor(self.n_workers, timeout=timeout,
                                                      initializer=_start_worker)
             return self._executor
 

@@ -194,6 +194,19 @@ def test_backend_options_reach_the_backend(isolated):
         assert backend.worker_output is False
 
 
+@pytest.mark.parametrize("name", ["processes", "loky"])
+@pytest.mark.parametrize("seconds", ["inf", "1e300"])
+def test_an_endless_idle_timeout_keeps_the_workers(isolated, name, seconds):
+    # loky was handed it as is, and each of its workers failed at its first wait.
+    write(isolated / "project" / "parfor.toml",
+          f'[backends.{name}]\nidle_timeout = {seconds}\n')
+    selected = registry.select(name, serial=None, total=10, settings=current(backend=name))
+    with registry.lease(selected) as backend:
+        assert backend.idle_timeout == float(seconds)
+        assert pmap(abs, range(-4, 0), backend=backend, bar=False) == [4, 3, 2, 1]
+        backend.shutdown()
+
+
 def test_unknown_backend_option_warns(isolated):
     write(isolated / "project" / "parfor.toml",
           'backend = "processes"\n[backends.processes]\nspeed = 11\n')
