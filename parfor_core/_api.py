@@ -6,7 +6,7 @@ import itertools
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
 
-from ._arguments import make_call, settings_for, show_bar, total_of
+from ._arguments import make_call, settings_for, settle_sharing, show_bar, total_of
 from ._chunking import ChunkSizer
 from ._dispatch import Input, dispatch
 from ._probe import Gathered, run_while_cheap, worth_probing
@@ -64,6 +64,7 @@ def _batches(fun: Callable[..., Any], iterable: Iterable[Any], args: Sequence[An
     expected = total_of(iterable, total, length)
     check_bar(bar, bar_kwargs, desc)
     settings = settings_for(backend, n_processes, bar)
+    settle_sharing(call, settings)
     selected = registry.select(backend, serial=serial, total=expected, settings=settings)
     shown = show_bar(bar, settings["bar"], nested=inside_worker())
     spec = ProgressSpec(shown, expected, desc, bar_kwargs)

@@ -34,6 +34,12 @@ def check_args(args: object, what: str) -> tuple[Any, ...]:
     return tuple(args)
 
 
+def settle_sharing(call: Call, settings: Configuration) -> Call:
+    """Fix how ``call``'s large data is shared to the settings where it was made."""
+    call.share_in_place, call.keep_shared = settings["share_in_place"], settings["keep_shared"]
+    return call
+
+
 def check_count(name: str, value: object, minimum: int) -> int:
     """``value`` as an int if it is a whole number (numpy's too) of at least ``minimum``; else
     a ValueError naming it."""

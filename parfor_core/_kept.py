@@ -87,17 +87,21 @@ def _locked() -> Iterator[None]:
         _settle()
 
 
-def lease(parts: list[memoryview]) -> tuple[list[Placement | None], Callable[[], None]]:
+def lease(parts: list[memoryview], keep_seconds: float | None = None,
+          in_place: bool | None = None) -> tuple[list[Placement | None], Callable[[], None]]:
     """Where kept segments hold a call's buffers (None for each that is not kept: small, or
     not a numpy array's memory; the caller places those), and what to call when the call is
-    over. Kept segments of earlier calls that this call does not use go now."""
+    over. Kept segments of earlier calls that this call does not use go now. They are kept
+    ``keep_seconds`` after (None: as the ``keep_shared`` setting says now); a new one shares
+    its array in place as `Segment.holding` says with ``in_place``."""
     global _keep_seconds
-    _keep_seconds = current()["keep_shared"]
+    _keep_seconds = current()["keep_shared"] if keep_seconds is None else keep_seconds
     used: list[_Kept] = []
     placements: list[Placement | None] = []
     try:
         for part in parts:
-            kept = _kept_for(part, _keep_seconds > 0) if part.nbytes >= KEPT_BYTES else None
+            kept = (_kept_for(part, _keep_seconds > 0, in_place) if part.nbytes >= KEPT_BYTES
+                    else None)
             placements.append(None if kept is None else kept.placement)
             if kept is not None:
                 used.append(kept)
@@ -111,7 +115,7 @@ def lease(parts: list[memoryview]) -> tuple[list[Placement | None], Callable[[],
     return placements, partial(_done, used)
 
 
-def _kept_for(part: memoryview, keep: bool) -> _Kept | None:
+def _kept_for(part: memoryview, keep: bool, in_place: bool | None) -> _Kept | None:
     """The kept segment holding ``part`` now (its users counting one more), made if need be
     (and kept, if ``keep``); None if ``part`` is not a numpy array's memory (whose comparison
     needs numpy)."""
@@ -133,7 +137,7 @@ def _kept_for(part: memoryview, keep: bool) -> _Kept | None:
         with _locked():  # stale: it goes before the new copy is made, not after
             _drop(kept)
         _done([kept])
-    segment, [(start, _)] = Segment.holding([part])
+    segment, [(start, _)] = Segment.holding([part], in_place=in_place)
     kept = _Kept(segment, start, key)
     kept.users = 1
     if keep:

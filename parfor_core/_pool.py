@@ -9,7 +9,14 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
-from ._arguments import check_args, check_count, make_call, settings_for, show_bar
+from ._arguments import (
+    check_args,
+    check_count,
+    make_call,
+    settings_for,
+    settle_sharing,
+    show_bar,
+)
 from ._progress import Progress, ProgressBar, check_bar
 from ._registry import registry
 from ._task import Call, Result, Task, add_note, inside_worker, is_item_error
@@ -62,6 +69,9 @@ class ParPool:
         settings = settings_for(backend, n_processes, bar)
         selected = registry.select(backend, serial=False if backend is None else None,
                                    total=None, settings=settings)
+        self._settings = settings  # where its calls were made, for all of them
+        if self._default is not None:
+            settle_sharing(self._default, settings)
         self._resources = ExitStack()
         self._backend = self._resources.enter_context(registry.lease(selected))
         # No bar unless asked for, by argument or configuration: a pool has no known total.
@@ -105,6 +115,7 @@ class ParPool:
         call = make_call(fun if fun is not None else (default.fun if default else None),
                          (), kwargs if kwargs is not None else (default.kwargs if default else {}))
         call.unpack = True
+        settle_sharing(call, self._settings)
         item = check_args(args, "the positional arguments") if args is not None else (
             default.args if default else ())
         return self._submit(call, item, _made_up(handle), barlength)

@@ -77,8 +77,8 @@ class Segment:
         self.address = Address(_machine(), path, os.fstat(fd).st_ino, size)
 
     @classmethod
-    def holding(cls, parts: list[memoryview], *, transient: bool = False
-                ) -> tuple[Segment, list[tuple[int, int]]]:
+    def holding(cls, parts: list[memoryview], *, transient: bool = False,
+                in_place: bool | None = None) -> tuple[Segment, list[tuple[int, int]]]:
         """A new segment with ``parts`` written one after another (aligned), and where each
         lies in it as ``(start, end)``.
 
@@ -86,10 +86,11 @@ class Segment:
         segment's (see `_in_place`). ``transient`` parts (a task's items, a result), whose copy
         would go with their task, only where shared memory gets huge pages: in 4 KiB pages,
         the array would be read in those from then on, and a copy that goes that soon is worth
-        less than the time (W6 took 6% to 12% longer)."""
-        in_place = _in_place_pages(parts, transient)
+        less than the time (W6 took 6% to 12% longer). ``in_place`` False: never (None: as
+        the ``share_in_place`` setting says now)."""
+        pages = _in_place_pages(parts, transient, in_place)
         spans, end = [], 0
-        for part, found in zip(parts, in_place, strict=True):
+        for part, found in zip(parts, pages, strict=True):
             if found is None:
                 start = -(-end // ALIGNMENT) * ALIGNMENT
             else:  # where it lies within a huge page in this process, to map it over
@@ -98,13 +99,13 @@ class Segment:
             spans.append((start, end))
         segment = cls(end)
         through_mapping = end >= HUGE_PAGE and huge_pages_on_request()
-        if not through_mapping and not any(in_place):
+        if not through_mapping and not any(pages):
             for part, (start, _) in zip(parts, spans, strict=True):
                 segment.write(start, part)
             return segment, spans
         with segment.map() as mapping, memoryview(mapping) as memory:
             write = functools.partial(_copy_into, memory) if through_mapping else segment.write
-            for part, found, (start, _) in zip(parts, in_place, spans, strict=True):
+            for part, found, (start, _) in zip(parts, pages, spans, strict=True):
                 if found is None:
                     write(start, part)
                 else:
@@ -154,7 +155,8 @@ def shmem_huge_pages() -> str | None:
     return setting[setting.find("[") + 1:setting.find("]")] or None
 
 
-def _in_place_pages(parts: list[memoryview], transient: bool) -> list[tuple[int, Pages] | None]:
+def _in_place_pages(parts: list[memoryview], transient: bool, allowed: bool | None
+                    ) -> list[tuple[int, Pages] | None]:
     """For each part, where it starts and the pages of it to share in place, if any: only for
     one large part among small ones, since the array's mapping keeps the whole segment, all its
     parts, for as long as the array lives; ``transient`` ones only where shared memory gets huge
@@ -164,9 +166,11 @@ def _in_place_pages(parts: list[memoryview], transient: bool) -> list[tuple[int,
     if (len(large) != 1 or transient and not huge_pages_on_request()
             or sum(part.nbytes for part in parts) - parts[large[0]].nbytes > IN_PLACE_COMPANY):
         return found
-    from ._config import current
+    if allowed is None:
+        from ._config import current
 
-    if not current()["share_in_place"]:
+        allowed = current()["share_in_place"]
+    if not allowed:
         return found
     from ._in_place import find_pages  # not at import: it loads ctypes
 

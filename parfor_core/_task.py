@@ -87,7 +87,7 @@ class Call:
     """
 
     __slots__ = ("fun", "args", "kwargs", "unpack", "id", "cancelled", "releasers", "_wire",
-                 "_shared", "__weakref__")
+                 "_shared", "share_in_place", "keep_shared", "__weakref__")
 
     def __init__(
         self,
@@ -105,6 +105,10 @@ class Call:
         self.releasers: list[Callable[[], object]] = []  # free what serializing it made
         self._wire: bytes | None = None  # serialized by _wire on first need
         self._shared: bytes | None = None  # how share_call sends it on this machine
+        #: The settings of that name where the call was made (None: as configured when its
+        #: data is sent): a gmap made in a parfor.config() block may be read after it.
+        self.share_in_place: bool | None = None
+        self.keep_shared: float | None = None
 
     @property
     def plain(self) -> bool:

@@ -119,11 +119,11 @@ def _placed_for(call: Call, data: bytes, buffers: list[memoryview]) -> list[Plac
     goes with the call."""
     from ._kept import lease  # not at import: it loads ctypes
 
-    kept, done = lease(buffers)
+    kept, done = lease(buffers, call.keep_shared, call.share_in_place)
     call.releasers.append(done)
     rest = [memoryview(data),
             *(part for part, place in zip(buffers, kept, strict=True) if place is None)]
-    segment, spans = Segment.holding(rest)
+    segment, spans = Segment.holding(rest, in_place=call.share_in_place)
     call.releasers.append(segment.release)
     own = iter([(segment.address, start, end) for start, end in spans])
     return [next(own), *(place or next(own) for place in kept)]
@@ -154,15 +154,16 @@ class _SharedPayload(bytes):
 _SHARED = b"S"
 
 
-def _dumps_local(obj: object) -> bytes:
+def _dumps_local(obj: object, in_place: bool | None = None) -> bytes:
     """``obj`` serialized for a process on this machine: its large buffers (numpy arrays'
-    data) placed in shared memory, which lives as long as the returned bytes do."""
+    data) placed in shared memory, which lives as long as the returned bytes do (shared in
+    place as `Segment.holding` says)."""
     buffers: list[pickle.PickleBuffer] = []
     data = dumps(obj, buffers)
     if not buffers:
         return data
     try:
-        segment, spans = Segment.holding(list(_raw(buffers)), transient=True)
+        segment, spans = Segment.holding(list(_raw(buffers)), transient=True, in_place=in_place)
     except OSError:  # no shared memory to be had (descriptors or memory run out): in the bytes
         return dumps(obj)
     return _keeping(_SHARED + pickle.dumps((data, segment.address, spans)), segment)
@@ -220,7 +221,8 @@ def dump_items(task: Task, local: bool = False) -> bytes:
     (and then passes to `release_shared`).
     """
     try:
-        items = _dumps_local(list(task.items)) if local else dumps(list(task.items))
+        items = (_dumps_local(list(task.items), task.call.share_in_place) if local
+                 else dumps(list(task.items)))
     except Exception as exc:
         pairs = zip(task.indices, task.items, strict=True)
         named = [(f"input item {index}", item) for index, item in pairs]

@@ -325,6 +325,17 @@ def test_the_setting_turns_it_off():
     assert _shared_in_place(array)
 
 
+def test_a_lazy_call_follows_the_settings_where_it_was_made():
+    # A gmap made in a block and read after it sent its array as the settings outside said.
+    array = numpy.ones(_block_bytes() // 8)
+    before = _layout(array)
+    with parfor.config(share_in_place=False, keep_shared=0):
+        results = gmap(total, range(2), (array,), backend="processes", bar=False)
+    assert list(results) == [float(array.sum())] * 2
+    assert _layout(array) == before
+    assert not _kept._kept  # nothing kept after the call: keep_shared = 0
+
+
 def both_totals(i: int, first: numpy.ndarray, second: numpy.ndarray) -> float:
     return float(first.sum() + second.sum())
 

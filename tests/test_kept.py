@@ -188,10 +188,10 @@ def test_a_call_that_fails_while_copying_leaves_no_segment_in_use(monkeypatch):
     pmap(total_and_segment, range(2), (first,), backend="processes", bar=False)
     holding = _kept.Segment.holding
 
-    def no_memory_for_the_second(parts):
+    def no_memory_for_the_second(parts, **options):
         if parts[0].nbytes == second.nbytes and parts[0].obj is second:
             raise MemoryError("no memory for the second array")
-        return holding(parts)
+        return holding(parts, **options)
 
     monkeypatch.setattr(_kept.Segment, "holding", no_memory_for_the_second)
     with pytest.raises(MemoryError):
@@ -209,7 +209,8 @@ def test_a_changed_array_lets_its_old_segment_go_before_it_is_copied_again(monke
     holding = _kept.Segment.holding
     seen = []
     monkeypatch.setattr(_kept.Segment, "holding",
-                        lambda parts: (seen.append(still_shared(old)), holding(parts))[1])
+                        lambda parts, **options: (seen.append(still_shared(old)),
+                                                  holding(parts, **options))[1])
     array[-1] = 0.0
     pmap(total_and_segment, range(2), (array,), backend="processes", bar=False)
     assert seen and not any(seen)  # the new copy, and the call's own segment
