@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -15,12 +15,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("config", help="show the effective settings and where each comes from")
     demo = commands.add_parser("demo", help="run a CPU-bound loop serially and in parallel, "
                                             "and print the speedup")
-    demo.add_argument("--items", type=_at_least_two, default=32,
+    demo.add_argument("--items", type=_at_least(2), default=32,
                       help="number of items, at least 2 (default 32)")
-    demo.add_argument("--work", type=int, default=1_000_000,
+    demo.add_argument("--work", type=_at_least(1), default=1_000_000,
                       help="loop iterations per item (default 1000000)")
     demo.add_argument("--backend", default=None, help="backend name (default: automatic)")
-    demo.add_argument("--n-processes", type=int, default=None,
+    demo.add_argument("--n-processes", type=_at_least(1), default=None,
                       help="number of workers (default: every CPU)")
     options = parser.parse_args(argv)
     from parfor_core import ParforError
@@ -38,11 +38,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"parfor: error: {error}\n")
 
 
-def _at_least_two(text: str) -> int:
-    value = int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be at least 2, got {value}")
-    return value
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argument type: a whole number of at least ``minimum``, else a message saying so."""
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(
+                f"must be a whole number of at least {minimum}, got {text!r}")
+        return value
+    return whole_number
 
 
 if __name__ == "__main__":

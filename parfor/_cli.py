@@ -11,18 +11,30 @@ from parfor_core._config import current, project_config_path, user_config_path
 
 
 def list_backends(out: TextIO) -> int:
-    """Print every backend, its source, whether it runs here, and the automatic choice."""
+    """Print every backend, its source, whether it runs here, and the one a plain call uses:
+    the configured one, else the automatic choice."""
     infos = registry.infos()
-    choice = registry.auto()
+    if not infos:
+        out.write(f"No backend is loaded: the disable_plugins setting ("
+                  f"{current().source('disable_plugins')}) names every plugin.\n")
+        return 1
+    settings = current()
+    configured = settings["backend"]
+    if configured is not None:
+        registry.get_class(configured, settings.source("backend"))  # one that exists
+        name, reason = configured, f"as set by {settings.source('backend')}"
+    else:
+        choice = registry.auto()
+        name, reason = choice.name, choice.reason
     width = max(len(info.name) for info in infos)
     for info in infos:
         status = "available" if info.unavailable_reason is None else (
             f"unavailable: {info.unavailable_reason}")
         auto = "never chosen automatically" if info.auto_priority is None else (
             f"automatic priority {info.auto_priority}")
-        marker = "*" if info.name == choice.name else " "
+        marker = "*" if info.name == name else " "
         out.write(f"{marker} {info.name:<{width}}  {status}; {auto}; from {info.source}\n")
-    out.write(f"\nA plain pmap here uses {choice.name!r}: {choice.reason}.\n"
+    out.write(f"\nA plain pmap here uses {name!r}: {reason}.\n"
               f"It runs serially instead for inputs of fewer than 2 items, with n_processes=1, "
               f"and inside a worker (nested calls); and it starts in the caller, staying there "
               f"while items are too quick for workers to pay. {available_cpus()} CPUs are "

@@ -226,7 +226,7 @@ class Registry:
         if cls is None:
             if serial is None and ((total is not None and total < 2) or n_workers < 2):
                 return Selection(SERIAL, 1)
-            cls = self._usable_class(self.auto().name)
+            cls = self._usable_class(self.auto().name, "the automatic choice")
         if cls.name == SERIAL:
             return Selection(SERIAL, 1)
         return Selection(cls.name, n_workers, _options(cls, settings))

@@ -43,9 +43,8 @@ class UnknownBackendError(ParforError, ValueError):
     def __init__(self, name: str, known: Sequence[str], origin: str = "backend=") -> None:
         self.name = name
         self.known = sorted(known)
-        super().__init__(
-            f"No backend named {name!r} (from {origin}). Known: {', '.join(self.known)}."
-        )
+        known_ones = ", ".join(self.known) or "none (the disable_plugins setting names them all)"
+        super().__init__(f"No backend named {name!r} (from {origin}). Known: {known_ones}.")
 
 
 class BackendUnavailableError(ParforError):

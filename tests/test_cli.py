@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,9 @@ import pytest
 from parfor_core import registry
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
+def run(*args: str, **environment: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "parfor", *args], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, env={**os.environ, **environment})
 
 
 def test_backends_lists_every_backend_and_the_choice():
@@ -26,6 +27,31 @@ def test_backends_lists_every_backend_and_the_choice():
     assert "from parfor 0.1.0" in result.stdout
     choice = registry.auto()
     assert f"A plain pmap here uses {choice.name!r}: {choice.reason}." in result.stdout
+
+
+def test_backends_names_the_configured_backend_as_the_one_a_plain_call_uses():
+    result = run("backends", PARFOR_BACKEND="threads")
+    assert result.returncode == 0, result.stderr
+    assert "* threads" in result.stdout
+    assert ("A plain pmap here uses 'threads': as set by environment variable PARFOR_BACKEND."
+            in result.stdout)
+    unknown = run("backends", PARFOR_BACKEND="lokky")
+    assert unknown.returncode == 2
+    assert ("No backend named 'lokky' (from environment variable PARFOR_BACKEND)"
+            in unknown.stderr)
+
+
+def test_with_every_plugin_disabled_the_cause_is_named():
+    every = ",".join(ep.name for ep in entry_points(group="parfor"))
+    result = run("backends", PARFOR_DISABLE_PLUGINS=every)
+    assert result.returncode == 1
+    assert ("No backend is loaded: the disable_plugins setting (environment variable "
+            "PARFOR_DISABLE_PLUGINS) names every plugin." in result.stdout)
+    call = subprocess.run([sys.executable, "-c", "from parfor import pmap; pmap(abs, [1, 2])"],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PARFOR_DISABLE_PLUGINS": every})
+    assert ("No backend named 'serial' (from the automatic choice). Known: none (the "
+            "disable_plugins setting names them all)." in call.stderr)
 
 
 def test_demo_runs_in_parallel_and_reports_the_speedup():
@@ -60,8 +86,12 @@ def test_console_script_is_installed():
 
 def test_bad_options_fail_with_a_message_not_a_traceback():
     for args, message in [(("--backend", "lokky"), "No backend named 'lokky'"),
-                          (("--n-processes", "0"), "n_processes must be"),
-                          (("--items", "1"), "at least 2")]:
+                          (("--n-processes", "0"), "--n-processes: must be a whole number of "
+                                                   "at least 1, got '0'"),
+                          (("--items", "1"), "at least 2"),
+                          (("--items", "abc"), "--items: must be a whole number of at least "
+                                               "2, got 'abc'"),
+                          (("--work", "-5"), "--work: must be a whole number of at least 1")]:
         result = run("demo", *args)
         assert result.returncode == 2
         assert message in result.stderr and "Traceback" not in result.stderr
