@@ -9,6 +9,7 @@ processes are killed: nothing is ever left behind. numpy is only needed by who u
 from __future__ import annotations
 
 import math
+import operator
 import os
 import weakref
 from collections.abc import Sequence
@@ -42,6 +43,22 @@ class _Memory:
         return self.start <= low and high <= self.end
 
 
+def _dimensions(shape: object) -> tuple[int, ...]:
+    """``shape`` as numpy takes it (a whole number, or a sequence of them; numpy's integers
+    too), checked as numpy checks it."""
+    try:
+        dimensions = (operator.index(shape),)  # type: ignore[arg-type]
+    except TypeError:
+        try:
+            dimensions = tuple(operator.index(n) for n in shape)  # type: ignore[attr-defined]
+        except TypeError:
+            raise TypeError(f"A SharedArray's shape is a whole number or a sequence of them, "
+                            f"got {shape!r}") from None
+    if any(n < 0 for n in dimensions):
+        raise ValueError(f"negative dimensions are not allowed, got shape {shape!r}")
+    return dimensions
+
+
 class SharedArray(numpy.ndarray):
     """A numpy array whose memory parfor's workers on this machine share with the caller.
 
@@ -59,7 +76,7 @@ class SharedArray(numpy.ndarray):
         if dtype.hasobject:
             raise TypeError(f"A SharedArray holds plain data (numbers, booleans, fixed-size "
                             f"strings, records of them), not Python objects: dtype {dtype}")
-        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        shape = _dimensions(shape)
         segment = Segment(math.prod(shape) * dtype.itemsize)
         buffer = segment.map()
         array = numpy.ndarray.__new__(cls, shape, dtype, buffer, 0, None, order)

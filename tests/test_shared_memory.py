@@ -83,6 +83,18 @@ def made_in_worker(i: int) -> SharedArray:
     return made
 
 
+def test_a_shared_array_takes_the_shapes_numpy_takes_and_refuses_the_others():
+    assert SharedArray(numpy.int64(5)).shape == (5,)
+    assert SharedArray((numpy.int32(2), 3)).shape == (2, 3)
+    assert SharedArray(0).shape == (0,)
+    for shape in (-1, (2, -3)):  # it was an empty array
+        with pytest.raises(ValueError, match="negative dimensions are not allowed"):
+            SharedArray(shape)
+    for shape in ("abc", 2.5):
+        with pytest.raises(TypeError, match="shape is a whole number or a sequence of them"):
+            SharedArray(shape)
+
+
 def test_workers_write_into_a_shared_array_and_the_caller_sees_it(backend):
     out = SharedArray(40, dtype=numpy.int64)
     pids = pmap(write_index, range(40), (out,), backend=backend, bar=False)
