@@ -10,6 +10,7 @@ import time
 
 import pytest
 from clusters import CLUSTERS
+from conftest import BACKENDS
 
 from parfor import ParPool, WorkerError
 
@@ -297,11 +298,11 @@ if __name__ == "__main__":
 
 
 @pytest.mark.parametrize("what", ["pool", "gmap"])
+@pytest.mark.parametrize("backend", [name for name in BACKENDS if name != "serial"],
+                         indirect=True)  # serial runs each task as it is added or pulled
 def test_tasks_waiting_at_exit_do_not_run(backend, what, tmp_path):
     # An unclosed ParPool, or a gmap left half read, at the end of a script: the interpreter
     # exits without running the tasks that have not started (threads ran them all first).
-    if backend == "serial":
-        pytest.skip("serial runs each task as it is added or pulled: none ever waits")
     script, marks = tmp_path / "left_open.py", tmp_path / "marks"
     script.write_text(LEFT_OPEN)
     marks.mkdir()
