@@ -212,7 +212,8 @@ class ProcessesBackend(Backend):
         with self._recheck_lock:
             self._recheck = None  # what this look finds still in its grace needs a new timer
         with self._lock:
-            self._pump()
+            failed = self._pump_or_fail()
+        _fail(failed)
 
     def _stop_if_idle(self) -> None:
         with self._lock:  # looked at and taken in one go: a task may come in at any moment
@@ -262,15 +263,17 @@ class ProcessesBackend(Backend):
                     outcome = answer
                 else:
                     outcome = self._advance(job, lambda: job.finish(answer))
-            self._pump()
+            failed = self._pump_or_fail()
         if job is not None and outcome is not None:
             settle(job.future, outcome)
+        _fail(failed)
 
     def _ready(self, worker: _Worker) -> None:
         """The worker has started: it may take tasks."""
         with self._lock:
             worker.ready = True
-            self._pump()
+            failed = self._pump_or_fail()
+        _fail(failed)
 
     def _died(self, worker: _Worker) -> None:
         """A worker's result pipe closed: it exited or was killed. Retry or fail its job.
@@ -297,9 +300,24 @@ class ProcessesBackend(Backend):
                     outcome = self._advance(job, lambda: job.after_death(
                         f"worker process {worker.pid}", f"{how}. {_meaning(how)}",
                         self.retries, self.name))
-            self._pump()
+            failed = self._pump_or_fail()
         if job is not None and outcome is not None:
             settle(job.future, outcome)
+        _fail(failed)
+
+    def _pump_or_fail(self) -> list[tuple[Job, Exception]]:
+        """`_pump`, from a thread of the pool's own (a reader, a timer), where no caller sees
+        what it raises: where a worker cannot start (no memory or descriptors left, as after
+        the kernel killed one for memory), the jobs that wait fail, rather than wait for ever.
+        With the lock held; the failed jobs are for `_fail`, once the lock is let go."""
+        try:
+            self._pump()
+        except Exception as exc:
+            add_note(exc, "parfor: raised while starting a worker process")
+            failed = [(job, exc) for job in self._pending]
+            self._pending.clear()
+            return failed
+        return []
 
     def _advance(self, job: Job, step: Callable[[], Job | Result]) -> Result | Exception | None:
         """With the lock held: what comes of ``job`` after ``step()`` (its finish, or what
@@ -313,6 +331,13 @@ class ProcessesBackend(Backend):
             self._pending.appendleft(outcome)
             return None
         return outcome
+
+
+def _fail(failed: list[tuple[Job, Exception]]) -> None:
+    """Settle the jobs `ProcessesBackend._pump_or_fail` failed."""
+    for job, error in failed:
+        release_shared(job.items)
+        settle(job.future, error)
 
 
 def _meaning(how: str) -> str:

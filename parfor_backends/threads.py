@@ -21,15 +21,26 @@ class ThreadsBackend(Backend):
 
         super().__init__(n_workers)
         self._executor = ThreadPoolExecutor(n_workers, thread_name_prefix="parfor-worker")
-        # At exit the tasks that wait are cancelled (else all of them would run first).
-        stop_before_exit(self, ThreadsBackend.shutdown)
+        self._exiting = False
+        stop_before_exit(self, ThreadsBackend._exit)
 
     @classmethod
     def auto_priority(cls) -> int | None:
         return None if gil_enabled() else 100
 
     def submit(self, task: Task) -> Future[Result]:
-        return self._executor.submit(run_task, task)
+        return self._executor.submit(self._run, task)
+
+    def _run(self, task: Task) -> Result:
+        if self._exiting:
+            raise RuntimeError("the interpreter is exiting, and this task had not started")
+        return run_task(task)
+
+    def _exit(self) -> None:
+        """At exit, the tasks still waiting fail at once rather than run: the executor's exit
+        handler runs them all first. (Cancelling them would leave a thread that waits for them,
+        one the interpreter joins after, waiting for ever.)"""
+        self._exiting = True
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -877,3 +877,27 @@ def test_a_process_that_a_task_forks_ends_on_its_own_and_sends_nothing(process_b
     for _ in range(3):
         assert pmap(abs, range(-6, 0), backend=process_backend, n_processes=1,
                     bar=False) == [6, 5, 4, 3, 2, 1]
+
+
+def test_a_worker_that_cannot_be_replaced_fails_the_waiting_work_instead_of_hanging(
+        monkeypatch):
+    # Starting its successor (from the reader thread of the one that died) once raised there,
+    # and the call waited for ever: as after the kernel killed a worker for want of memory.
+    backend = ProcessesBackend(1)
+    start = processes._Worker.start.__func__
+    starts = []
+
+    def only_once(cls, pool):
+        starts.append(pool)
+        if len(starts) > 1:
+            raise OSError(12, "Cannot allocate memory")
+        return start(cls, pool)
+
+    monkeypatch.setattr(processes._Worker, "start", classmethod(only_once))
+    try:
+        with pytest.raises(WorkerError, match="OSError: .Errno 12. Cannot allocate memory"
+                           ) as caught:
+            pmap(exit_three, range(2, 4), backend=backend, bar=False)
+        assert "parfor: raised while starting a worker process" in caught.value.__cause__.__notes__
+    finally:
+        backend.shutdown()

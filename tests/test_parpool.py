@@ -312,3 +312,35 @@ def test_tasks_waiting_at_exit_do_not_run(backend, what, tmp_path):
     time.sleep(1.5)  # on a cluster, what it would start after the caller left, it has by now
     ran = sorted(int(path.name) for path in marks.iterdir())
     assert " ".join(map(str, ran)) == done.stdout.strip()  # none of those that waited
+
+
+CALL_OF_ANOTHER_THREAD_AT_EXIT = """
+import sys, threading, time
+from parfor import pmap
+
+def slow(i):
+    time.sleep(0.5)
+    return i
+
+def work(backend):
+    try:
+        pmap(slow, range(4), backend=backend, n_processes=2, bar=False)
+    except Exception as error:  # its tasks that had not started may fail: the program ends
+        print(type(error).__name__, flush=True)
+    print("the thread ended", flush=True)
+
+if __name__ == "__main__":
+    threading.Thread(target=work, args=(sys.argv[1],)).start()  # joined at exit
+    time.sleep(0.2)
+"""
+
+
+def test_a_call_of_another_thread_running_at_exit_ends(backend, tmp_path):
+    # On threads, its waiting tasks were cancelled at exit, which wakes no one waiting for
+    # them: the thread waited for ever, and the interpreter for the thread.
+    script = tmp_path / "at_exit.py"
+    script.write_text(CALL_OF_ANOTHER_THREAD_AT_EXIT)
+    done = subprocess.run([sys.executable, str(script), backend], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "the thread ended", done.stdout
