@@ -5,7 +5,7 @@ from __future__ import annotations
 from time import perf_counter
 from typing import TextIO
 
-from parfor_core import SETTINGS, available_cpus, pmap, registry
+from parfor_core import SETTINGS, BackendUnavailableError, available_cpus, pmap, registry
 from parfor_core._arguments import settings_for
 from parfor_core._config import current, project_config_path, user_config_path
 
@@ -19,13 +19,20 @@ def list_backends(out: TextIO) -> int:
                   f"{current().source('disable_plugins')}) names every plugin.\n")
         return 1
     settings = current()
-    configured = settings["backend"]
-    if configured is not None:
-        registry.get_class(configured, settings.source("backend"))  # one that exists
-        name, reason = configured, f"as set by {settings.source('backend')}"
+    name = settings["backend"]
+    if name is not None:
+        cls = registry.get_class(name, settings.source("backend"))  # one that exists
+        if cls.unavailable_reason() is not None:
+            raise BackendUnavailableError(name, cls.unavailable_reason() or "")
+        footer = (f"A plain pmap here uses {name!r}, as set by {settings.source('backend')}, "
+                  f"for every input; it runs serially only inside a worker (nested calls).")
     else:
         choice = registry.auto()
-        name, reason = choice.name, choice.reason
+        name = choice.name
+        footer = (f"A plain pmap here uses {name!r}: {choice.reason}.\n"
+                  f"It runs serially instead for inputs of fewer than 2 items, with "
+                  f"n_processes=1, and inside a worker (nested calls); and it starts in the "
+                  f"caller, staying there while items are too quick for workers to pay.")
     width = max(len(info.name) for info in infos)
     for info in infos:
         status = "available" if info.unavailable_reason is None else (
@@ -34,11 +41,7 @@ def list_backends(out: TextIO) -> int:
             f"automatic priority {info.auto_priority}")
         marker = "*" if info.name == name else " "
         out.write(f"{marker} {info.name:<{width}}  {status}; {auto}; from {info.source}\n")
-    out.write(f"\nA plain pmap here uses {name!r}: {reason}.\n"
-              f"It runs serially instead for inputs of fewer than 2 items, with n_processes=1, "
-              f"and inside a worker (nested calls); and it starts in the caller, staying there "
-              f"while items are too quick for workers to pay. {available_cpus()} CPUs are "
-              f"available.\n")
+    out.write(f"\n{footer} {available_cpus()} CPUs are available.\n")
     return 0
 
 

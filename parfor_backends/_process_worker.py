@@ -158,7 +158,7 @@ class _Output(io.TextIOBase):
         return True
 
     def fileno(self) -> int:
-        self.flush()  # what was printed before comes first
+        self.flush()  # what was printed before is sent now (shown after writes there, maybe)
         return self._fd
 
     def write(self, text: str) -> int:

@@ -48,7 +48,8 @@ class LokyBackend(Backend):
         super().__init__(n_workers)
         self.idle_timeout = idle_timeout
         self._executor: Any = None
-        self._lock = threading.Lock()
+        # Reentrant: a garbage collection while it is held may cancel a forgotten gmap's task.
+        self._lock = threading.RLock()
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -66,7 +67,8 @@ class LokyBackend(Backend):
         try:
             future = executor.submit(execute_dumped, payload)
         except RuntimeError:  # broken by a dead worker, or shut down by an interrupt
-            future = self._pool(replacing=executor).submit(execute_dumped, payload)
+            executor = self._pool(replacing=executor)
+            future = executor.submit(execute_dumped, payload)
         stop_before_exit(self, LokyBackend.interrupt)  # loky's handler is registered by now
         future.add_done_callback(lambda _: release_shared(payload))  # its items are done with
         return then(future, load_result, functools.partial(self._cancel, executor))

@@ -134,8 +134,10 @@ class _Results(itertools.chain):  # type: ignore[type-arg]
     _reading: list[list[Any]]  # the batch being read: emptied by close(), so nothing more comes
 
     def close(self) -> None:
-        self._batches.close()
-        self._reading[0].clear()
+        try:
+            self._batches.close()
+        finally:
+            self._reading[0].clear()
 
     def send(self, value: object) -> Any:
         return next(self)

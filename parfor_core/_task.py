@@ -187,18 +187,18 @@ class Failure:
         A StopIteration cannot leave the generators that deliver results (Python would turn it
         into a bare RuntimeError there), nor would a serial loop's caller see it as an error:
         it comes as a RuntimeError that names the item, from the original."""
-        exc = self.exception
-        if exc.__traceback__ is None and self.traceback:  # from a worker: chain its frames
-            exc.__cause__ = RemoteTraceback(self.traceback)
-        where = f"{what} in {self.worker}"
-        if isinstance(exc, (StopIteration, StopAsyncIteration)):
-            raise RuntimeError(f"fun raised {type(exc).__name__} on {where}") from exc
-        add_note(exc, f"parfor: raised by {where}")
-        exc.__parfor_item_error__ = True  # type: ignore[union-attr]  # see is_item_error
         # Raised once, and let go of: no cycle (the error, its traceback, a frame there that
         # holds this Failure) keeps the call's arguments alive until a garbage collection.
+        exc = self.exception
         del self.exception
         try:
+            if exc.__traceback__ is None and self.traceback:  # from a worker: chain its frames
+                exc.__cause__ = RemoteTraceback(self.traceback)
+            where = f"{what} in {self.worker}"
+            if isinstance(exc, (StopIteration, StopAsyncIteration)):
+                raise RuntimeError(f"fun raised {type(exc).__name__} on {where}") from exc
+            add_note(exc, f"parfor: raised by {where}")
+            exc.__parfor_item_error__ = True  # type: ignore[union-attr]  # see is_item_error
             raise exc
         finally:
             del exc
@@ -242,7 +242,7 @@ def run_task(task: Task, values: list[Any] | None = None) -> Result:
     try:
         _apply(call, task.items, values)
     except BaseException as exc:  # SystemExit too: the item's, for the caller to raise
-        if _ends_the_task(exc):
+        if _ctrl_c(exc):
             raise
         position = len(values) - before
         failure = Failure.capture(task.indices[position], task.items[position], exc)
@@ -269,7 +269,7 @@ def run_task_whole(task: Task) -> Result:
     try:
         return Result([fun(item) for item in source], perf_counter() - start)
     except BaseException as exc:
-        if _ends_the_task(exc):
+        if _ctrl_c(exc):
             raise
         position = len(items) - length_hint(source) - 1
         failure = Failure.capture(task.indices[position], items[position], exc)
@@ -278,14 +278,11 @@ def run_task_whole(task: Task) -> Result:
         _inside_worker.reset(token)
 
 
-def _ends_the_task(exc: BaseException) -> bool:
-    """Whether ``exc`` ends the task rather than failing an item: the user's Ctrl-C, a
-    KeyboardInterrupt in the main thread of the caller's process (Python raises it there only;
-    anywhere else, ``fun`` raised it); or anything that ends a process ``fun`` forked in a
-    worker (``sys.exit`` there is that process's exit, not an item's error)."""
-    if _in_worker_process:
-        return in_fork_of_worker()
-    return (isinstance(exc, KeyboardInterrupt)
+def _ctrl_c(exc: BaseException) -> bool:
+    """Whether ``exc`` may be the user's Ctrl-C, which stops the call rather than failing an
+    item: a KeyboardInterrupt in the main thread of the caller's process (Python raises it
+    there only; anywhere else, ``fun`` raised it)."""
+    return (isinstance(exc, KeyboardInterrupt) and not _in_worker_process
             and threading.current_thread() is threading.main_thread())
 
 

@@ -245,14 +245,10 @@ def run_items(call: Call, data: bytes, values: list[Any] | None = None,
         items = _loads_local(items)
     except BaseException as exc:  # a __setstate__'s SystemExit too: the item's, not the worker's
         return unloadable(data, "the items", exc)
-    try:
-        result = run_task(Task(call, indices, items), values)
-    except BaseException as exc:
-        if in_fork_of_worker():  # the task forked, and this is the fork, raising to its end
-            leave_fork(exc)
-        raise
-    if in_fork_of_worker():  # the fork, back from the task: it ends, and answers nothing
-        leave_fork()
+    result = run_task(Task(call, indices, items), values)
+    if in_fork_of_worker():  # the task forked, and this is the fork, back from the task (or
+        failure = result.failure  # raising, sys.exit included): it answers nothing, and ends
+        leave_fork(None if failure is None else failure.exception)
     if result.failure is not None:
         _make_portable(result.failure)
     try:
@@ -398,9 +394,9 @@ def _make_portable(failure: Failure) -> None:
 def _portable(original: BaseException) -> Any:
     """``original``, or what the caller can rebuild it from (also each member of a group);
     a ParforError that describes it where nothing can be sent."""
-    if isinstance(original, _GROUP):
+    if isinstance(original, _GROUP):  # rebuilt first: a member may reword its arguments
         members = [_portable(member) for member in original.exceptions]
-        candidates: tuple[Any, ...] = (original, _Rebuilt(original, members))
+        candidates: tuple[Any, ...] = (_Rebuilt(original, members), original)
     else:
         candidates = (original, _Rebuilt(original))
         if type(original).__init__ is not BaseException.__init__:  # it may reword arguments

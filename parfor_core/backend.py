@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
 from abc import ABC, abstractmethod
@@ -127,7 +128,20 @@ def stop_before_exit(backend: B, stop: Callable[[B], object]) -> None:
             instances = _stopped_at_exit[key] = weakref.WeakSet()
             try:
                 threading._register_atexit(  # type: ignore[attr-defined]  # as they do
-                    lambda: [stop(each) for each in list(instances)])  # type: ignore[arg-type]
+                    _stop_all, instances, stop)
             except RuntimeError:  # the interpreter is exiting already: nothing to run before
                 return
         instances.add(backend)
+
+
+def _stop_all(instances: weakref.WeakSet[B], stop: Callable[[B], object]) -> None:
+    """Stop each backend; one that fails is reported, and the others are still stopped (as
+    are the exit handlers after this one, which a failure here would skip)."""
+    for backend in list(instances):
+        try:
+            stop(backend)
+        except Exception:
+            import traceback
+
+            print(f"parfor: stopping {backend!r} at exit failed:", file=sys.stderr)
+            traceback.print_exc()

@@ -94,13 +94,15 @@ class WorkerDiedError(WorkerError):
     """A worker process died while running an item, each time that item was tried."""
 
     def __init__(self, message: str, *, backend: str, indices: Sequence[int],
-                 subject: str) -> None:
+                 subject: str | None = None) -> None:
         super().__init__(message, backend=backend, indices=indices)
-        self.subject = subject  # the words of the message that name the work
+        self.subject = subject  # the words of the message that name the work, if known
 
     def naming(self, subject: str) -> WorkerDiedError:
         """The same error naming the work otherwise: a ParPool's task by its handle, rather
         than as the input item 0 that each of its tasks is to the backend."""
+        if self.subject is None:
+            return self
         return WorkerDiedError(str(self).replace(self.subject, subject, 1),
                                backend=self.backend, indices=self.indices, subject=subject)
 

@@ -33,7 +33,8 @@ def test_backends_names_the_configured_backend_as_the_one_a_plain_call_uses():
     result = run("backends", PARFOR_BACKEND="threads")
     assert result.returncode == 0, result.stderr
     assert "* threads" in result.stdout
-    assert ("A plain pmap here uses 'threads': as set by environment variable PARFOR_BACKEND."
+    assert ("A plain pmap here uses 'threads', as set by environment variable PARFOR_BACKEND, "
+            "for every input; it runs serially only inside a worker (nested calls)."
             in result.stdout)
     unknown = run("backends", PARFOR_BACKEND="lokky")
     assert unknown.returncode == 2

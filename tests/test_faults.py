@@ -866,6 +866,29 @@ def fork_and_wait(i: int, child_does: str) -> tuple[int, str, int]:
     return (i, "from the worker", os.waitstatus_to_exitcode(status))
 
 
+def _nested_error_is_named() -> bool:
+    try:
+        pmap(int, ["1", "x"], bar=False)  # nested: serial, here
+    except ValueError as error:
+        return any("raised by item 1" in note for note in error.__notes__)
+    return False
+
+
+def fork_and_call(i: int) -> int:
+    """The fork makes a nested call, which behaves there as anywhere: its error names the
+    item; the fork tells the worker by its exit code."""
+    pid = os.fork()
+    if pid == 0:
+        sys.exit(0 if _nested_error_is_named() else 7)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_calls_in_a_process_that_a_task_forks_work_as_anywhere(process_backend):
+    assert pmap(fork_and_call, range(2), backend=process_backend, n_processes=1,
+                bar=False) == [0, 0]
+
+
 @pytest.mark.parametrize("child_does", ["exit", "return"])
 def test_a_process_that_a_task_forks_ends_on_its_own_and_sends_nothing(process_backend,
                                                                         child_does):
