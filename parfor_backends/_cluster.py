@@ -31,6 +31,7 @@ from parfor_core import (
     available_cpus,
     dump_call,
     load_result,
+    stop_before_exit,
 )
 
 #: How often an item whose worker was lost is run again, alone, before it fails.
@@ -71,6 +72,7 @@ class ClusterBackend(Backend):
         self._running: dict[Future[Result], Any] = {}  # the caller's future -> its remote task
         self._quarantine = Quarantine()  # jobs that wait after a worker death
         self._draining = False  # a thread is sending the jobs that leave the quarantine
+        self._exiting = False  # the interpreter is: no new task may start (_fail_at_exit)
         self._connected = False
         # The call during which the connection broke, its error, and until when: that call's
         # next tasks fail with it (a pmap waits once, not once per task); a task of another
@@ -133,6 +135,9 @@ class ClusterBackend(Backend):
     # -- the Backend contract ---------------------------------------------------------------------
 
     def submit(self, task: Task) -> Future[Result]:
+        if self._exiting:
+            raise RuntimeError(f"The interpreter is exiting: the {self.name} backend can start "
+                               f"no new work")
         lost = self._connect_once(task.call.id)
         job = Job.of(task)
         job.future.add_done_callback(self._forget)
@@ -173,7 +178,16 @@ class ClusterBackend(Backend):
                 self.n_workers = max(1, self._connect())
                 self._connected = True
                 self._connections += 1
+        # After the engine's imports: at exit, its clients stop before their tasks would.
+        stop_before_exit(self, ClusterBackend._fail_at_exit)
         return None
+
+    def _fail_at_exit(self) -> None:
+        """At exit, fail the tasks still out, and refuse new ones: a call another thread makes
+        then ends with an error, where it waited for ever (the engine's client stops working
+        then)."""
+        self._exiting = True
+        self._cancel_all(hard=False)
 
     def _cancel_all(self, hard: bool) -> None:
         """Stop every task of this backend (``hard``: Ctrl-C); their callers get an error."""

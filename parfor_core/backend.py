@@ -120,6 +120,8 @@ def stop_before_exit(backend: B, stop: Callable[[B], object]) -> None:
     Call it once the executor's own handler is registered (at the import of
     ``concurrent.futures.thread``; loky's at a pool's first task): the last registered runs
     first. Each backend class and ``stop`` registers one handler; the backend is held weakly.
+    Raises RuntimeError where the interpreter is exiting already: work started then would wait
+    for ever on executors that have stopped.
     """
     key = (type(backend), stop)
     with _stopped_at_exit_lock:
@@ -129,8 +131,10 @@ def stop_before_exit(backend: B, stop: Callable[[B], object]) -> None:
             try:
                 threading._register_atexit(  # type: ignore[attr-defined]  # as they do
                     _stop_all, instances, stop)
-            except RuntimeError:  # the interpreter is exiting already: nothing to run before
-                return
+            except RuntimeError:  # the executors' handlers have run, or run now
+                del _stopped_at_exit[key]
+                raise RuntimeError(f"The interpreter is exiting: the {backend.name} backend "
+                                   f"can start no new work") from None
         instances.add(backend)
 
 
