@@ -496,7 +496,9 @@ class _Worker:
                 _show(bytes(body).decode(errors="replace"), sys.stdout if kind == b"O"
                       else sys.stderr)
             except Exception as exc:  # a closed or broken stream: the job fails, as print would
-                if self.error is None:
+                # (output while no job runs, from a thread of a finished task, is lost instead:
+                # no other job printed it)
+                if self.error is None and self.job is not None:
                     add_note(exc, f"parfor: raised while showing what worker process "
                                   f"{self.pid} printed")
                     self.error = exc

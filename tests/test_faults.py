@@ -835,6 +835,23 @@ class _BrokenStream(io.StringIO):
         raise self.error
 
 
+def print_later(i: int) -> int:
+    threading.Timer(0.2, print, (f"late words of item {i}",)).start()
+    return i
+
+
+def test_output_that_cannot_be_shown_while_no_job_runs_fails_no_later_job(monkeypatch):
+    # A task's thread that printed after the task ended: the next job failed for it.
+    backend = ProcessesBackend(1)
+    try:
+        monkeypatch.setattr(sys, "stdout", _BrokenStream(BrokenPipeError(32, "Broken pipe")))
+        assert pmap(print_later, [1], backend=backend, bar=False) == [1]
+        time.sleep(0.6)  # printed, and not shown, while the worker had no job
+        assert pmap(abs, [-1, -2], backend=backend, bar=False) == [1, 2]
+    finally:
+        backend.shutdown()
+
+
 @pytest.mark.parametrize("error", [BrokenPipeError(32, "Broken pipe"), SystemExit("gone")])
 def test_worker_output_the_caller_cannot_show_fails_the_call_instead_of_hanging(monkeypatch,
                                                                                  error):
