@@ -751,7 +751,8 @@ def test_worker_output_works_as_files_do(tmp_path):
             return i
 
         if __name__ == "__main__":
-            print(pmap(write, range(3), backend="processes", bar=False))
+            # One worker: two subprocesses writing at once could mix their lines.
+            print(pmap(write, range(3), backend="processes", n_processes=1, bar=False))
     """))
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                             timeout=60, cwd=tmp_path)
