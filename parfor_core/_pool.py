@@ -84,7 +84,8 @@ class ParPool:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a task finished, was taken, or closed
         self._reserved: set[Hashable] = set()  # handles of tasks being submitted
-        self._counted: set[Future[Result]] = set()  # finished, counted once, not yet twice
+        #: Finished tasks counted once (or being counted), not yet twice: set once the bar moved.
+        self._counted: dict[Future[Result], threading.Event] = {}
         self._barlengths: dict[Future[Result], int] = {}  # not counted yet
         self._bar_error: Exception | None = None  # the bar's, for the pool's next operation
 
@@ -167,19 +168,28 @@ class ParPool:
 
     def _count(self, future: Future[Result]) -> None:
         """Advance the progress bar for a finished task, once: from its done-callback, or, if
-        the caller fetched it before that callback ran (it runs in the worker's thread), now."""
+        the caller fetched it before that callback ran (it runs in the worker's thread), now.
+        The second of the two waits until the first has moved the bar: a fetched result's
+        step is always shown."""
         with self._lock:
-            if future in self._counted:
-                self._counted.discard(future)
-                return
-            self._counted.add(future)
-            barlength = self._barlengths.pop(future, 1)
+            moved = self._counted.pop(future, None)
+            if moved is not None:  # counted (or being counted) elsewhere
+                second = True
+            else:
+                second, moved = False, threading.Event()
+                self._counted[future] = moved
+                barlength = self._barlengths.pop(future, 1)
+        if second:
+            moved.wait()
+            return
         try:
             self._progress.update(barlength)
         except Exception as exc:  # a callback's, maybe in a worker's thread: no result is lost
             add_note(exc, "parfor: raised by the ParPool's bar")
             with self._lock:
                 self._bar_error = self._bar_error or exc
+        finally:
+            moved.set()
 
     def _raise_bar_error(self) -> None:
         """Raise what the bar raised since the last operation, so that it is not lost."""
