@@ -312,7 +312,11 @@ def test_tasks_waiting_at_exit_do_not_run(backend, what, tmp_path):
     if backend in CLUSTERS:  # what it would start after the caller left, it has by now
         time.sleep(1.5)
     ran = sorted(int(path.name) for path in marks.iterdir())
-    assert " ".join(map(str, ran)) == done.stdout.strip()  # none of those that waited
+    started = [int(item) for item in done.stdout.split()]
+    if backend == "ray":  # Ray cannot cancel the tasks it holds (2 per worker) without risk
+        assert set(started) <= set(ran) <= set(range(4)), ran
+    else:
+        assert ran == started  # none of those that waited
 
 
 CALL_OF_ANOTHER_THREAD_AT_EXIT = """
