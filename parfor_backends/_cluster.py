@@ -26,10 +26,12 @@ from parfor_core import (
     SETTINGS,
     Backend,
     Call,
+    InterpreterExitingError,
     Result,
     Task,
     available_cpus,
     dump_call,
+    interpreter_exiting,
     load_result,
     stop_before_exit,
 )
@@ -72,7 +74,6 @@ class ClusterBackend(Backend):
         self._running: dict[Future[Result], Any] = {}  # the caller's future -> its remote task
         self._quarantine = Quarantine()  # jobs that wait after a worker death
         self._draining = False  # a thread is sending the jobs that leave the quarantine
-        self._exiting = False  # the interpreter is: no new task may start (_fail_at_exit)
         self._connected = False
         # The call during which the connection broke, its error, and until when: that call's
         # next tasks fail with it (a pmap waits once, not once per task); a task of another
@@ -135,9 +136,6 @@ class ClusterBackend(Backend):
     # -- the Backend contract ---------------------------------------------------------------------
 
     def submit(self, task: Task) -> Future[Result]:
-        if self._exiting:
-            raise RuntimeError(f"The interpreter is exiting: the {self.name} backend can start "
-                               f"no new work")
         lost = self._connect_once(task.call.id)
         job = Job.of(task)
         job.future.add_done_callback(self._forget)
@@ -165,7 +163,10 @@ class ClusterBackend(Backend):
 
     def _connect_once(self, call_id: str | None = None) -> ConnectionError | None:
         """Connect unless connected; None, or the error of a connection that broke during
-        the call ``call_id``."""
+        the call ``call_id``. Refused while the interpreter exits: the engine's client stops
+        working then, and its imports fail."""
+        if interpreter_exiting():
+            raise InterpreterExitingError(self.name)
         with self._lock:
             lost = self._lost
             if lost is not None and lost[0] == call_id and time.monotonic() < lost[2]:
@@ -183,10 +184,8 @@ class ClusterBackend(Backend):
         return None
 
     def _fail_at_exit(self) -> None:
-        """At exit, fail the tasks still out, and refuse new ones: a call another thread makes
-        then ends with an error, where it waited for ever (the engine's client stops working
-        then)."""
-        self._exiting = True
+        """At exit, fail the tasks still out: a call another thread makes then ends with an
+        error, where it waited for ever (the engine's client stops working then)."""
         self._cancel_all(hard=False)
 
     def _cancel_all(self, hard: bool) -> None:

@@ -13,11 +13,13 @@ from typing import Any
 from parfor_core import (
     SETTINGS,
     Backend,
+    InterpreterExitingError,
     Result,
     Task,
     dump_task,
     execute_dumped,
     hookimpl,
+    interpreter_exiting,
     load_result,
     mark_worker_process,
     release_shared,
@@ -62,6 +64,8 @@ class LokyBackend(Backend):
         return 10
 
     def submit(self, task: Task) -> Future[Result]:
+        if interpreter_exiting():  # loky's executors have stopped, or cannot be imported
+            raise InterpreterExitingError(self.name)
         payload = dump_task(task)
         executor = self._pool()
         try:

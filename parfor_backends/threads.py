@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 
-from parfor_core import Backend, Result, Task, gil_enabled, hookimpl, run_task, stop_before_exit
+from parfor_core import (
+    Backend,
+    InterpreterExitingError,
+    Result,
+    Task,
+    gil_enabled,
+    hookimpl,
+    interpreter_exiting,
+    run_task,
+)
 
 
 class ThreadsBackend(Backend):
@@ -17,30 +26,31 @@ class ThreadsBackend(Backend):
     name = "threads"
 
     def __init__(self, n_workers: int) -> None:
+        if interpreter_exiting():  # importing concurrent.futures.thread then fails obscurely
+            raise InterpreterExitingError(self.name)
         from concurrent.futures import ThreadPoolExecutor  # not at import: only when used
 
         super().__init__(n_workers)
         self._executor = ThreadPoolExecutor(n_workers, thread_name_prefix="parfor-worker")
-        self._exiting = False
-        stop_before_exit(self, ThreadsBackend._exit)
 
     @classmethod
     def auto_priority(cls) -> int | None:
         return None if gil_enabled() else 100
 
     def submit(self, task: Task) -> Future[Result]:
+        if interpreter_exiting():
+            raise InterpreterExitingError(self.name)
         return self._executor.submit(self._run, task)
 
-    def _run(self, task: Task) -> Result:
-        if self._exiting:
+    @staticmethod
+    def _run(task: Task) -> Result:
+        """Run the task, unless the interpreter is exiting: then a task still waiting fails at
+        once rather than run, as the executor's exit handler would have every waiting task run
+        first. (Cancelling them would leave a thread that waits for them, one the interpreter
+        joins after, waiting for ever.)"""
+        if interpreter_exiting():
             raise RuntimeError("the interpreter is exiting, and this task had not started")
         return run_task(task)
-
-    def _exit(self) -> None:
-        """At exit, the tasks still waiting fail at once rather than run: the executor's exit
-        handler runs them all first. (Cancelling them would leave a thread that waits for them,
-        one the interpreter joins after, waiting for ever.)"""
-        self._exiting = True
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -48,9 +48,10 @@ if TYPE_CHECKING:  # for type checkers and the API docs; at run time loaded by _
         share_call,
         unloadable,
     )
-    from .backend import Backend, stop_before_exit, then
+    from .backend import Backend, interpreter_exiting, stop_before_exit, then
     from .errors import (
         BackendUnavailableError,
+        InterpreterExitingError,
         ParforError,
         PluginError,
         SerializationError,
@@ -74,9 +75,10 @@ _MODULES = {
     "._wire": ("answer_holds_shared", "dump_call", "dump_items", "dump_task", "execute_call",
                "execute_dumped", "load_call", "load_result", "load_shared_call",
                "release_shared", "run_items", "share_call", "unloadable"),
-    ".backend": ("Backend", "stop_before_exit", "then"),
-    ".errors": ("BackendUnavailableError", "ParforError", "PluginError", "SerializationError",
-                "UnknownBackendError", "WorkerDiedError", "WorkerError"),
+    ".backend": ("Backend", "interpreter_exiting", "stop_before_exit", "then"),
+    ".errors": ("BackendUnavailableError", "InterpreterExitingError", "ParforError",
+                "PluginError", "SerializationError", "UnknownBackendError", "WorkerDiedError",
+                "WorkerError"),
     ".hookspecs": ("hookimpl",),  # imports pluggy
 }
 _LAZY = {name: module for module, names in _MODULES.items() for name in names}
@@ -103,6 +105,7 @@ __all__ = [
     "ConfigError",
     "ConfigWarning",
     "Failure",
+    "InterpreterExitingError",
     "ParPool",
     "ParforError",
     "PluginError",
@@ -127,6 +130,7 @@ __all__ = [
     "gmap",
     "hookimpl",
     "inside_worker",
+    "interpreter_exiting",
     "load_call",
     "load_result",
     "load_shared_call",

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._config import Configuration, ConfigWarning, current
 from ._task import inside_worker
-from .backend import Backend
+from .backend import Backend, interpreter_exiting
 from .errors import BackendUnavailableError, PluginError, UnknownBackendError, warn_once
 
 if TYPE_CHECKING:
@@ -202,7 +202,8 @@ class Registry:
         by `lease`.
 
         Nested calls (inside a worker) always run serially, whatever was asked: the outer call
-        already keeps every worker busy, and waiting on the same pool could deadlock.
+        already keeps every worker busy, and waiting on the same pool could deadlock. So does
+        an automatic choice made while the interpreter exits (by a thread the main one left).
         """
         if isinstance(backend, Backend):
             if serial is True:
@@ -224,7 +225,8 @@ class Registry:
         cls = self._usable_class(name, origin) if name is not None else None
         n_workers = settings["n_processes"] or available_cpus()
         if cls is None:
-            if serial is None and ((total is not None and total < 2) or n_workers < 2):
+            if serial is None and ((total is not None and total < 2) or n_workers < 2
+                                   or interpreter_exiting()):  # executors stop at exit
                 return Selection(SERIAL, 1)
             cls = self._usable_class(self.auto().name, "the automatic choice")
         if cls.name == SERIAL:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from ._task import Result, Task
+from .errors import InterpreterExitingError
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -108,6 +109,13 @@ def then(future: Future[Any], convert: Callable[[Any], T],
     return converted
 
 
+def interpreter_exiting() -> bool:
+    """Whether the interpreter has begun to exit: threading's flag, set before the exit
+    handlers run. Executors stop then, so a backend whose work waits on one refuses new work
+    (`InterpreterExitingError`) and fails its tasks that have not started."""
+    return bool(getattr(threading, "_SHUTTING_DOWN", False))
+
+
 _stopped_at_exit: dict[tuple[type[Backend], Callable[..., object]], weakref.WeakSet[Backend]] = {}
 _stopped_at_exit_lock = threading.Lock()
 
@@ -120,8 +128,8 @@ def stop_before_exit(backend: B, stop: Callable[[B], object]) -> None:
     Call it once the executor's own handler is registered (at the import of
     ``concurrent.futures.thread``; loky's at a pool's first task): the last registered runs
     first. Each backend class and ``stop`` registers one handler; the backend is held weakly.
-    Raises RuntimeError where the interpreter is exiting already: work started then would wait
-    for ever on executors that have stopped.
+    Raises `InterpreterExitingError` where the interpreter is exiting already: work started
+    then would wait for ever on executors that have stopped.
     """
     key = (type(backend), stop)
     with _stopped_at_exit_lock:
@@ -133,8 +141,7 @@ def stop_before_exit(backend: B, stop: Callable[[B], object]) -> None:
                     _stop_all, instances, stop)
             except RuntimeError:  # the executors' handlers have run, or run now
                 del _stopped_at_exit[key]
-                raise RuntimeError(f"The interpreter is exiting: the {backend.name} backend "
-                                   f"can start no new work") from None
+                raise InterpreterExitingError(backend.name) from None
         instances.add(backend)
 
 

@@ -60,6 +60,16 @@ class PluginError(ParforError):
     """A plugin registered something parfor cannot use, such as two backends with one name."""
 
 
+class InterpreterExitingError(ParforError, RuntimeError):
+    """Work was asked of a backend while the interpreter exits: its executors have stopped, and
+    a task started then would wait on them for ever."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        super().__init__(f"The interpreter is exiting: the {backend} backend can start no new "
+                         f"work")
+
+
 class SerializationError(ParforError, TypeError):
     """An object that must cross to a worker process (or back) cannot be serialized."""
 

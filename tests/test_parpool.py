@@ -349,3 +349,39 @@ def test_a_call_of_another_thread_running_at_exit_ends(backend, tmp_path):
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "the thread ended", done.stdout
+
+
+CALL_STARTED_AT_EXIT = """
+import sys, threading, time
+from parfor import pmap
+
+def slow(i):
+    time.sleep(0.1)
+    return i * i
+
+def work(backend):
+    time.sleep(0.5)  # the main thread has ended: the interpreter exits meanwhile
+    try:
+        print(pmap(slow, range(4), backend=backend or None, n_processes=2, bar=False))
+    except Exception as error:
+        print(f"{type(error).__name__}: {error}")
+
+if __name__ == "__main__":
+    threading.Thread(target=work, args=(sys.argv[1],)).start()  # joined at exit
+"""
+
+
+@pytest.mark.parametrize("backend", ["", *BACKENDS], indirect=True)
+def test_a_call_started_while_the_interpreter_exits_runs_or_says_why(backend, tmp_path):
+    # A thread that the main one left behind calls pmap after the executors' exit handlers
+    # ran: threads and loky failed with "can't register atexit after shutdown", from an
+    # import of concurrent.futures. The automatic choice runs such a call serially.
+    script = tmp_path / "late.py"
+    script.write_text(CALL_STARTED_AT_EXIT)
+    done = subprocess.run([sys.executable, str(script), backend], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    refused = (f"InterpreterExitingError: The interpreter is exiting: the {backend} backend "
+               f"can start no new work")
+    answers = ["[0, 1, 4, 9]"] if backend == "" else ["[0, 1, 4, 9]", refused]
+    assert done.stdout.splitlines()[-1] in answers, done.stdout + done.stderr
