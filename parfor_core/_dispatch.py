@@ -85,7 +85,10 @@ def dispatch(
                 yielded += 1
     except KeyboardInterrupt as interrupt:
         if in_flight and not is_item_error(interrupt):
-            backend.interrupt()
+            from ._ctrl_c import ctrl_c_held  # not at import: it loads signal and enum
+
+            with ctrl_c_held():
+                backend.interrupt()
         raise
     finally:
         call.cancelled = True

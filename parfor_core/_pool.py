@@ -302,7 +302,10 @@ class ParPool:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  *rest: object) -> None:
         if isinstance(error, KeyboardInterrupt) and not is_item_error(error) and self._futures:
-            self._backend.interrupt()  # Ctrl-C in the block: its running tasks stop too
+            from ._ctrl_c import ctrl_c_held  # not at import: it loads signal and enum
+
+            with ctrl_c_held():
+                self._backend.interrupt()  # Ctrl-C in the block: its running tasks stop too
         self.close()
 
     def __getstate__(self) -> None:

@@ -279,3 +279,77 @@ def test_ctrl_c_while_workers_start_is_the_callers_alone(tmp_path):
         process.wait()
     assert out.strip() == "interrupted", err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
+PRESSED_TWICE = textwrap.dedent("""
+    import os, signal, sys, threading, time
+    import psutil
+    from parfor import pmap
+    from parfor_core import registry
+
+    def slow(i):
+        time.sleep(0.5)
+        return i
+
+    def press_twice():  # the second while the first one's stop runs
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0)  # lets the main thread take the first press, so that the two are two
+        os.kill(os.getpid(), signal.SIGINT)
+
+    presses = []
+
+    def started(n):
+        if n == 1:  # the first result: every worker runs another item
+            presses.append(threading.Thread(target=press_twice))
+            presses[-1].start()
+
+    def settle():
+        # Wait for the presses' end, taking those that the call let through.
+        while True:
+            try:
+                presses[-1].join()
+                time.sleep(0.1)
+                return
+            except KeyboardInterrupt:
+                pass
+
+    if __name__ == "__main__":
+        backend = sys.argv[1]
+        for _ in range(4):
+            try:
+                pmap(slow, range(9), backend=backend, n_processes=2, bar=started)
+            except KeyboardInterrupt:
+                pass
+            settle()
+        print(pmap(abs, range(-3, 0), backend=backend, n_processes=2, bar=False), flush=True)
+        registry.shutdown()
+        gone, alive = psutil.wait_procs(psutil.Process().children(), timeout=10)
+        print(*[p.pid for p in alive if "resource_tracker" not in " ".join(p.cmdline())])
+""")
+
+
+@pytest.mark.parametrize("backend", ["processes"])  # the others take a few seconds per round
+def test_a_second_ctrl_c_while_the_workers_stop_leaves_none_running(backend, tmp_path):
+    # The second press broke off the first one's stop: the workers it had taken out of the
+    # pool ran on, and no later stop knew them (in about half the rounds).
+    script = tmp_path / "pressed_twice.py"
+    script.write_text(PRESSED_TWICE)
+    done = subprocess.run([sys.executable, str(script), backend],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["[3, 2, 1]", ""], done.stdout + done.stderr
+
+
+def test_ctrl_c_held_holds_presses_back_for_a_while_and_restores_the_handler(monkeypatch):
+    from parfor_core import _ctrl_c
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with _ctrl_c.ctrl_c_held():
+        signal.raise_signal(signal.SIGINT)  # held back: the stop goes on
+        signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    monkeypatch.setattr(_ctrl_c, "HOLD_SECONDS", 0.0)
+    with pytest.raises(KeyboardInterrupt), _ctrl_c.ctrl_c_held():
+        time.sleep(0.01)
+        signal.raise_signal(signal.SIGINT)  # a stop that takes too long can be broken off
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
