@@ -383,6 +383,18 @@ class _Rebuilt:
         return rebuild_exception, (type(exc), exc.args, state)
 
 
+class _AsItself:
+    """Sends an exception by its own reduction, not one that a library registered for every
+    exception: Dask's workers install tblib's, which drops the fields that a builtin exception
+    keeps in C (``errno``, ``SystemExit.code``)."""
+
+    def __init__(self, exception: BaseException) -> None:
+        self.exception = exception
+
+    def __reduce__(self) -> str | tuple[Any, ...]:
+        return self.exception.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+
+
 _GROUP: Any = getattr(builtins, "BaseExceptionGroup", ())  # Python 3.11 on
 
 
@@ -396,10 +408,11 @@ def _portable(original: BaseException) -> Any:
     a ParforError that describes it where nothing can be sent."""
     if isinstance(original, _GROUP):  # rebuilt first: a member may reword its arguments
         members = [_portable(member) for member in original.exceptions]
-        candidates: tuple[Any, ...] = (_Rebuilt(original, members), original)
+        candidates: tuple[Any, ...] = (_Rebuilt(original, members), _AsItself(original))
     else:
-        candidates = (original, _Rebuilt(original))
-        if type(original).__init__ is not BaseException.__init__:  # it may reword arguments
+        candidates = (_AsItself(original), _Rebuilt(original))
+        if (type(original).__init__ is not BaseException.__init__  # it may reword arguments
+                and type(original).__module__ != "builtins"):  # theirs pickle with C fields
             candidates = candidates[::-1]
     for candidate in candidates:
         try:

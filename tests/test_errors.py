@@ -446,3 +446,29 @@ def test_exception_message_is_not_garbled_by_the_round_trip(backend):
     with pytest.raises(RewordingError) as caught:
         pmap(raise_rewording, [7, 8], backend=backend, bar=False)
     assert str(caught.value) == "7: bad"
+
+
+def raise_builtin(kind: str) -> None:
+    if kind == "OSError":
+        open(os.path.join(os.sep, "no such folder", "file.txt"))  # noqa: SIM115
+    elif kind == "UnicodeDecodeError":
+        b"\xff".decode()
+    elif kind == "SyntaxError":
+        compile("x = = 1", "<given>", "exec")
+    else:
+        sys.exit(4)
+
+
+@pytest.mark.parametrize(("kind", "fields"), [
+    ("OSError", {"errno": 2, "filename": os.path.join(os.sep, "no such folder", "file.txt")}),
+    ("UnicodeDecodeError", {"encoding": "utf-8", "start": 0, "reason": "invalid start byte"}),
+    ("SyntaxError", {"filename": "<given>", "lineno": 1}),
+    ("SystemExit", {"code": 4}),
+])
+def test_a_builtin_exception_keeps_its_fields(backend, kind, fields):
+    # They came back as class, args and attributes, without the fields a builtin exception
+    # keeps in C: errno None, and sys.exit(4) in fun ended the script with status 0.
+    with pytest.raises(BaseException) as caught:  # noqa: PT011 - checked just below
+        pmap(raise_builtin, [kind], backend=backend, bar=False)
+    assert kind in {cls.__name__ for cls in type(caught.value).__mro__}
+    assert {name: getattr(caught.value, name) for name in fields} == fields
