@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import Any
 
+from ._context import caller_context, take_over
 from ._pickling import dumps, loads
 from ._shared import Address, Placement, Segment, attach, still_shared
 from ._task import (
@@ -99,7 +100,8 @@ def share_call(call: Call) -> bytes:
     """``call`` for workers on this machine, serialized once per call: a small one whole; of a
     large one, the big buffers (numpy arrays' data) and the rest are placed once in shared
     memory, which each worker maps instead of receiving a copy (``load_shared_call`` there).
-    The memory goes when the call is released and the workers let go of it.
+    The memory goes when the call is released and the workers let go of it. The caller's
+    working directory, ``sys.path`` and environment go with it (see `_context`).
 
     Raises SerializationError naming the function or extra argument that cannot be sent.
     """
@@ -107,9 +109,10 @@ def share_call(call: Call) -> bytes:
         buffers: list[pickle.PickleBuffer] = []
         data = _serialize_call(call, buffers)
         if buffers or len(data) >= LARGE_CALL_BYTES:
-            call._shared = pickle.dumps((None, _placed_for(call, data, list(_raw(buffers)))))
+            body, placed = None, _placed_for(call, data, list(_raw(buffers)))
         else:
-            call._shared = pickle.dumps((data, None))
+            body, placed = data, None
+        call._shared = pickle.dumps((body, placed, caller_context()))
     return call._shared
 
 
@@ -130,10 +133,12 @@ def _placed_for(call: Call, data: bytes, buffers: list[memoryview]) -> list[Plac
 
 
 def load_shared_call(call_id: str, shared: bytes | memoryview) -> Call:
-    """Worker side: the Call that `share_call` made ``shared`` from. Its large buffers stay in
-    the shared memory, mapped copy-on-write: what a task writes into them stays in its worker.
+    """Worker side: the Call that `share_call` made ``shared`` from, in the caller's working
+    directory, ``sys.path`` and environment. Its large buffers stay in the shared memory,
+    mapped copy-on-write: what a task writes into them stays in its worker.
     """
-    data, placed = pickle.loads(shared)
+    data, placed, context = pickle.loads(shared)
+    take_over(context)
     if placed is None:
         return load_call(call_id, data)
     body, *buffers = _mapped(placed)

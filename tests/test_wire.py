@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import glob
+import importlib
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import pytest
+from clusters import CLUSTERS
+from conftest import BACKENDS
 
 from parfor import pmap
 
@@ -205,3 +211,37 @@ if __name__ == "__main__":
 def test_classes_made_in_fun_or_under_another_name_come_back_by_value(backend, tmp_path):
     assert run_as_main(tmp_path, CLASSES_MADE_IN_FUN, backend) == [
         "[Pair(a=0, b=0), Pair(a=1, b=-1)]", "[PointNT(x=0, y=0), PointNT(x=1, y=1)]"]
+
+
+def seen_by_an_item(i: int, module: str) -> tuple[str, str | None, str]:
+    time.sleep(0.01)  # long enough that every worker takes items
+    with open("where.txt") as file:
+        where = file.read()
+    return where, os.environ.get("PARFOR_TEST_SEEN"), importlib.import_module(module).NAME
+
+
+@pytest.mark.parametrize("backend", [name for name in BACKENDS if name not in CLUSTERS],
+                         indirect=True)  # a cluster's workers may be on other machines
+def test_warm_workers_take_over_the_callers_folder_path_and_environment(backend, tmp_path,
+                                                                       monkeypatch):
+    # Workers kept the working directory, sys.path and environment of their start: after an
+    # os.chdir (or %cd in a notebook) a call read the old folder's files, without a word.
+    for name in ("before", "after"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "where.txt").write_text(name)
+        (tmp_path / name / f"module_{name}_{tmp_path.name}.py").write_text(f"NAME = {name!r}")
+    monkeypatch.chdir(tmp_path / "before")
+    monkeypatch.syspath_prepend(str(tmp_path / "before"))
+    monkeypatch.setenv("PARFOR_TEST_SEEN", "before")
+    module = f"module_before_{tmp_path.name}"
+    assert set(pmap(seen_by_an_item, range(20), (module,), backend=backend, n_processes=2,
+                    bar=False)) == {("before", "before", "before")}
+    monkeypatch.chdir(tmp_path / "after")
+    monkeypatch.syspath_prepend(str(tmp_path / "after"))  # a module only the caller can see
+    monkeypatch.setenv("PARFOR_TEST_SEEN", "after")
+    module = f"module_after_{tmp_path.name}"
+    assert set(pmap(seen_by_an_item, range(20), (module,), backend=backend, n_processes=2,
+                    bar=False)) == {("after", "after", "after")}
+    monkeypatch.delenv("PARFOR_TEST_SEEN")
+    assert {seen[1] for seen in pmap(seen_by_an_item, range(20), (module,), backend=backend,
+                                     n_processes=2, bar=False)} == {None}

@@ -1,0 +1,43 @@
+"""What a worker on the caller's machine takes over from the caller with each call: the working
+directory, ``sys.path`` and the environment, as a plain loop there would see them. A worker
+started before a change (``os.chdir``, ``%cd`` in a notebook, a path added for an import, a
+variable set) would otherwise run later calls in the state of its start, and read the wrong
+files without a word.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+#: The caller's working directory, ``sys.path`` and environment.
+Context = tuple[str, list[str], dict[str, str]]
+
+#: The environment a worker last took over: what the caller has since unset is unset, and
+#: what the worker's own start set (and the caller never had) is left alone.
+_taken_environment: dict[str, str] = {}
+
+
+def caller_context() -> Context:
+    """This process's state, to send with a call."""
+    return os.getcwd(), list(sys.path), dict(os.environ)
+
+
+def take_over(context: Context) -> None:
+    """Worker side: make this process's state the caller's, before the call is loaded (its
+    function may import from the caller's paths)."""
+    global _taken_environment
+    folder, path, environment = context
+    if sys.path != path:
+        sys.path[:] = path
+    try:
+        if os.getcwd() != folder:
+            os.chdir(folder)
+    except OSError:  # gone since, or not allowed here: fun meets that as the loop would
+        pass
+    for name in _taken_environment.keys() - environment.keys():
+        os.environ.pop(name, None)
+    for name, value in environment.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
+    _taken_environment = environment
