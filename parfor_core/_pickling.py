@@ -4,13 +4,17 @@ cloudpickle first: it is the C pickler for plain data, and carries by value what
 import by name: lambdas, closures, and functions and classes of the caller's ``__main__``. Its
 class tracker keeps such a class one class: sent twice (with the function, with the items), it
 is one class in the worker, and sent back it is the caller's own class again, so ``isinstance``
-holds on both sides. What cloudpickle refuses goes through dill, which carries more kinds of
-objects (locks, for one).
+holds on both sides. A lock crosses as a new one, not held: a copy of one excludes nothing in
+another process anyway, and one held where it was copied would be held for ever. What
+cloudpickle refuses goes through dill, which carries more kinds of objects.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import pickle
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -28,8 +32,6 @@ def dumps(obj: object, out_of_band: list[pickle.PickleBuffer] | None = None) -> 
     bytes and appended to it instead (pickle protocol 5), for ``loads(data, buffers)`` to use
     wherever the caller put them.
     """
-    import cloudpickle
-
     taken: list[pickle.PickleBuffer] = []
 
     def take(buffer: pickle.PickleBuffer) -> bool:
@@ -39,7 +41,9 @@ def dumps(obj: object, out_of_band: list[pickle.PickleBuffer] | None = None) -> 
         return False
 
     try:
-        data = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=take)
+        with io.BytesIO() as file:
+            _pickler_class()(file, protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=take).dump(obj)
+            data = file.getvalue()
     except Exception:
         import dill
 
@@ -47,6 +51,29 @@ def dumps(obj: object, out_of_band: list[pickle.PickleBuffer] | None = None) -> 
     if out_of_band is not None:
         out_of_band.extend(taken)
     return _CLOUDPICKLE + data
+
+
+@functools.cache
+def _pickler_class() -> type[pickle.Pickler]:
+    """cloudpickle's pickler, with locks sent as new ones (see the module's docstring)."""
+    from collections import ChainMap
+
+    import cloudpickle
+
+    class Pickler(cloudpickle.Pickler):  # type: ignore[misc, valid-type]
+        dispatch_table = ChainMap({type(threading.Lock()): _new_lock,
+                                   type(threading.RLock()): _new_reentrant_lock},
+                                  cloudpickle.Pickler.dispatch_table)
+
+    return Pickler
+
+
+def _new_lock(lock: object) -> tuple[Any, tuple[()]]:
+    return threading.Lock, ()
+
+
+def _new_reentrant_lock(lock: object) -> tuple[Any, tuple[()]]:
+    return threading.RLock, ()
 
 
 def loads(data: bytes | memoryview, buffers: Iterable[Any] = ()) -> Any:

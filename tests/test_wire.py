@@ -8,8 +8,10 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from clusters import CLUSTERS
@@ -245,3 +247,37 @@ def test_warm_workers_take_over_the_callers_folder_path_and_environment(backend,
     monkeypatch.delenv("PARFOR_TEST_SEEN")
     assert {seen[1] for seen in pmap(seen_by_an_item, range(20), (module,), backend=backend,
                                      n_processes=2, bar=False)} == {None}
+
+
+class Guarded:
+    """An object with a lock of its own, as many classes have."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+
+    def twice(self, i: int) -> int:
+        with self._lock:
+            return 2 * i
+
+
+def under_lock(i: int, lock: Any) -> int:
+    with lock:
+        return i
+
+
+@pytest.mark.parametrize("kind", ["Lock", "RLock"])
+def test_a_lock_crosses_as_a_new_one_that_is_not_held(process_backend, kind):
+    # dill sent an RLock held (its copy waited for ever) and a Lock as it was at the moment,
+    # held for ever if another thread held it then: the call hung.
+    lock = getattr(threading, kind)()
+    with lock:  # held here while the call is sent: the workers' copies are not
+        assert pmap(under_lock, range(6), (lock,), backend=process_backend, bar=False) \
+            == list(range(6))
+    guarded = Guarded()  # and an object holding one stays of its class (cloudpickle's path)
+    assert pmap(guarded.twice, range(4), backend=process_backend, bar=False) == [0, 2, 4, 6]
+    assert all(isinstance(copy, Guarded) for copy in
+               pmap(copy_of, [guarded] * 3, backend=process_backend, bar=False))
+
+
+def copy_of(thing: Any) -> Any:
+    return thing
