@@ -2,7 +2,8 @@
 directory, ``sys.path`` and the environment, as a plain loop there would see them. A worker
 started before a change (``os.chdir``, ``%cd`` in a notebook, a path added for an import, a
 variable set) would otherwise run later calls in the state of its start, and read the wrong
-files without a word.
+files without a word. Also multiprocessing's authentication key, without which the proxies of
+a ``multiprocessing.Manager()`` that the caller started are refused in the workers.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 import os
 import sys
 
-#: The caller's working directory, ``sys.path`` and environment.
-Context = tuple[str, list[str], dict[str, str]]
+#: The caller's working directory, ``sys.path``, environment and multiprocessing's key.
+Context = tuple[str, list[str], dict[str, str], bytes | None]
 
 #: The environment a worker last took over: what the caller has since unset is unset, and
 #: what the worker's own start set (and the caller never had) is left alone.
@@ -25,7 +26,13 @@ _read_environment: tuple[object, dict[str, str]] = (None, {})
 
 def caller_context() -> Context:
     """This process's state, to send with a call."""
-    return os.getcwd(), list(sys.path), _environment()
+    return os.getcwd(), list(sys.path), _environment(), _authentication_key()
+
+
+def _authentication_key() -> bytes | None:
+    """multiprocessing's key, where it is loaded (a Manager is started through it)."""
+    process = sys.modules.get("multiprocessing.process")
+    return None if process is None else bytes(process.current_process().authkey)
 
 
 def _environment() -> dict[str, str]:
@@ -40,7 +47,12 @@ def take_over(context: Context) -> None:
     """Worker side: make this process's state the caller's, before the call is loaded (its
     function may import from the caller's paths)."""
     global _taken_environment
-    folder, path, environment = context
+    folder, path, environment, key = context
+    if key is not None:
+        from multiprocessing import process
+
+        if process.current_process().authkey != key:
+            process.current_process().authkey = key
     if sys.path != path:
         sys.path[:] = path
     try:

@@ -281,3 +281,21 @@ def test_a_lock_crosses_as_a_new_one_that_is_not_held(process_backend, kind):
 
 def copy_of(thing: Any) -> Any:
     return thing
+
+
+def square_into(i: int, shared: Any) -> int:
+    shared[i] = i * i
+    return i
+
+
+@pytest.mark.parametrize("backend", [name for name in BACKENDS if name not in CLUSTERS],
+                         indirect=True)  # a cluster's workers may be on other machines
+def test_a_managers_proxies_work_in_the_workers(backend):
+    # processes workers had another authentication key: "digest sent was rejected".
+    import multiprocessing
+
+    with multiprocessing.Manager() as manager:
+        shared = manager.dict()
+        assert pmap(square_into, range(6), (shared,), backend=backend, n_processes=2,
+                    bar=False) == list(range(6))
+        assert dict(shared) == {i: i * i for i in range(6)}
