@@ -65,8 +65,8 @@ def main(lifeline: int, results_fd: int) -> None:
             call_id = bytes(body[:32]).decode()
             try:
                 calls[call_id] = load_shared_call(call_id, body[32:])
-            except Exception as exc:  # reported with each task of that call, not a crash
-                calls[call_id] = exc
+            except BaseException as exc:  # reported with each task of that call, not a crash
+                calls[call_id] = exc  # (an argument's __setstate__ may raise SystemExit)
         elif kind == b"F":
             calls.pop(bytes(body).decode(), None)
         elif kind == b"I":
@@ -86,7 +86,7 @@ def _answer(calls: dict[str, Any], task: memoryview, reporter: _ProgressReporter
 
     call_id, items = bytes(task[:32]).decode(), task[32:]
     call = calls[call_id]
-    if isinstance(call, Exception):
+    if isinstance(call, BaseException):
         return unloadable(items, "the function or its extra arguments", call)
     values: list[Any] = []
     reporter.watch(values)

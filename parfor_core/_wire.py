@@ -365,7 +365,7 @@ def _run_cached(call_id: str, load: Callable[[], Call], items: bytes) -> bytes:
         else:
             try:
                 call = _worker_calls[call_id] = load()
-            except Exception as exc:
+            except BaseException as exc:  # a __setstate__'s SystemExit too: not the worker's
                 return unloadable(items, "the function or its extra arguments", exc)
             while len(_worker_calls) > CACHED_CALLS:
                 _worker_segments.pop(_worker_calls.popitem(last=False)[0], None)

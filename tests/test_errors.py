@@ -234,6 +234,28 @@ def test_a_result_whose_pickling_raises_system_exit_is_named(process_backend):
     assert pmap(abs, [-2, 2], backend=process_backend, bar=False) == [2, 2]
 
 
+def exit_three() -> None:
+    raise SystemExit(3)
+
+
+class ExitsWhenLoaded:
+    def __reduce__(self) -> tuple[object, ...]:
+        return exit_three, ()
+
+
+def take_argument(i: int, argument: object) -> int:
+    return i
+
+
+def test_an_argument_whose_loading_raises_system_exit_in_a_worker_is_named(process_backend):
+    # The worker died of it, and after the retries the call failed with a WorkerDiedError
+    # that blamed native code, or (loky) raised the bare SystemExit in the caller.
+    with pytest.raises(ParforError, match=r"extra arguments cannot be deserialized.*SystemExit"):
+        pmap(take_argument, range(4), (ExitsWhenLoaded(),), backend=process_backend,
+             bar=False)
+    assert pmap(abs, [-2, 2], backend=process_backend, bar=False) == [2, 2]
+
+
 class Held:
     """An argument whose life a weak reference tells."""
 
