@@ -76,11 +76,63 @@ def _new_reentrant_lock(lock: object) -> tuple[Any, tuple[()]]:
     return threading.RLock, ()
 
 
-def loads(data: bytes | memoryview, buffers: Iterable[Any] = ()) -> Any:
-    """The object ``dumps`` made these bytes from (and the buffers it left out, in order)."""
+def loads(data: bytes | memoryview, buffers: Iterable[Any] = (), keep_classes: bool = False
+          ) -> Any:
+    """The object ``dumps`` made these bytes from (and the buffers it left out, in order).
+
+    ``keep_classes``: the caller's classes that come back (a ``__main__`` class's instance as a
+    result) stay as the caller has them now; cloudpickle would set each to the state of the
+    sender's copy, undoing what the caller changed in it since (``Settings.limit = 50``).
+    """
     body = memoryview(data)[1:]
     if data[:1] == _CLOUDPICKLE:
+        if keep_classes and _carries_classes(body):
+            return _KeepingClasses(io.BytesIO(body), buffers=buffers).load()
         return pickle.loads(body, buffers=buffers)
     import dill
 
     return dill.loads(body)
+
+
+#: In the bytes of anything that carries a class by value (see `_KeepingClasses`).
+_CLASS_STATE = b"_class_setstate"
+#: cloudpickle's makers of classes carried by value, and where their tracking id is in their
+#: arguments: by that id, a class that exists here already is found instead of made.
+_CLASS_MAKERS = {"_make_skeleton_class": 4, "_make_skeleton_enum": 5}
+
+
+def _carries_classes(body: memoryview) -> bool:
+    whole = body.obj
+    return _CLASS_STATE in (whole if isinstance(whole, (bytes, bytearray)) else body.tobytes())
+
+
+class _KeepingClasses(pickle.Unpickler):
+    """Loads classes carried by value, but leaves the state of those that exist here as it is
+    (`loads` with ``keep_classes``)."""
+
+    def __init__(self, file: io.BytesIO, buffers: Iterable[Any]) -> None:
+        super().__init__(file, buffers=buffers)
+        self._found: list[type] = []  # the classes that existed here: their state stays
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = super().find_class(module, name)
+        if module == "cloudpickle.cloudpickle":
+            if name in _CLASS_MAKERS:
+                return functools.partial(self._make, found, _CLASS_MAKERS[name])
+            if name == "_class_setstate":
+                return functools.partial(self._set_state, found)
+        return found
+
+    def _make(self, make: Any, id_at: int, *arguments: Any) -> type:
+        from cloudpickle.cloudpickle import _DYNAMIC_CLASS_TRACKER_BY_ID
+
+        existing = _DYNAMIC_CLASS_TRACKER_BY_ID.get(arguments[id_at])
+        made: type = make(*arguments)
+        if made is existing:
+            self._found.append(made)
+        return made
+
+    def _set_state(self, set_state: Any, cls: type, state: Any) -> type:
+        if any(cls is found for found in self._found):
+            return cls
+        return set_state(cls, state)  # type: ignore[no-any-return]

@@ -174,13 +174,14 @@ def _dumps_local(obj: object, in_place: bool | None = None) -> bytes:
     return _keeping(_SHARED + pickle.dumps((data, segment.address, spans)), segment)
 
 
-def _loads_local(data: bytes | memoryview) -> Any:
+def _loads_local(data: bytes | memoryview, keep_classes: bool = False) -> Any:
     """The object `dumps` or `_dumps_local` made ``data`` from; shared buffers are mapped
-    copy-on-write, so what this process writes into them stays its own."""
+    copy-on-write, so what this process writes into them stays its own. ``keep_classes``: as
+    `loads` says."""
     if data[:1] != _SHARED:
-        return loads(data)
+        return loads(data, keep_classes=keep_classes)
     body, address, spans = pickle.loads(memoryview(data)[1:])
-    return loads(body, _mapped([(address, start, end) for start, end in spans]))
+    return loads(body, _mapped([(address, start, end) for start, end in spans]), keep_classes)
 
 
 def _keeping(data: bytes, segment: Segment | None) -> bytes:
@@ -451,5 +452,6 @@ def _sendable(result: Result, indices: list[int], items: list[Any], cause: BaseE
 
 
 def load_result(data: bytes) -> Result:
-    """Parent side: the Result a worker sent."""
-    return _loads_local(data)
+    """Parent side: the Result a worker sent; the caller's own classes in it stay as the caller
+    has them now."""
+    return _loads_local(data, keep_classes=True)

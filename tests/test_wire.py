@@ -17,7 +17,7 @@ import pytest
 from clusters import CLUSTERS
 from conftest import BACKENDS
 
-from parfor import pmap
+from parfor import ParPool, pmap
 
 PICKLED_IN_PARENT: list[int] = []
 
@@ -92,7 +92,7 @@ MAIN_SCRIPT = """
 import enum
 import sys
 from typing import Generic, TypeVar
-from parfor import pmap
+from parfor import ParPool, pmap
 
 class Color(enum.Enum):
     RED = 1
@@ -192,7 +192,7 @@ def test_local_functions_and_classes_travel_by_value(process_backend):
 CLASSES_MADE_IN_FUN = """
 import sys
 from collections import namedtuple
-from parfor import pmap
+from parfor import ParPool, pmap
 
 Alias = namedtuple("PointNT", "x y")
 
@@ -299,3 +299,21 @@ def test_a_managers_proxies_work_in_the_workers(backend):
         assert pmap(square_into, range(6), (shared,), backend=backend, n_processes=2,
                     bar=False) == list(range(6))
         assert dict(shared) == {i: i * i for i in range(6)}
+
+
+def test_a_class_of_the_callers_keeps_what_the_caller_changed_in_it(process_backend):
+    # Loading a result that carried the class by value set the caller's class to the state
+    # of the worker's copy, sent with the first task: the caller's change was undone.
+    class Settings:
+        limit = 1
+
+    def make(i: int) -> Settings:
+        return Settings()
+
+    with ParPool(make, backend=process_backend, bar=False) as pool:
+        pool[0] = 0
+        assert isinstance(pool[0], Settings)
+        Settings.limit = 50
+        pool[1] = 1
+        assert isinstance(pool[1], Settings)
+    assert Settings.limit == 50
