@@ -7,6 +7,7 @@ I/O-bound work, and is used when named.
 from __future__ import annotations
 
 from concurrent.futures import Future
+from contextvars import copy_context
 
 from parfor_core import (
     Backend,
@@ -38,9 +39,11 @@ class ThreadsBackend(Backend):
         return None if gil_enabled() else 100
 
     def submit(self, task: Task) -> Future[Result]:
+        """Each task runs in a copy of the submitting thread's context, as the items that the
+        caller runs itself do: ``decimal.localcontext()``, other context variables."""
         if interpreter_exiting():
             raise InterpreterExitingError(self.name)
-        return self._executor.submit(self._run, task)
+        return self._executor.submit(copy_context().run, self._run, task)
 
     @staticmethod
     def _run(task: Task) -> Result:

@@ -3,8 +3,12 @@ used from many threads at once. On a free-threaded Python these threads truly ru
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import BACKENDS
 
 from parfor import ParPool, config, pmap
 from parfor_core import registry
@@ -108,3 +112,24 @@ def test_nested_calls_do_not_multiply_threads():
 
     pmap(outer, range(16), backend="threads", bar=False, n_processes=4)
     assert _worker_threads() - before <= 4  # the outer pool's, none per item
+
+
+SEEN: contextvars.ContextVar[str] = contextvars.ContextVar("seen", default="no value")
+
+
+def seen_by_the_item(i: int) -> str:
+    return SEEN.get()
+
+
+@pytest.mark.parametrize("backend", [name for name in BACKENDS
+                                     if not registry.get_class(name).crosses_process])
+def test_every_item_sees_the_callers_context_variables(backend):
+    # Threads ran in their own contexts: the items the caller ran itself saw its context
+    # variables (decimal.localcontext(), say), the others did not.
+    token = SEEN.set("the caller's")
+    try:
+        for items in (range(8), range(2000)):
+            assert set(pmap(seen_by_the_item, items, backend=backend, bar=False)) \
+                == {"the caller's"}
+    finally:
+        SEEN.reset(token)
