@@ -6,8 +6,10 @@ I/O-bound work, and is used when named.
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future
 from contextvars import copy_context
+from typing import TYPE_CHECKING
 
 from parfor_core import (
     Backend,
@@ -20,19 +22,22 @@ from parfor_core import (
     run_task,
 )
 
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
 
 class ThreadsBackend(Backend):
-    """Tasks run on a pool of ``n_workers`` threads, started on first need and reused."""
+    """Tasks run on a pool of ``n_workers`` threads, started on first need and reused; one pool
+    for each thread that calls."""
 
     name = "threads"
 
     def __init__(self, n_workers: int) -> None:
         if interpreter_exiting():  # importing concurrent.futures.thread then fails obscurely
             raise InterpreterExitingError(self.name)
-        from concurrent.futures import ThreadPoolExecutor  # not at import: only when used
-
         super().__init__(n_workers)
-        self._executor = ThreadPoolExecutor(n_workers, thread_name_prefix="parfor-worker")
+        self._lock = threading.Lock()
+        self._executors: dict[threading.Thread, ThreadPoolExecutor] = {}
 
     @classmethod
     def auto_priority(cls) -> int | None:
@@ -43,7 +48,23 @@ class ThreadsBackend(Backend):
         caller runs itself do: ``decimal.localcontext()``, other context variables."""
         if interpreter_exiting():
             raise InterpreterExitingError(self.name)
-        return self._executor.submit(copy_context().run, self._run, task)
+        return self._executor().submit(copy_context().run, self._run, task)
+
+    def _executor(self) -> ThreadPoolExecutor:
+        """The pool of the thread that submits: the calls of two threads never wait on each
+        other's tasks. (A pmap in a thread that a task started waited for ever, behind the
+        tasks that waited for it.) The pools of threads that have ended go."""
+        from concurrent.futures import ThreadPoolExecutor  # not at import: only when used
+
+        caller = threading.current_thread()
+        with self._lock:
+            executor = self._executors.get(caller)
+            if executor is None:
+                for ended in [thread for thread in self._executors if not thread.is_alive()]:
+                    self._executors.pop(ended).shutdown(wait=False)
+                executor = self._executors[caller] = ThreadPoolExecutor(
+                    self.n_workers, thread_name_prefix="parfor-worker")
+        return executor
 
     @staticmethod
     def _run(task: Task) -> Result:
@@ -56,7 +77,10 @@ class ThreadsBackend(Backend):
         return run_task(task)
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            executors, self._executors = list(self._executors.values()), {}
+        for executor in executors:
+            executor.shutdown(wait=False, cancel_futures=True)
 
 
 @hookimpl

@@ -133,3 +133,25 @@ def test_every_item_sees_the_callers_context_variables(backend):
                 == {"the caller's"}
     finally:
         SEEN.reset(token)
+
+
+def inner_item(y: int) -> int:
+    return y
+
+
+def sum_in_a_thread_of_its_own(x: int, backend: str) -> int:
+    """An item that hands its work to a thread of its own, which makes a call."""
+    box = []
+    helper = threading.Thread(target=lambda: box.append(sum(
+        pmap(inner_item, range(10), backend=backend, bar=False))))
+    helper.start()
+    helper.join()
+    return box[0] + x
+
+
+@pytest.mark.timeout(60)
+def test_a_call_from_a_thread_that_a_task_started_does_not_wait_for_ever(backend):
+    # On threads, its tasks queued behind the tasks that waited for it: every worker thread
+    # waited in a helper's join, and the helper for a worker thread.
+    assert pmap(sum_in_a_thread_of_its_own, range(4), (backend,), backend=backend,
+                n_processes=2, bar=False) == [45, 46, 47, 48]
