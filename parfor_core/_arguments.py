@@ -72,7 +72,7 @@ def total_of(iterable: object, total: object, length: object) -> int | None:
         return check_count("total", total, 0)
     try:
         return len(iterable)  # type: ignore[arg-type]
-    except TypeError:
+    except (TypeError, OverflowError):  # no length, or one past sys.maxsize (range(10**20))
         return None
 
 

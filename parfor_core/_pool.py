@@ -154,8 +154,13 @@ class ParPool:
             with self._lock:
                 self._reserved.discard(handle)
         with self._lock:
-            self._futures[handle] = future
-            self._barlengths[future] = barlength
+            closed = self._closed  # by another thread while the task was sent
+            if not closed:
+                self._futures[handle] = future
+                self._barlengths[future] = barlength
+        if closed:  # it goes as the pool's other tasks went
+            future.cancel()
+            raise RuntimeError("this ParPool is closed")
         self._progress.add_total(barlength)
         future.add_done_callback(lambda done, h=handle: self._on_done(h, done))
         return handle

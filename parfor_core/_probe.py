@@ -52,7 +52,10 @@ def run_while_cheap(call: Call, items: Iterable[Any], total: int | None,
     values are ``into.values`` itself, which its caller need not copy.
     """
     sliceable = isinstance(items, (list, tuple, range))  # chunks are windows, not copies
-    length = len(items) if sliceable else None  # type: ignore[arg-type]
+    try:
+        length = len(items) if sliceable else None  # type: ignore[arg-type]
+    except OverflowError:  # a range past sys.maxsize: read as any iterable is
+        sliceable, length = False, None
     source = Input(items)
     spent = 0.0
     fastest = float("inf")  # seconds per item of the quickest chunk: a chunk that the system

@@ -267,3 +267,10 @@ def test_gmap_has_a_generators_send_and_throw():
     with pytest.raises(LookupError, match="enough"):
         results.throw(LookupError("enough"))
     assert list(results) == []  # closed: the rest was cancelled
+
+
+def test_a_range_longer_than_len_can_tell_is_read_lazily(backend):
+    # len(range(10**20)) raises OverflowError, which reached the caller.
+    results = gmap(abs, range(-2, 10**20), backend=backend, bar=False)
+    assert [next(results) for _ in range(4)] == [2, 1, 0, 1]
+    results.close()

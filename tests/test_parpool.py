@@ -385,3 +385,35 @@ def test_a_call_started_while_the_interpreter_exits_runs_or_says_why(backend, tm
                f"can start no new work")
     answers = ["[0, 1, 4, 9]"] if backend == "" else ["[0, 1, 4, 9]", refused]
     assert done.stdout.splitlines()[-1] in answers, done.stdout + done.stderr
+
+
+def quick(x: int) -> int:
+    time.sleep(0.002)
+    return x
+
+
+@pytest.mark.parametrize("backend", ["threads", "processes"])
+def test_a_task_added_while_another_thread_closes_the_pool_is_not_left_in_it(backend):
+    # It was stored after close() had emptied the pool: it stayed, never ran (its call was
+    # cancelled), and fetching it raised a bare IndexError.
+    for _ in range(10):
+        pool = ParPool(quick, backend=backend, n_processes=2, bar=False)
+        refused = []
+
+        def add(pool=pool, refused=refused):
+            while True:
+                try:
+                    pool(0)
+                except RuntimeError as error:
+                    refused.append(str(error))
+                    return
+
+        adders = [threading.Thread(target=add) for _ in range(3)]
+        for adder in adders:
+            adder.start()
+        time.sleep(0.01)
+        pool.close()
+        for adder in adders:
+            adder.join(10)
+        assert len(pool) == 0
+        assert refused == ["this ParPool is closed"] * 3
