@@ -104,7 +104,7 @@ def _run(selected: Backend | Selection, call: Call, iterable: Iterable[Any], tot
                 progress = Progress(*bar)
             batches = dispatch(backend, call, source, ChunkSizer(backend.n_workers, left),
                                ordered=ordered, on_done=progress.update,
-                               help_while_starting=helping)
+                               help_while_starting=helping, keeps_all=into is not None)
             yield from _shaped(batches, with_index)
     finally:
         call.release()

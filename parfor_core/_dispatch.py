@@ -29,6 +29,7 @@ def dispatch(
     ordered: bool = True,
     on_done: Callable[[int], object],
     help_while_starting: bool = False,
+    keeps_all: bool = False,
 ) -> Iterator[tuple[Sequence[int], list[Any]]]:
     """Yield ``(input indices, values)`` batches covering every item; re-raise the first failure.
 
@@ -38,7 +39,9 @@ def dispatch(
     no other. An error of the input is raised after the results of the items read before it.
 
     With ``ordered`` results come in input order (a failure is raised when its turn comes, after
-    the values before it); otherwise as soon as they are done. Closing the generator cancels
+    the values before it); otherwise as soon as they are done. Results that wait for their turn
+    count against the chunks read ahead, unless the caller ``keeps_all`` of them anyway (pmap):
+    then one slow item holds back no other work. Closing the generator cancels
     what has not run.
     """
     from concurrent.futures import FIRST_COMPLETED, wait  # not at import: it loads logging
@@ -51,7 +54,7 @@ def dispatch(
     progress = _Progress(on_done)
     try:
         while True:
-            while not exhausted and len(in_flight) + len(finished) < window:
+            while not exhausted and len(in_flight) + (0 if keeps_all else len(finished)) < window:
                 chunk = items.take(sizer.next_size())
                 if not chunk:
                     exhausted = True

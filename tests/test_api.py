@@ -274,3 +274,30 @@ def test_a_range_longer_than_len_can_tell_is_read_lazily(backend):
     results = gmap(abs, range(-2, 10**20), backend=backend, bar=False)
     assert [next(results) for _ in range(4)] == [2, 1, 0, 1]
     results.close()
+
+
+class _OthersDone:
+    """How many items other than the first have run (threads share it)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.lock = threading.Lock()
+        self.enough = threading.Event()
+
+
+def first_waits_for_the_others(i: int, others: _OthersDone) -> bool:
+    if i == 0:  # True if the others ran while it waited
+        return others.enough.wait(10)
+    with others.lock:
+        others.count += 1
+        if others.count >= 30:
+            others.enough.set()
+    return True
+
+
+def test_pmap_keeps_the_workers_busy_while_an_early_item_runs_long():
+    # Results waiting for their turn behind item 0 counted against the work read ahead: after
+    # a few chunks no worker got another one until item 0 was done.
+    others = _OthersDone()
+    assert all(pmap(first_waits_for_the_others, range(41), (others,), backend="threads",
+                    n_processes=2, bar=False))
