@@ -288,7 +288,7 @@ def _environment() -> dict[str, Sourced]:
     found = {}
     for name, setting in SETTINGS.items():
         text = os.environ.get(setting.env) if setting.env else None
-        if text is not None:
+        if text:  # set to nothing (PARFOR_BACKEND=): unset, as for the backends' variables
             found[name] = Sourced(_check(name, text, f"environment variable {setting.env}"),
                                   f"environment variable {setting.env}")
     return found

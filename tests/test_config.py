@@ -246,6 +246,15 @@ def test_toml_syntax_error_names_the_file_and_line(isolated):
         current()
 
 
+def test_a_variable_set_to_nothing_counts_as_unset(monkeypatch):
+    # `%env PARFOR_BACKEND=` in a notebook made every call fail ("No backend named ''").
+    for variable in ("PARFOR_BACKEND", "PARFOR_N_PROCESSES", "PARFOR_BAR", "PARFOR_RETRIES"):
+        monkeypatch.setenv(variable, "")
+    settings = current()
+    assert settings.source("backend") == settings.source("n_processes") == "the default"
+    assert pmap(abs, [-1, -2], bar=False) == [1, 2]
+
+
 def test_bad_environment_value_names_the_variable(monkeypatch):
     monkeypatch.setenv("PARFOR_N_PROCESSES", "many")
     with pytest.raises(ConfigError, match="environment variable PARFOR_N_PROCESSES"):
