@@ -36,6 +36,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     options.n_processes)
     except (ParforError, ValueError) as error:
         parser.exit(2, f"parfor: error: {error}\n")
+    except BrokenPipeError:  # the reader left (`parfor config | head`): no traceback for it
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the exit's flush
+        return 141  # as a shell reports a program ended by SIGPIPE
 
 
 def _at_least(minimum: int) -> Callable[[str], int]:

@@ -96,3 +96,15 @@ def test_bad_options_fail_with_a_message_not_a_traceback():
         result = run("demo", *args)
         assert result.returncode == 2
         assert message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["config", "backends"])
+def test_a_reader_that_leaves_early_gets_no_traceback(command):
+    # `parfor config | head -1` ended in a BrokenPipeError traceback.
+    process = subprocess.Popen([sys.executable, "-m", "parfor", command],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader is gone before the first line
+    error = process.stderr.read().decode()
+    process.stderr.close()
+    assert process.wait(timeout=60) == 141, error
+    assert error == ""
