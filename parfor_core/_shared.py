@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import mmap
 import os
+import sys
 import weakref
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -196,6 +197,42 @@ def attach(address: Address, *, shared: bool) -> mmap.mmap:
 
     Raises ParforError when the segment is on another machine or its owner let it go.
     """
+    fd = _open(address, shared)
+    try:
+        return mmap.mmap(fd, address.size, access=mmap.ACCESS_WRITE if shared
+                         else mmap.ACCESS_COPY, **_UNTRACKED)
+    finally:
+        os.close(fd)
+
+
+#: A mapping that keeps no file descriptor of its own (Python 3.13 on): a program may hold
+#: more mappings than it may open files.
+_UNTRACKED = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+
+
+def copy_of(address: Address) -> bytearray:
+    """A copy of a segment another process made: how a small one is better read than mapped,
+    since a mapping holds a file descriptor for as long as it lives (a program that keeps a
+    thousand results would run out of them). Raises as `attach` does."""
+    fd = _open(address, shared=False)
+    try:
+        copy = bytearray(address.size)
+        view, done = memoryview(copy), 0
+        with open(fd, "rb", buffering=0, closefd=False) as file:
+            while done < len(copy):
+                read = file.readinto(view[done:])
+                if not read:
+                    raise ParforError(f"Shared memory {address.path} is shorter than it was "
+                                      "made: its owner changed it.")
+                done += read
+        view.release()
+        return copy
+    finally:
+        os.close(fd)
+
+
+def _open(address: Address, shared: bool) -> int:
+    """A file descriptor of a segment another process made, after checking that it is it."""
     if address.machine != _machine():
         raise ParforError(
             f"Shared memory {address.path} belongs to another machine: a worker can map it only "
@@ -205,14 +242,11 @@ def attach(address: Address, *, shared: bool) -> mmap.mmap:
     except OSError as exc:
         raise ParforError(f"Shared memory {address.path} is gone: the process that made it "
                           f"released it or ended ({exc.strerror}).") from exc
-    try:
-        if os.fstat(fd).st_ino != address.inode:
-            raise ParforError(f"Shared memory {address.path} is gone: the process that made it "
-                              "released it, and the name now means something else.")
-        return mmap.mmap(fd, address.size, access=mmap.ACCESS_WRITE if shared
-                         else mmap.ACCESS_COPY)
-    finally:
+    if os.fstat(fd).st_ino != address.inode:
         os.close(fd)
+        raise ParforError(f"Shared memory {address.path} is gone: the process that made it "
+                          "released it, and the name now means something else.")
+    return fd
 
 
 def still_shared(address: Address) -> bool:

@@ -26,7 +26,14 @@ from typing import Any
 
 from ._context import caller_context, take_over
 from ._pickling import dumps, loads
-from ._shared import Address, Placement, Segment, attach, still_shared
+from ._shared import (
+    Address,
+    Placement,
+    Segment,
+    attach,
+    copy_of,
+    still_shared,
+)
 from ._task import (
     Call,
     Failure,
@@ -41,6 +48,9 @@ from .errors import ParforError, SerializationError, rebuild_exception, rebuild_
 
 #: Serialized calls this large go through shared memory, not with each task or to each worker.
 LARGE_CALL_BYTES = 1 << 20
+#: Answers whose shared memory is smaller than this are copied by the caller, not mapped: a
+#: copy of so little costs about what mapping it costs, and holds no file descriptor.
+COPIED_ANSWER_BYTES = 1 << 20
 #: How many calls a worker keeps deserialized, for callers that interleave several calls.
 CACHED_CALLS = 4
 
@@ -174,14 +184,18 @@ def _dumps_local(obj: object, in_place: bool | None = None) -> bytes:
     return _keeping(_SHARED + pickle.dumps((data, segment.address, spans)), segment)
 
 
-def _loads_local(data: bytes | memoryview, keep_classes: bool = False) -> Any:
+def _loads_local(data: bytes | memoryview, answer: bool = False) -> Any:
     """The object `dumps` or `_dumps_local` made ``data`` from; shared buffers are mapped
-    copy-on-write, so what this process writes into them stays its own. ``keep_classes``: as
-    `loads` says."""
+    copy-on-write, so what this process writes into them stays its own. A worker's ``answer``,
+    loaded by the caller, may be kept long, with many others: its classes are loaded as
+    `loads` with ``keep_classes`` says, and its shared buffers are copied unless they are
+    large (each mapping holds a file descriptor)."""
     if data[:1] != _SHARED:
-        return loads(data, keep_classes=keep_classes)
+        return loads(data, keep_classes=answer)
     body, address, spans = pickle.loads(memoryview(data)[1:])
-    return loads(body, _mapped([(address, start, end) for start, end in spans]), keep_classes)
+    parts = _mapped([(address, start, end) for start, end in spans],
+                    copy_below=COPIED_ANSWER_BYTES if answer else 0)
+    return loads(body, parts, keep_classes=answer)
 
 
 def _keeping(data: bytes, segment: Segment | None) -> bytes:
@@ -206,14 +220,15 @@ def _raw(buffers: list[pickle.PickleBuffer]) -> Iterator[memoryview]:
     return (buffer.raw() for buffer in buffers)
 
 
-def _mapped(placed: list[Placement]) -> list[memoryview]:
+def _mapped(placed: list[Placement], copy_below: int = 0) -> list[memoryview]:
     """The parts another process placed in shared memory, mapped here copy-on-write (each
-    segment once)."""
+    segment once); or copied, from segments smaller than ``copy_below`` bytes."""
     segments: dict[Address, memoryview] = {}
     parts = []
     for address, start, end in placed:
         if address not in segments:
-            segments[address] = memoryview(attach(address, shared=False))
+            segments[address] = memoryview(copy_of(address) if address.size < copy_below
+                                           else attach(address, shared=False))
         parts.append(segments[address][start:end])
     return parts
 
@@ -454,4 +469,4 @@ def _sendable(result: Result, indices: list[int], items: list[Any], cause: BaseE
 def load_result(data: bytes) -> Result:
     """Parent side: the Result a worker sent; the caller's own classes in it stay as the caller
     has them now."""
-    return _loads_local(data, keep_classes=True)
+    return _loads_local(data, answer=True)

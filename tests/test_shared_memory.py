@@ -476,3 +476,22 @@ def test_a_large_segment_holds_its_parts_however_it_is_written(monkeypatch, thro
         assert start % _shared.ALIGNMENT == 0
         assert numpy.array_equal(numpy.frombuffer(memory[start:end], dtype=part.dtype), part)
     segment.release()
+
+
+def filled(i: int) -> numpy.ndarray:
+    return numpy.full(20_000, i, dtype=numpy.float64)  # 160 KB: through shared memory
+
+
+@pytest.mark.parametrize("backend", MACHINE_BACKENDS)
+def test_results_kept_by_the_caller_hold_no_file_descriptors(backend):
+    # Each result came back as a mapping of its shared memory, and each mapping holds a file
+    # descriptor: a ParPool whose caller kept 1000 results ran out of them (ulimit -n 1024).
+    from parfor import ParPool
+
+    before = len(os.listdir(f"/proc/{os.getpid()}/fd"))
+    with ParPool(filled, backend=backend, n_processes=2, bar=False) as pool:
+        for i in range(200):
+            pool[i] = i
+        kept = [pool[i] for i in range(200)]
+    assert [int(array[0]) for array in kept] == list(range(200))
+    assert len(os.listdir(f"/proc/{os.getpid()}/fd")) - before < 50
