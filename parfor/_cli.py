@@ -15,8 +15,7 @@ def list_backends(out: TextIO) -> int:
     the configured one, else the automatic choice."""
     infos = registry.infos()
     if not infos:
-        out.write(f"No backend is loaded: the disable_plugins setting ("
-                  f"{current().source('disable_plugins')}) names every plugin.\n")
+        out.write(f"No backend is loaded: {registry.why_none()}.\n")
         return 1
     settings = current()
     name = settings["backend"]

@@ -160,7 +160,8 @@ class Registry:
         """The backend class registered under ``name``; a clear error when there is none."""
         candidates = self._candidates()
         if name not in candidates:
-            raise UnknownBackendError(name, candidates, origin)
+            raise UnknownBackendError(name, candidates, origin,
+                                      "" if candidates else self.why_none())
         classes = candidates[name]
         if len(classes) > 1:
             raise PluginError(
@@ -171,6 +172,16 @@ class Registry:
                 " (or the disable_plugins setting) set to its entry-point name."
             )
         return classes[0]
+
+    def why_none(self) -> str:
+        """Why no backend is registered: a setting disabled the plugins, or none was found."""
+        settings = current()
+        if settings["disable_plugins"]:
+            return (f"the disable_plugins setting ({settings.source('disable_plugins')}) names "
+                    f"every plugin")
+        return ("no installed plugin registers one: parfor's own backends are found through "
+                "the entry points of its installed distribution, so install parfor (pip "
+                "install -e . in a source checkout) rather than put its folder on sys.path")
 
     def names(self) -> list[str]:
         return sorted(self._candidates())

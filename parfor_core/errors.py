@@ -40,10 +40,11 @@ def rebuild_group(cls: type[BaseException], message: str, exceptions: list[BaseE
 class UnknownBackendError(ParforError, ValueError):
     """No backend is registered under the requested name."""
 
-    def __init__(self, name: str, known: Sequence[str], origin: str = "backend=") -> None:
+    def __init__(self, name: str, known: Sequence[str], origin: str = "backend=",
+                 why_none: str = "") -> None:
         self.name = name
         self.known = sorted(known)
-        known_ones = ", ".join(self.known) or "none (the disable_plugins setting names them all)"
+        known_ones = ", ".join(self.known) or f"none ({why_none})"
         super().__init__(f"No backend named {name!r} (from {origin}). Known: {known_ones}.")
 
 

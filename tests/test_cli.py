@@ -52,7 +52,8 @@ def test_with_every_plugin_disabled_the_cause_is_named():
                           capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PARFOR_DISABLE_PLUGINS": every})
     assert ("No backend named 'serial' (from the automatic choice). Known: none (the "
-            "disable_plugins setting names them all)." in call.stderr)
+            "disable_plugins setting (environment variable PARFOR_DISABLE_PLUGINS) names "
+            "every plugin)." in call.stderr)
 
 
 def test_demo_runs_in_parallel_and_reports_the_speedup():
