@@ -43,9 +43,9 @@ def test_a_worker_loads_only_the_task_protocol():
     """A worker process imports what running tasks needs, not the API, configuration or
     plugin machinery: that keeps a fresh worker's start short."""
     result = in_fresh_interpreter(WORKER_PROBE)
-    assert json.loads(result.stdout) == ["parfor_core._pickling", "parfor_core._shared",
-                                         "parfor_core._task", "parfor_core._wire",
-                                         "parfor_core.errors"]
+    assert json.loads(result.stdout) == ["parfor_core._context", "parfor_core._pickling",
+                                         "parfor_core._shared", "parfor_core._task",
+                                         "parfor_core._wire", "parfor_core.errors"]
 
 
 def test_the_progress_bar_does_not_import_asyncio():
