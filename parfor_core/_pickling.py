@@ -15,6 +15,7 @@ import functools
 import io
 import pickle
 import threading
+import types
 from collections.abc import Iterable
 from typing import Any
 
@@ -62,10 +63,23 @@ def _pickler_class() -> type[pickle.Pickler]:
 
     class Pickler(cloudpickle.Pickler):  # type: ignore[misc, valid-type]
         dispatch_table = ChainMap({type(threading.Lock()): _new_lock,
-                                   type(threading.RLock()): _new_reentrant_lock},
+                                   type(threading.RLock()): _new_reentrant_lock,
+                                   types.CodeType: _code_keeping_its_file},
                                   cloudpickle.Pickler.dispatch_table)
 
     return Pickler
+
+
+def _code_keeping_its_file(code: types.CodeType) -> tuple[Any, tuple[Any, ...]]:
+    """cloudpickle's reduction of a function's code, with its file name kept: cloudpickle
+    writes ``<dynamic-code>`` instead, and a worker's traceback of a function of the caller's
+    script then names no file and shows no line of it."""
+    from cloudpickle.cloudpickle import _code_reduce
+
+    constructor, arguments = _code_reduce(code)
+    return constructor, tuple(code.co_filename if isinstance(argument, str)
+                              and argument == "<dynamic-code>" else argument
+                              for argument in arguments)
 
 
 def _new_lock(lock: object) -> tuple[Any, tuple[()]]:

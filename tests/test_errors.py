@@ -494,3 +494,17 @@ def test_a_builtin_exception_keeps_its_fields(backend, kind, fields):
         pmap(raise_builtin, [kind], backend=backend, bar=False)
     assert kind in {cls.__name__ for cls in type(caught.value).__mro__}
     assert {name: getattr(caught.value, name) for name in fields} == fields
+
+
+def test_a_worker_traceback_of_a_function_sent_by_value_names_its_file_and_line(
+        process_backend):
+    # cloudpickle writes "<dynamic-code>" for the file of a function it sends by value (those
+    # of the caller's script, local ones): the traceback named no file and showed no line.
+    def fails(i: int) -> None:
+        raise ValueError("raised by the local function")
+
+    with pytest.raises(ValueError) as caught:
+        pmap(fails, [1], backend=process_backend, bar=False)
+    remote = str(caught.value.__cause__)
+    assert f'File "{__file__}"' in remote
+    assert 'raise ValueError("raised by the local function")' in remote
