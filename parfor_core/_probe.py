@@ -30,8 +30,11 @@ WORK_SECONDS_WORTH_WORKERS = 0.05
 MAX_CHUNK = 16_384
 #: ... and the longest, in seconds, as the last chunk's items took: the bar keeps moving.
 CHUNK_SECONDS = 0.05
-#: ... unless all that is left should take less than this many seconds: then it is one chunk.
+#: ... unless all that is left should take less than this many seconds: then it is one chunk,
 LAST_CHUNK_SECONDS = 0.02
+#: ... if it is at most this many times the items measured: a guess from the first few items
+#: of a loop whose items cost more along the input kept all of it here.
+LAST_CHUNK_REACH = 64
 
 
 def worth_probing(total: int | None) -> bool:
@@ -58,8 +61,12 @@ def run_while_cheap(call: Call, items: Iterable[Any], total: int | None,
         sliceable, length = False, None
     source = Input(items)
     spent = 0.0
-    fastest = float("inf")  # seconds per item of the quickest chunk: a chunk that the system
-    size = 1                # paused (a busy machine) looks slow, the others show the truth
+    # Seconds per item of the last chunk, and of the quicker of the last two, which decides: a
+    # chunk that the system paused (a busy machine) looks slow, the one beside it shows the
+    # truth; and items whose cost grows along the input (sizes in increasing order) move the
+    # decision along, where the quickest chunk of all would keep them here for ever.
+    last = float("inf")
+    size = 1
     while True:
         chunk: Sequence[Any] = (_Window(items, source, size)  # type: ignore[arg-type]
                                 if sliceable else source.take(size))
@@ -78,15 +85,17 @@ def run_while_cheap(call: Call, items: Iterable[Any], total: int | None,
         else:
             result = run_task(task, into.values)
         spent += result.elapsed
-        fastest = min(fastest, result.elapsed / len(chunk))
+        rate = result.elapsed / len(chunk)
+        recent, last = min(rate, last), rate
         on_done(len(result.values) - before)
         yield from emit(task, result, len(result.values) - before)
         if not stay and spent >= MEASURE_SECONDS and _workers_pay(
-                fastest, None if total is None else total - read):
+                recent, None if total is None else total - read):
             return source
         size = min(4 * size, MAX_CHUNK,
                    max(1, int(CHUNK_SECONDS * len(chunk) / max(result.elapsed, 1e-9))))
-        if length is not None and fastest * (length - read) < LAST_CHUNK_SECONDS:
+        if (length is not None and length - read <= LAST_CHUNK_REACH * read
+                and rate * (length - read) < LAST_CHUNK_SECONDS):
             size = max(size, length - read)  # the rest at once
 
 

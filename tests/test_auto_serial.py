@@ -61,6 +61,23 @@ def test_slow_items_go_to_workers_after_a_few_here():
     assert here() not in places[n_here:]
 
 
+def growing_where(x: int) -> tuple[int, tuple[int, int]]:
+    """An item whose cost grows with it (about 5 x microseconds): sizes in increasing order."""
+    total = 0
+    for i in range(x * 100):
+        total += i
+    return where(x)
+
+
+def test_items_that_cost_more_along_the_input_go_to_workers():
+    # The first items are quick: the call judged the whole input by them (the quickest chunk,
+    # and all the rest as one chunk from there), and ran all of it here.
+    values = pmap(growing_where, range(600), bar=False)
+    assert [value for value, _ in values] == list(range(600))
+    elsewhere = [value for value, ran in values if ran != here()]
+    assert len(elsewhere) >= 100  # about half of them: the caller helps while workers start
+
+
 def test_an_endless_generator_of_quick_items_runs_here_reading_little_ahead():
     read = itertools.count()
     taken = list(itertools.islice(gmap(where, (next(read) for _ in itertools.count()),
