@@ -86,17 +86,38 @@ def dispatch(
             while yielded in finished:
                 yield from emit(*finished.pop(yielded))
                 yielded += 1
-    except KeyboardInterrupt as interrupt:
-        if in_flight and not is_item_error(interrupt):
+    except (KeyboardInterrupt, RuntimeError) as error:
+        pressed = ctrl_c_of(error)
+        if pressed is None:
+            raise
+        if in_flight:
             from ._ctrl_c import ctrl_c_held  # not at import: it loads signal and enum
 
             with ctrl_c_held():
                 backend.interrupt()
-        raise
+        if pressed is error:
+            raise
+        raise pressed from error
     finally:
         call.cancelled = True
         for future in in_flight:
             future.cancel()
+
+
+def ctrl_c_of(error: BaseException) -> KeyboardInterrupt | None:
+    """The user's Ctrl-C that ``error`` is or hides, if any. A second press that lands while
+    a ``threading.Condition`` wait takes its lock back after the first makes that wait raise
+    "release unlocked lock" instead (CPython's, with the presses as its context): the
+    Ctrl-C is the cause all the same, and the workers must stop."""
+    if is_item_error(error):
+        return None
+    if isinstance(error, KeyboardInterrupt):
+        return error
+    context = error.__context__
+    if (isinstance(error, RuntimeError) and str(error) == "release unlocked lock"
+            and isinstance(context, KeyboardInterrupt)):
+        return context
+    return None
 
 
 class _Progress:

@@ -353,3 +353,19 @@ def test_ctrl_c_held_holds_presses_back_for_a_while_and_restores_the_handler(mon
         time.sleep(0.01)
         signal.raise_signal(signal.SIGINT)  # a stop that takes too long can be broken off
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_second_press_inside_a_condition_wait_is_taken_as_the_ctrl_c_it_is():
+    # CPython: a second press while threading.Condition.wait takes its lock back after the
+    # first makes it raise "release unlocked lock" (seen in a call's bar callback on
+    # free-threaded 3.13). That RuntimeError went past the stop, and the workers ran on.
+    from parfor_core._dispatch import ctrl_c_of
+
+    second = KeyboardInterrupt()
+    broken_wait = RuntimeError("release unlocked lock")
+    broken_wait.__context__ = second  # as Python sets it, raised while handling the press
+    assert ctrl_c_of(broken_wait) is second
+    assert ctrl_c_of(RuntimeError("release unlocked lock")) is None
+    assert ctrl_c_of(ValueError()) is None
+    pressed = KeyboardInterrupt()
+    assert ctrl_c_of(pressed) is pressed
