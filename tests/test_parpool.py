@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from clusters import CLUSTERS
@@ -269,6 +270,16 @@ def test_a_task_may_add_work_to_its_own_pool(backend):
         pool.close()
 
 
+def run_script(folder: Path, text: str, *arguments: str) -> subprocess.CompletedProcess[str]:
+    """Run ``text`` as a script of its own with ``arguments``; it must end well."""
+    script = folder / "script.py"
+    script.write_text(text)
+    done = subprocess.run([sys.executable, str(script), *arguments], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 LEFT_OPEN = """
 import sys, time
 from pathlib import Path
@@ -303,12 +314,9 @@ if __name__ == "__main__":
 def test_tasks_waiting_at_exit_do_not_run(backend, what, tmp_path):
     # An unclosed ParPool, or a gmap left half read, at the end of a script: the interpreter
     # exits without running the tasks that have not started (threads ran them all first).
-    script, marks = tmp_path / "left_open.py", tmp_path / "marks"
-    script.write_text(LEFT_OPEN)
+    marks = tmp_path / "marks"
     marks.mkdir()
-    done = subprocess.run([sys.executable, str(script), backend, str(marks), what],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    done = run_script(tmp_path, LEFT_OPEN, backend, str(marks), what)
     if backend in CLUSTERS:  # what it would start after the caller left, it has by now
         time.sleep(1.5)
     ran = sorted(int(path.name) for path in marks.iterdir())
@@ -343,11 +351,7 @@ if __name__ == "__main__":
 def test_a_call_of_another_thread_running_at_exit_ends(backend, tmp_path):
     # On threads, its waiting tasks were cancelled at exit, which wakes no one waiting for
     # them: the thread waited for ever, and the interpreter for the thread.
-    script = tmp_path / "at_exit.py"
-    script.write_text(CALL_OF_ANOTHER_THREAD_AT_EXIT)
-    done = subprocess.run([sys.executable, str(script), backend], capture_output=True,
-                          text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
+    done = run_script(tmp_path, CALL_OF_ANOTHER_THREAD_AT_EXIT, backend)
     assert done.stdout.splitlines()[-1] == "the thread ended", done.stdout
 
 
@@ -376,11 +380,7 @@ def test_a_call_started_while_the_interpreter_exits_runs_or_says_why(backend, tm
     # A thread that the main one left behind calls pmap after the executors' exit handlers
     # ran: threads and loky failed with "can't register atexit after shutdown", from an
     # import of concurrent.futures. The automatic choice runs such a call serially.
-    script = tmp_path / "late.py"
-    script.write_text(CALL_STARTED_AT_EXIT)
-    done = subprocess.run([sys.executable, str(script), backend], capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    done = run_script(tmp_path, CALL_STARTED_AT_EXIT, backend)
     refused = (f"InterpreterExitingError: The interpreter is exiting: the {backend} backend "
                f"can start no new work")
     answers = ["[0, 1, 4, 9]"] if backend == "" else ["[0, 1, 4, 9]", refused]
