@@ -8,6 +8,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .backend import Backend
 
 #: Seconds for which presses are held back: a stop that takes longer (one that hangs) can be
 #: broken off by the next press.
@@ -36,3 +40,9 @@ def ctrl_c_held() -> Iterator[None]:
     finally:
         if signal.getsignal(signal.SIGINT) is hold:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def interrupt_held(backend: Backend) -> None:
+    """Stop the backend's running tasks for a Ctrl-C, further presses held back meanwhile."""
+    with ctrl_c_held():
+        backend.interrupt()

@@ -91,10 +91,9 @@ def dispatch(
         if pressed is None:
             raise
         if in_flight:
-            from ._ctrl_c import ctrl_c_held  # not at import: it loads signal and enum
+            from ._ctrl_c import interrupt_held  # not at import: it loads signal and enum
 
-            with ctrl_c_held():
-                backend.interrupt()
+            interrupt_held(backend)
         if pressed is error:
             raise
         raise pressed from error

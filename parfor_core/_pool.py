@@ -17,9 +17,10 @@ from ._arguments import (
     settle_sharing,
     show_bar,
 )
+from ._dispatch import ctrl_c_of
 from ._progress import Progress, ProgressBar, check_bar
 from ._registry import registry
-from ._task import Call, Result, Task, add_note, inside_worker, is_item_error
+from ._task import Call, Result, Task, add_note, inside_worker
 from .backend import Backend
 from .errors import WorkerDiedError, WorkerError
 
@@ -339,11 +340,10 @@ class ParPool:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  *rest: object) -> None:
-        if isinstance(error, KeyboardInterrupt) and not is_item_error(error) and self._futures:
-            from ._ctrl_c import ctrl_c_held  # not at import: it loads signal and enum
+        if error is not None and ctrl_c_of(error) is not None and self._futures:
+            from ._ctrl_c import interrupt_held  # not at import: it loads signal and enum
 
-            with ctrl_c_held():
-                self._backend.interrupt()  # Ctrl-C in the block: its running tasks stop too
+            interrupt_held(self._backend)  # Ctrl-C in the block: its running tasks stop too
         self.close()
 
     def __getstate__(self) -> None:
