@@ -32,9 +32,10 @@ MAX_CHUNK = 16_384
 CHUNK_SECONDS = 0.05
 #: ... unless all that is left should take less than this many seconds: then it is one chunk,
 LAST_CHUNK_SECONDS = 0.02
-#: ... if it is at most this many times the items measured: a guess from the first few items
-#: of a loop whose items cost more along the input kept all of it here.
-LAST_CHUNK_REACH = 64
+#: ... if it is at most this many times the items measured, as the next chunk could be anyway:
+#: a guess from further (the first 5 items of 300, whose cost grows along the input) kept a
+#: loop of a second here.
+LAST_CHUNK_REACH = 4
 
 
 def worth_probing(total: int | None) -> bool:
