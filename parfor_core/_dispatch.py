@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from ._chunking import ChunkSizer
 from ._task import Call, Result, Task, add_note, is_item_error, run_task
 from .backend import Backend
-from .errors import WorkerError
+from .errors import SerializationError, WorkerError
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -36,7 +36,8 @@ def dispatch(
     Items already read from ``items`` were run elsewhere. With ``help_while_starting``, tasks
     the backend gives back while its workers start (`Backend.reclaim`) run here meanwhile: a
     short call of quick items is done before the first worker is, and a slow item here delays
-    no other. An error of the input is raised after the results of the items read before it.
+    no other. An error of the input, or an item that cannot be sent to the workers, is raised
+    after the results of the items before it, as a serial loop would.
 
     With ``ordered`` results come in input order (a failure is raised when its turn comes, after
     the values before it); otherwise as soon as they are done. Results that wait for their turn
@@ -62,7 +63,11 @@ def dispatch(
                 sizer.taken(len(chunk))
                 task = Task(call, range(items.read - len(chunk), items.read), chunk,
                             progress.reporter(submitted))
-                in_flight[backend.submit(task)] = (submitted, task)
+                sent = _submitted(backend, task, items)
+                if sent is None:
+                    exhausted = True
+                    break
+                in_flight[sent[0]] = (submitted, sent[1])
                 submitted += 1
             if not in_flight:
                 items.raise_held()
@@ -167,11 +172,30 @@ class Input:
         self.read += len(chunk)
         return chunk
 
+    def hold(self, error: Exception) -> None:
+        """End the input with ``error``, raised once the items read before it are done."""
+        self._error = error
+
     def raise_held(self) -> None:
         """Raise the iterable's error, if it raised one."""
         error, self._error = self._error, None
         if error is not None:
             raise error
+
+
+def _submitted(backend: Backend, task: Task, items: Input
+               ) -> tuple[Future[Result], Task] | None:
+    """``task`` submitted, with its future. Where one of its items cannot be sent, that ends
+    the input (the error held in ``items``), and only the items before it are: None if none."""
+    try:
+        return backend.submit(task), task
+    except SerializationError as error:
+        items.hold(error)
+        before = task.indices.index(error.item) if error.item in task.indices else 0
+        if before == 0:
+            return None
+        return _submitted(backend, task._replace(indices=task.indices[:before],
+                                                 items=task.items[:before]), items)
 
 
 def _answers(done: set[Future[Result]], backend: Backend,

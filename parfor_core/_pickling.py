@@ -6,7 +6,8 @@ class tracker keeps such a class one class: sent twice (with the function, with 
 is one class in the worker, and sent back it is the caller's own class again, so ``isinstance``
 holds on both sides. A lock crosses as a new one, not held: a copy of one excludes nothing in
 another process anyway, and one held where it was copied would be held for ever. What
-cloudpickle refuses goes through dill, which carries more kinds of objects.
+cloudpickle refuses goes through dill, which carries more kinds of objects; but not a file open
+for writing, which dill would reopen in each worker, each then writing over the others' lines.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from collections.abc import Iterable
 from typing import Any
 
 _CLOUDPICKLE, _DILL = b"C", b"D"
+
+
+class Refused(pickle.PicklingError):
+    """An object that neither cloudpickle nor dill should carry: dill could, but wrongly."""
 
 
 #: Buffers this large or larger are left out of the bytes when the caller can place them.
@@ -45,6 +50,8 @@ def dumps(obj: object, out_of_band: list[pickle.PickleBuffer] | None = None) -> 
         with io.BytesIO() as file:
             _pickler_class()(file, protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=take).dump(obj)
             data = file.getvalue()
+    except Refused:
+        raise
     except Exception:
         import dill
 
@@ -56,15 +63,26 @@ def dumps(obj: object, out_of_band: list[pickle.PickleBuffer] | None = None) -> 
 
 @functools.cache
 def _pickler_class() -> type[pickle.Pickler]:
-    """cloudpickle's pickler, with locks sent as new ones (see the module's docstring)."""
+    """cloudpickle's pickler, with locks sent as new ones (see the module's docstring), and
+    singledispatch and cached functions carried by value where need be."""
     from collections import ChainMap
 
     import cloudpickle
 
     class Pickler(cloudpickle.Pickler):  # type: ignore[misc, valid-type]
+        def _function_reduce(self, obj: types.FunctionType) -> Any:
+            # A singledispatch function by value (one of the caller's script): its default and
+            # registered functions, not its cache, which holds weak references.
+            if "registry" in obj.__dict__ and "dispatch" in obj.__dict__ and \
+                    not cloudpickle.cloudpickle._should_pickle_by_reference(obj):
+                return _dispatching, (obj.__wrapped__, dict(obj.registry))  # type: ignore[attr-defined]
+            return super()._function_reduce(obj)
+
         dispatch_table = ChainMap({type(threading.Lock()): _new_lock,
                                    type(threading.RLock()): _new_reentrant_lock,
-                                   types.CodeType: _code_keeping_its_file},
+                                   types.CodeType: _code_keeping_its_file,
+                                   functools._lru_cache_wrapper: _cache_by_value_if_need_be,
+                                   **dict.fromkeys(_FILES, _file_not_written_to)},
                                   cloudpickle.Pickler.dispatch_table)
 
     return Pickler
@@ -80,6 +98,56 @@ def _code_keeping_its_file(code: types.CodeType) -> tuple[Any, tuple[Any, ...]]:
     return constructor, tuple(code.co_filename if isinstance(argument, str)
                               and argument == "<dynamic-code>" else argument
                               for argument in arguments)
+
+
+#: The files that `_file_not_written_to` looks at: text, buffered binary and raw.
+_FILES = (io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom, io.FileIO)
+
+
+def _file_not_written_to(file: Any) -> tuple[Any, tuple[Any, ...]]:
+    """cloudpickle's reduction of a file (a text file read as a copy of its text; a standard
+    stream by name, there or in dill), except for a file open for writing, which is refused: a
+    copy would lose the writes, and dill's reopening of it in each worker would write each
+    worker's lines over the others'."""
+    import sys
+
+    from cloudpickle.cloudpickle import _file_reduce
+
+    standard = any(file is stream for stream in (sys.stdout, sys.stderr, sys.__stdout__,
+                                                 sys.__stderr__))
+    if not standard and not file.closed and file.writable():
+        raise Refused(f"the file {file.name!r} is open for writing ({file.mode!r}), and each "
+                      "worker would open it again and write over the others' lines: open it "
+                      "in the function (mode 'a'), or return what to write and write it here")
+    if not isinstance(file, io.TextIOWrapper):
+        raise pickle.PicklingError("a binary file: for dill, which opens it again")
+    return _file_reduce(file)  # type: ignore[no-any-return]
+
+
+def _cache_by_value_if_need_be(wrapper: Any) -> str | tuple[Any, tuple[Any, ...]]:
+    """An ``lru_cache`` (or ``cache``) function by its name where a worker can import it; else,
+    a function of the caller's script say, its function by value in a new cache (pickle would
+    look for ``__main__.fib`` in the worker, whose ``__main__`` is not the script)."""
+    from cloudpickle.cloudpickle import _is_registered_pickle_by_value, _lookup_module_and_qualname
+
+    found = _lookup_module_and_qualname(wrapper)
+    if found is not None and not _is_registered_pickle_by_value(found[0]):
+        return wrapper.__reduce__()  # type: ignore[no-any-return]
+    parameters = wrapper.cache_parameters()
+    return _cached, (wrapper.__wrapped__, parameters["maxsize"], parameters["typed"])
+
+
+def _cached(fun: Any, maxsize: int | None, typed: bool) -> Any:
+    return functools.lru_cache(maxsize=maxsize, typed=typed)(fun)
+
+
+def _dispatching(default: Any, registry: dict[type, Any]) -> Any:
+    """A singledispatch function again (`_pickler_class`)."""
+    dispatcher = functools.singledispatch(default)
+    for cls, fun in registry.items():
+        if cls is not object:
+            dispatcher.register(cls, fun)
+    return dispatcher
 
 
 def _new_lock(lock: object) -> tuple[Any, tuple[()]]:

@@ -20,7 +20,7 @@ import pickle
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -63,13 +63,16 @@ SWEEP_SECONDS = 0.5
 _sweeper: threading.Thread | None = None
 
 
-def _first_unserializable(named: list[tuple[str, object]], cause: Exception) -> SerializationError:
-    """Find which of several objects cannot be serialized, to name it in the error."""
-    for what, obj in named:
+def _first_unserializable(named: list[tuple[str, object]], cause: Exception,
+                          items: Sequence[int] | None = None) -> SerializationError:
+    """Find which of several objects cannot be serialized, to name it in the error (and the
+    input item it is, where they are the ``items`` of these indices)."""
+    for position, (what, obj) in enumerate(named):
         try:
             dumps(obj)
         except Exception as exc:
-            return SerializationError(what, obj, exc)
+            return SerializationError(what, obj, exc,
+                                      item=None if items is None else items[position])
     return SerializationError("the combination of " + ", ".join(w for w, _ in named),
                               tuple(o for _, o in named), cause)
 
@@ -247,7 +250,7 @@ def dump_items(task: Task, local: bool = False) -> bytes:
     except Exception as exc:
         pairs = zip(task.indices, task.items, strict=True)
         named = [(f"input item {index}", item) for index, item in pairs]
-        raise _first_unserializable(named, exc) from exc
+        raise _first_unserializable(named, exc, task.indices) from exc
     payload = pickle.dumps((task.indices, items), protocol=pickle.HIGHEST_PROTOCOL)
     return _keeping(payload, getattr(items, "segment", None))
 

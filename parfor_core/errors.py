@@ -72,10 +72,12 @@ class InterpreterExitingError(ParforError, RuntimeError):
 
 
 class SerializationError(ParforError, TypeError):
-    """An object that must cross to a worker process (or back) cannot be serialized."""
+    """An object that must cross to a worker process (or back) cannot be serialized; ``item``
+    is its index in the input when it is an input item."""
 
-    def __init__(self, what: str, obj: object, cause: BaseException) -> None:
-        self.what = what
+    def __init__(self, what: str, obj: object, cause: BaseException,
+                 item: int | None = None) -> None:
+        self.what, self.item = what, item
         self.type_name = f"{type(obj).__module__}.{type(obj).__qualname__}"
         super().__init__(
             f"Cannot serialize {what} (type {self.type_name}) with cloudpickle or dill: "

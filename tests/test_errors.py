@@ -210,6 +210,20 @@ def test_unserializable_item_is_named(process_backend):
         pmap(id, items, backend=process_backend, bar=False, serial=False)
 
 
+@pytest.mark.parametrize("ordered", [True, False])
+def test_gmap_yields_every_item_before_one_that_cannot_be_sent(process_backend, ordered):
+    # gmap raised as the item's chunk was sent, without the results of the chunks ahead of it
+    # and of the items before it in its chunk: a serial loop would have given them.
+    items = [*range(40), Unsendable(), *range(41, 50)]
+    got = []
+    with pytest.raises(SerializationError, match=r"input item 40 .*Unsendable") as caught:
+        for value in gmap(abs, items, backend=process_backend, bar=False,
+                          yield_ordered=ordered):
+            got.append(value)
+    assert sorted(got) == list(range(40))
+    assert caught.value.item == 40
+
+
 def test_unserializable_result_is_named(process_backend):
     with pytest.raises(SerializationError, match=r"result of input item 3.*Unsendable"):
         pmap(return_unsendable, range(6), backend=process_backend, bar=False)

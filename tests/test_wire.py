@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import glob
 import importlib
 import os
@@ -17,7 +18,7 @@ import pytest
 from clusters import CLUSTERS
 from conftest import BACKENDS
 
-from parfor import ParPool, pmap
+from parfor import ParPool, SerializationError, pmap
 
 PICKLED_IN_PARENT: list[int] = []
 
@@ -176,6 +177,60 @@ def test_classes_of_the_main_script_survive_the_round_trip(backend, tmp_path):
         "True [5]", "[True, True]"]
 
 
+CACHED_SCRIPT = """
+import functools
+import sys
+from parfor import pmap
+
+@functools.lru_cache(maxsize=None)
+def fib(n):
+    return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+@functools.cache
+def square(x):
+    return x * x
+
+def fib_squared(n):
+    return square(fib(n))
+
+@functools.singledispatch
+def describe(x):
+    return "thing"
+
+@describe.register
+def _(x: int):
+    return "int"
+
+@describe.register
+def _(x: list):
+    return [describe(each) for each in x]
+
+if __name__ == "__main__":
+    backend = sys.argv[1]
+    print(pmap(fib, [10, 20, 90], backend=backend, bar=False))
+    print(pmap(fib_squared, [10, 20], backend=backend, bar=False))
+    print(pmap(functools.lru_cache(maxsize=8)(abs), [-1, 2], backend=backend, bar=False))
+    print(pmap(describe, [1, "a", [2, None]], backend=backend, bar=False))
+"""
+
+
+@functools.lru_cache
+def cached_double(x: int) -> int:
+    return 2 * x
+
+
+def test_the_cached_and_dispatching_functions_of_the_main_script_run_in_workers(backend,
+                                                                                tmp_path):
+    # Cached ones were pickled by their names, as lru_cache has them: "Can't get attribute
+    # 'fib' on <module '__main__'>" in a worker, whose __main__ is not the script. A
+    # singledispatch one, by value with its cache: RecursionError.
+    assert run_as_main(tmp_path, CACHED_SCRIPT, backend) == [
+        "[55, 6765, 2880067194370816120]", "[3025, 45765225]", "[1, 2]",
+        "['int', 'thing', ['int', 'thing']]"]
+    # One that a worker can import still goes by its name.
+    assert pmap(cached_double, [1, 2], backend=backend, bar=False) == [2, 4]
+
+
 def test_local_functions_and_classes_travel_by_value(process_backend):
     class Local:
         def __init__(self, x):
@@ -281,6 +336,34 @@ def test_a_lock_crosses_as_a_new_one_that_is_not_held(process_backend, kind):
 
 def copy_of(thing: Any) -> Any:
     return thing
+
+
+def write_line(i: int, file: Any) -> int:
+    file.write(f"line {i}\n".encode() if "b" in file.mode else f"line {i}\n")
+    return i
+
+
+def first_line(i: int, file: Any) -> str:
+    file.seek(0)
+    return file.readline()
+
+
+@pytest.mark.parametrize("mode", ["w", "a", "r+", "wb"])
+def test_a_file_open_for_writing_is_refused_naming_it(process_backend, tmp_path, mode):
+    # dill reopened it in each worker: each wrote over the others' lines and the caller's, and
+    # the call said nothing (r+ became a copy, whose writes were lost).
+    path = tmp_path / "out.txt"
+    path.write_text("the caller's line\n")
+    with open(path, mode) as file:
+        with pytest.raises(SerializationError, match=r"args\[0\].*out\.txt.*open for writing"):
+            pmap(write_line, range(6), (file,), backend=process_backend, bar=False)
+    assert path.read_text() == ("" if mode in ("w", "wb") else "the caller's line\n")
+    path.write_text("first\nsecond\n")
+    with open(path) as file:  # one open for reading crosses, as a copy of its text
+        assert pmap(first_line, range(2), (file,), backend=process_backend, bar=False) \
+            == ["first\n", "first\n"]
+    assert pmap(write_line, range(3), (sys.__stdout__,), backend=process_backend, bar=False) \
+        == [0, 1, 2]  # the standard streams cross by name (sys.stdout is pytest's here)
 
 
 def square_into(i: int, shared: Any) -> int:
