@@ -350,8 +350,10 @@ def _meaning(how: str) -> str:
 
 
 #: What a worker process runs: ``-c`` rather than ``-m``, which would first import runpy.
-WORKER_MAIN = ("import sys; from parfor_backends._process_worker import main; "
-               "main(*map(int, sys.argv[1:]))")
+#: Started with parfor's folder on its path, not in its environment: what the worker's function
+#: starts in turn inherits the caller's environment, not one with parfor's folder added.
+WORKER_MAIN = ("import sys; sys.path.insert(1, sys.argv[1]); "
+               "from parfor_backends._process_worker import main; main(*map(int, sys.argv[2:]))")
 
 
 class _Worker:
@@ -389,15 +391,13 @@ class _Worker:
         # descriptors goes straight to ours.
         output = None if backend.worker_output else subprocess.DEVNULL
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = {**os.environ, "PYTHONUNBUFFERED": "1",
-               "PYTHONPATH": os.pathsep.join(filter(None, [package_root,
-                                                           os.environ.get("PYTHONPATH")]))}
         try:
             with _sigint_blocked():
                 process = subprocess.Popen(
-                    [sys.executable, "-c", WORKER_MAIN, str(lifeline_read), str(results_write)],
+                    [sys.executable, "-u", "-c", WORKER_MAIN, package_root, str(lifeline_read),
+                     str(results_write)],
                     stdin=subprocess.PIPE, stdout=output, stderr=output,
-                    pass_fds=(lifeline_read, results_write), env=env,
+                    pass_fds=(lifeline_read, results_write),
                 )
         except BaseException:
             _lifelines.discard(lifeline_write)

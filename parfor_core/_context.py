@@ -14,8 +14,8 @@ import sys
 #: The caller's working directory, ``sys.path``, environment and multiprocessing's key.
 Context = tuple[str, list[str], dict[str, str], bytes | None]
 
-#: The environment a worker last took over: what the caller has since unset is unset, and
-#: what the worker's own start set (and the caller never had) is left alone.
+#: The environment a worker last took over (at first, the one it started with, the caller's
+#: then): what the caller has since unset is unset here too.
 _taken_environment: dict[str, str] = {}
 
 
@@ -41,6 +41,12 @@ def _environment() -> dict[str, str]:
     if raw is None or raw != _read_environment[0]:
         _read_environment = (None if raw is None else dict(raw), dict(os.environ))
     return _read_environment[1]
+
+
+def started_from_caller() -> None:
+    """Worker side, at its start: the environment it inherited is the caller's."""
+    global _taken_environment
+    _taken_environment = dict(os.environ)
 
 
 def take_over(context: Context) -> None:

@@ -12,6 +12,8 @@ from operator import length_hint
 from time import perf_counter
 from typing import Any, NamedTuple, NoReturn
 
+from ._context import started_from_caller
+
 _short = reprlib.Repr()
 _short.maxstring = _short.maxother = 80
 _short.maxlist = _short.maxtuple = _short.maxdict = _short.maxset = 6
@@ -27,10 +29,12 @@ def inside_worker() -> bool:
 
 
 def mark_worker_process() -> None:
-    """Call once in each worker process, so that every call made there runs serially."""
+    """Call once in each worker process, at its start, so that every call made there runs
+    serially (and a variable its caller unsets later is unset there too)."""
     global _in_worker_process, _worker_pid
     _in_worker_process = True
     _worker_pid = os.getpid()
+    started_from_caller()
 
 
 def in_fork_of_worker() -> bool:

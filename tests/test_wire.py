@@ -19,6 +19,7 @@ from clusters import CLUSTERS
 from conftest import BACKENDS
 
 from parfor import ParPool, SerializationError, pmap
+from parfor_core import registry
 
 PICKLED_IN_PARENT: list[int] = []
 
@@ -302,6 +303,26 @@ def test_warm_workers_take_over_the_callers_folder_path_and_environment(backend,
     monkeypatch.delenv("PARFOR_TEST_SEEN")
     assert {seen[1] for seen in pmap(seen_by_an_item, range(20), (module,), backend=backend,
                                      n_processes=2, bar=False)} == {None}
+
+
+def environment(_: int) -> dict[str, str]:
+    return dict(os.environ)
+
+
+@pytest.mark.parametrize("backend", [name for name in BACKENDS if name not in CLUSTERS],
+                         indirect=True)
+def test_the_workers_environment_is_the_callers_with_nothing_added(backend, monkeypatch):
+    # processes workers had parfor's folder added to PYTHONPATH, which a process their function
+    # started inherited; and a variable they inherited stayed after the caller unset it.
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
+    monkeypatch.setenv("PARFOR_TEST_INHERITED", "1")
+    registry.shutdown()  # workers start now, with this environment
+    assert pmap(environment, range(2), backend=backend, n_processes=2, bar=False) \
+        == [dict(os.environ)] * 2
+    monkeypatch.delenv("PARFOR_TEST_INHERITED")
+    assert pmap(environment, range(2), backend=backend, n_processes=2, bar=False) \
+        == [dict(os.environ)] * 2
 
 
 class Guarded:
