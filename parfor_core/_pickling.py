@@ -12,6 +12,7 @@ for writing, which dill would reopen in each worker, each then writing over the 
 
 from __future__ import annotations
 
+import enum
 import functools
 import io
 import pickle
@@ -77,6 +78,20 @@ def _pickler_class() -> type[pickle.Pickler]:
                     not cloudpickle.cloudpickle._should_pickle_by_reference(obj):
                 return _dispatching, (obj.__wrapped__, dict(obj.registry))  # type: ignore[attr-defined]
             return super()._function_reduce(obj)
+
+        def reducer_override(self, obj: Any,
+                             base: Any = cloudpickle.Pickler.reducer_override) -> Any:
+            # A class with __slots__, by value: made with them. cloudpickle makes it without,
+            # and sets __slots__ as a plain attribute: its instances there have a __dict__, and
+            # one sent back cannot be loaded into the caller's class ("no attribute __dict__").
+            # (``base`` is bound once: this runs for every object that is not of a plain type.)
+            if isinstance(obj, type) and "__slots__" in obj.__dict__ and \
+                    not issubclass(obj, enum.Enum) and \
+                    not cloudpickle.cloudpickle._should_pickle_by_reference(obj):
+                reduction = cloudpickle.cloudpickle._dynamic_class_reduce(obj)
+                reduction[1][3]["__slots__"] = obj.__slots__  # the made class's namespace
+                return reduction
+            return base(self, obj)
 
         dispatch_table = ChainMap({type(threading.Lock()): _new_lock,
                                    type(threading.RLock()): _new_reentrant_lock,

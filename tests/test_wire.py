@@ -91,6 +91,7 @@ def shared_memory_held(pid: int | str = "self") -> set[int]:
 
 
 MAIN_SCRIPT = """
+import dataclasses
 import enum
 import sys
 from typing import Generic, TypeVar
@@ -143,6 +144,19 @@ def unbox(box):
 def is_default(node):
     return node is Node.default
 
+class Slotted:
+    __slots__ = ("v",)
+    def __init__(self, v):
+        self.v = v
+
+@dataclasses.dataclass(slots=True)
+class Pair:
+    a: int
+    b: int
+
+def slotted(i):
+    return Slotted(i), Pair(i, -i)
+
 if __name__ == "__main__":
     backend = sys.argv[1]
     points = pmap(make, range(4), backend=backend, bar=False)
@@ -159,6 +173,7 @@ if __name__ == "__main__":
                                                   bar=False)[:1])
     print(pmap(lambda n: isinstance(n, Node), [Node(), Node.default], backend=backend,
                bar=False))
+    print([(s.v, p) for s, p in pmap(slotted, range(2), backend=backend, bar=False)])
 """
 
 
@@ -173,9 +188,11 @@ def run_as_main(tmp_path, code: str, backend: str) -> list[str]:
 
 
 def test_classes_of_the_main_script_survive_the_round_trip(backend, tmp_path):
+    # The instances of a class with __slots__ (a dataclass with slots=True) came back with a
+    # __dict__ the caller's class has not: "'Slotted' object has no attribute '__dict__'".
     assert run_as_main(tmp_path, MAIN_SCRIPT, backend) == [
         "True [0, 1, 2, 3]", "[6, 8]", "TwoArg 2 2/x", "[True, False]", "[True, False]",
-        "True [5]", "[True, True]"]
+        "True [5]", "[True, True]", "[(0, Pair(a=0, b=0)), (1, Pair(a=1, b=-1))]"]
 
 
 CACHED_SCRIPT = """
