@@ -19,6 +19,7 @@ import os
 import pickle
 import threading
 import time
+import types
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
@@ -67,14 +68,44 @@ def _first_unserializable(named: list[tuple[str, object]], cause: Exception,
                           items: Sequence[int] | None = None) -> SerializationError:
     """Find which of several objects cannot be serialized, to name it in the error (and the
     input item it is, where they are the ``items`` of these indices)."""
+    failing = _first_failing(named, set())
+    if failing is None:
+        return SerializationError("the combination of " + ", ".join(w for w, _ in named),
+                                  tuple(o for _, o in named), cause)
+    position, what, obj, exc = failing
+    return SerializationError(what, obj, exc, item=None if items is None else items[position])
+
+
+def _first_failing(named: list[tuple[str, object]], seen: set[int]
+                   ) -> tuple[int, str, object, Exception] | None:
+    """The position, name, object and error of the first of ``named`` that cannot be
+    serialized; of a function, rather the variable it carries that cannot be, if one is
+    the cause (a notebook's global generator, say)."""
     for position, (what, obj) in enumerate(named):
         try:
             dumps(obj)
         except Exception as exc:
-            return SerializationError(what, obj, exc,
-                                      item=None if items is None else items[position])
-    return SerializationError("the combination of " + ", ".join(w for w, _ in named),
-                              tuple(o for _, o in named), cause)
+            if isinstance(obj, types.FunctionType) and id(obj) not in seen:
+                seen.add(id(obj))
+                inner = _first_failing(_carried_by(obj), seen)
+                if inner is not None:
+                    return (position, *inner[1:])
+            return position, what, obj, exc
+    return None
+
+
+def _carried_by(fun: types.FunctionType) -> list[tuple[str, object]]:
+    """The variables that the function ``fun`` uses, named for an error."""
+    import inspect
+
+    try:
+        variables = inspect.getclosurevars(fun)
+    except (TypeError, ValueError):
+        return []
+    return [*((f"the variable {name!r} of the closure of {fun.__qualname__}()", value)
+              for name, value in variables.nonlocals.items()),
+            *((f"the global {name!r} that {fun.__qualname__}() uses", value)
+              for name, value in variables.globals.items())]
 
 
 def _serialize_call(call: Call, out_of_band: list[pickle.PickleBuffer] | None = None) -> bytes:

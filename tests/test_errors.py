@@ -204,6 +204,36 @@ def test_unserializable_argument_is_named(process_backend):
              bar=False)
 
 
+SCRIPT_USING_A_GENERATOR = """
+gen = (i for i in range(3))
+
+def uses(i):
+    return next(gen)
+
+def calls(i):
+    return uses(i)
+"""
+
+
+def test_what_a_function_carries_that_cannot_be_serialized_is_named(process_backend):
+    # The error blamed "the function" (one of a notebook, at its top level), and advised to
+    # define it at module level.
+    script: dict[str, object] = {"__name__": "a_notebook"}  # not importable: sent by value
+    exec(SCRIPT_USING_A_GENERATOR, script)
+    for fun in (script["uses"], script["calls"]):
+        with pytest.raises(SerializationError, match=r"the global 'gen' that uses\(\) uses "
+                                                     r"\(type builtins\.generator\)"):
+            pmap(fun, range(4), backend=process_backend, bar=False)
+    stream = (i for i in range(3))
+
+    def closure(i: int) -> int:
+        return next(stream)
+
+    with pytest.raises(SerializationError, match=r"the variable 'stream' of the closure of "
+                                                 r"test_what.*<locals>\.closure\(\) "):
+        pmap(closure, range(4), backend=process_backend, bar=False)
+
+
 def test_unserializable_item_is_named(process_backend):
     items = [1, 2, Unsendable()]
     with pytest.raises(SerializationError, match=r"input item 2 .*Unsendable"):
