@@ -45,7 +45,7 @@ from ._task import (
     leave_fork,
     run_task,
 )
-from .errors import ParforError, SerializationError, rebuild_exception, rebuild_group
+from .errors import NotLoadedHere, ParforError, SerializationError, rebuild_exception, rebuild_group
 
 #: Serialized calls this large go through shared memory, not with each task or to each worker.
 LARGE_CALL_BYTES = 1 << 20
@@ -503,4 +503,7 @@ def _sendable(result: Result, indices: list[int], items: list[Any], cause: BaseE
 def load_result(data: bytes) -> Result:
     """Parent side: the Result a worker sent; the caller's own classes in it stay as the caller
     has them now."""
-    return _loads_local(data, answer=True)
+    try:
+        return _loads_local(data, answer=True)
+    except Exception as exc:
+        raise NotLoadedHere() from exc

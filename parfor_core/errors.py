@@ -87,6 +87,11 @@ class SerializationError(ParforError, TypeError):
         )
 
 
+class NotLoadedHere(ParforError):
+    """A worker's answer that cannot be deserialized in the caller, with the cause chained: a
+    class of the caller's that refuses the state it comes with, say."""
+
+
 class WorkerError(ParforError):
     """A worker failed outside the user's function: it died, or the backend itself broke."""
 
@@ -99,6 +104,11 @@ class WorkerError(ParforError):
     def running(cls, backend: str, what: str, cause: BaseException,
                 indices: Sequence[int] = ()) -> WorkerError:
         """The error for a task whose future failed: ``what`` says which work was running."""
+        if isinstance(cause, NotLoadedHere) and cause.__cause__ is not None:
+            cause = cause.__cause__
+            return cls(f"Backend {backend!r} ran {what}, but its answer cannot be deserialized "
+                       f"here: {type(cause).__name__}: {cause}", backend=backend,
+                       indices=indices)
         return cls(f"Backend {backend!r} failed while running {what}, outside the function "
                    f"itself: {type(cause).__name__}: {cause}", backend=backend, indices=indices)
 

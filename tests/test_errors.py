@@ -234,6 +234,33 @@ def test_what_a_function_carries_that_cannot_be_serialized_is_named(process_back
         pmap(closure, range(4), backend=process_backend, bar=False)
 
 
+class RefusedHere:
+    """Loads in workers, but not in the process it names: as a class whose state the caller's
+    version refuses."""
+
+    def __init__(self, refused_in: int) -> None:
+        self.refused_in = refused_in
+
+    def __setstate__(self, state: dict[str, int]) -> None:
+        if state["refused_in"] == os.getpid():
+            raise ValueError("this state is refused here")
+        self.__dict__.update(state)
+
+
+def refused_by(i: int, caller: int) -> object:
+    return RefusedHere(caller) if i == 3 else i
+
+
+def test_a_result_that_cannot_be_loaded_here_is_named(process_backend):
+    # "failed while running input item 3, outside the function itself", as if it had not run.
+    with pytest.raises(WorkerError, match=r"ran input items? .*, but its answer cannot be "
+                                          r"deserialized here: ValueError: this state is "
+                                          r"refused here") as caught:
+        pmap(refused_by, range(6), (os.getpid(),), backend=process_backend, bar=False)
+    assert 3 in caught.value.indices
+    assert pmap(abs, [-1], backend=process_backend, bar=False) == [1]
+
+
 def test_unserializable_item_is_named(process_backend):
     items = [1, 2, Unsendable()]
     with pytest.raises(SerializationError, match=r"input item 2 .*Unsendable"):
