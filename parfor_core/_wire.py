@@ -325,10 +325,20 @@ def unloadable(data: bytes, what: str, cause: BaseException) -> bytes:
 
     indices, _ = pickle.loads(data)
     error = ParforError(f"{what} cannot be deserialized in worker process {os.getpid()}: "
-                        f"{type(cause).__name__}: {cause}")
+                        f"{type(cause).__name__}: {cause}{_advice_on_loading(cause)}")
     failure = Failure(indices[0], "not deserialized", error,
                       "".join(traceback.format_exception(cause)), describe_worker())
     return dumps(Result([], 0.0, failure))
+
+
+def _advice_on_loading(cause: BaseException) -> str:
+    """What to do about an object that a worker cannot load, where the cause tells."""
+    if isinstance(cause, ModuleNotFoundError):
+        return (f". If the caller has the module {cause.name!r} but a worker cannot import "
+                "it (made at run time, or loaded from a file outside sys.path), send what it "
+                "defines by value with cloudpickle.register_pickle_by_value(module), or put "
+                "its folder on sys.path")
+    return ""
 
 
 def dump_task(task: Task) -> bytes:

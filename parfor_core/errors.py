@@ -79,11 +79,14 @@ class SerializationError(ParforError, TypeError):
                  item: int | None = None) -> None:
         self.what, self.item = what, item
         self.type_name = f"{type(obj).__module__}.{type(obj).__qualname__}"
+        advice = ("It is nested too deeply to serialize: make it flatter, or raise "
+                  "sys.setrecursionlimit" if isinstance(cause, RecursionError) else
+                  "Make it picklable (define it at module level, or give it __reduce__ / "
+                  "__getstate__), create it inside the function instead")
         super().__init__(
             f"Cannot serialize {what} (type {self.type_name}) with cloudpickle or dill: "
-            f"{type(cause).__name__}: {cause}. Make it picklable (define it at module level, "
-            "or give it __reduce__ / __getstate__), create it inside the function instead, "
-            "or use backend='threads' so nothing has to cross a process boundary."
+            f"{type(cause).__name__}: {cause}. {advice}, or use backend='threads' so nothing "
+            "has to cross a process boundary."
         )
 
 

@@ -261,6 +261,39 @@ def test_a_result_that_cannot_be_loaded_here_is_named(process_backend):
     assert pmap(abs, [-1], backend=process_backend, bar=False) == [1]
 
 
+def test_a_module_that_workers_cannot_import_gets_advice(process_backend, tmp_path,
+                                                          monkeypatch):
+    # "No module named 'loose'", and nothing on what to do.
+    import importlib.util
+
+    import cloudpickle
+
+    (tmp_path / "loose.py").write_text("def triple(x):\n    return 3 * x\n")
+    spec = importlib.util.spec_from_file_location("loose", tmp_path / "loose.py")
+    loose = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "loose", loose)
+    spec.loader.exec_module(loose)
+    with pytest.raises(ParforError, match=r"No module named 'loose'\. If the caller has the "
+                                          r"module 'loose' but a worker cannot import it .*"
+                                          r"register_pickle_by_value"):
+        pmap(loose.triple, range(3), backend=process_backend, bar=False)
+    cloudpickle.register_pickle_by_value(loose)  # as the advice says
+    try:
+        assert pmap(loose.triple, range(3), backend=process_backend, bar=False) == [0, 3, 6]
+    finally:
+        cloudpickle.unregister_pickle_by_value(loose)
+
+
+def test_an_argument_nested_too_deeply_gets_advice_that_fits(process_backend):
+    # "Make it picklable (define it at module level, ...)", of a list.
+    nested: list = []
+    for _ in range(100_000):
+        nested = [nested]
+    with pytest.raises(SerializationError, match=r"args\[0\] \(type builtins\.list\) .*"
+                                                 r"RecursionError.* nested too deeply"):
+        pmap(len, [[1]], (nested,), backend=process_backend, bar=False)
+
+
 def test_unserializable_item_is_named(process_backend):
     items = [1, 2, Unsendable()]
     with pytest.raises(SerializationError, match=r"input item 2 .*Unsendable"):
