@@ -156,7 +156,7 @@ class RemoteTraceback(Exception):
 class Failure:
     """The exception one item raised, with what the caller needs to say where it happened."""
 
-    __slots__ = ("index", "item_repr", "exception", "traceback", "worker")
+    __slots__ = ("index", "item_repr", "exception", "traceback", "worker", "cause")
 
     def __init__(self, index: int, item_repr: str, exception: BaseException, traceback: str,
                  worker: str) -> None:
@@ -165,6 +165,9 @@ class Failure:
         self.exception = exception
         self.traceback = traceback
         self.worker = worker
+        #: The exception's ``__cause__``, when it crossed from a worker process: an exception
+        #: crosses without it.
+        self.cause: BaseException | None = None
 
     def __repr__(self) -> str:
         exception = getattr(self, "exception", "<raised>")
@@ -197,7 +200,11 @@ class Failure:
         del self.exception
         try:
             if exc.__traceback__ is None and self.traceback:  # from a worker: chain its frames
-                exc.__cause__ = RemoteTraceback(self.traceback)
+                remote = RemoteTraceback(self.traceback)
+                if self.cause is None:
+                    exc.__cause__ = remote
+                else:  # the cause a serial loop would give, after the worker's frames of both
+                    self.cause.__cause__, exc.__cause__ = remote, self.cause
             where = f"{what} in {self.worker}"
             if isinstance(exc, (StopIteration, StopAsyncIteration)):
                 raise RuntimeError(f"fun raised {type(exc).__name__} on {where}") from exc

@@ -464,8 +464,12 @@ _GROUP: Any = getattr(builtins, "BaseExceptionGroup", ())  # Python 3.11 on
 
 
 def _make_portable(failure: Failure) -> None:
-    """Make sure the caller can rebuild the exception, of its own type where at all possible."""
+    """Make sure the caller can rebuild the exception, of its own type where at all possible,
+    and the exception it was raised from (``raise ... from``), which would not cross with it."""
+    cause = failure.exception.__cause__
     failure.exception = _portable(failure.exception)
+    if cause is not None:
+        failure.cause = _portable(cause)
 
 
 def _portable(original: BaseException) -> Any:

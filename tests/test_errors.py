@@ -54,6 +54,27 @@ def test_exception_keeps_its_type_and_names_the_item(backend, tmp_path, ordered)
         assert isinstance(caught.value.__cause__, RemoteTraceback)
 
 
+class LookupFailed(Exception):
+    pass
+
+
+def look_up(i: int) -> int:
+    try:
+        return {}[i]
+    except KeyError as missing:
+        raise LookupFailed(f"no entry {i}") from missing
+
+
+def test_the_exception_an_error_was_raised_from_is_its_cause(backend):
+    # The cause was the worker's traceback text: code that looks at __cause__ (a library's
+    # wrapped errors) saw a RemoteTraceback where a plain loop gives the KeyError.
+    with pytest.raises(LookupFailed, match="no entry 3") as caught:
+        pmap(look_up, [3], backend=backend, bar=False)
+    assert type(caught.value.__cause__) is KeyError
+    assert caught.value.__cause__.args == (3,)
+    assert "in look_up" in report(caught.value)  # the worker's frames are still shown
+
+
 def test_no_item_runs_twice_and_none_after_failure_in_the_caller(backend, tmp_path):
     with pytest.raises(Boom):
         pmap(fail_on_seven, range(40), (str(tmp_path),), backend=backend, bar=False)
