@@ -1,18 +1,22 @@
 """What a worker on the caller's machine takes over from the caller with each call: the working
-directory, ``sys.path`` and the environment, as a plain loop there would see them. A worker
-started before a change (``os.chdir``, ``%cd`` in a notebook, a path added for an import, a
-variable set) would otherwise run later calls in the state of its start, and read the wrong
-files without a word. Also multiprocessing's authentication key, without which the proxies of
-a ``multiprocessing.Manager()`` that the caller started are refused in the workers.
+directory, ``sys.path``, the environment and the warning filters, as a plain loop there would
+see them. A worker started before a change (``os.chdir``, ``%cd`` in a notebook, a path added
+for an import, a variable set) would otherwise run later calls in the state of its start, and
+read the wrong files without a word; and a worker never runs the script's own filters. Also
+multiprocessing's authentication key, without which the proxies of a
+``multiprocessing.Manager()`` that the caller started are refused in the workers.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import sys
+from typing import Any
 
-#: The caller's working directory, ``sys.path``, environment and multiprocessing's key.
-Context = tuple[str, list[str], dict[str, str], bytes | None]
+#: The caller's working directory, ``sys.path``, environment, multiprocessing's key and
+#: warning filters.
+Context = tuple[str, list[str], dict[str, str], bytes | None, list[Any] | None]
 
 #: The environment a worker last took over (at first, the one it started with, the caller's
 #: then): what the caller has since unset is unset here too.
@@ -24,9 +28,35 @@ _taken_environment: dict[str, str] = {}
 _read_environment: tuple[object, dict[str, str]] = (None, {})
 
 
+#: The warning filters as last read here, and those of them that can be sent by reference.
+_read_filters: tuple[list[Any], list[Any]] = ([], [])
+
+
 def caller_context() -> Context:
     """This process's state, to send with a call."""
-    return os.getcwd(), list(sys.path), _environment(), _authentication_key()
+    return (os.getcwd(), list(sys.path), _environment(), _authentication_key(),
+            _warning_filters())
+
+
+def _warning_filters() -> list[Any] | None:
+    """The warning filters (``-W``, ``filterwarnings`` calls) that a worker can load: those
+    of a warning class it cannot import (one of the caller's script) are left out."""
+    global _read_filters
+    warnings = sys.modules.get("warnings")
+    if warnings is None:
+        return None
+    if warnings.filters != _read_filters[0]:
+        _read_filters = (list(warnings.filters),
+                         [entry for entry in warnings.filters if _by_reference(entry)])
+    return _read_filters[1]
+
+
+def _by_reference(entry: tuple[Any, ...]) -> bool:
+    try:
+        pickle.loads(pickle.dumps(entry))
+    except Exception:
+        return False
+    return True
 
 
 def _authentication_key() -> bytes | None:
@@ -53,7 +83,9 @@ def take_over(context: Context) -> None:
     """Worker side: make this process's state the caller's, before the call is loaded (its
     function may import from the caller's paths)."""
     global _taken_environment
-    folder, path, environment, key = context
+    folder, path, environment, key, filters = context
+    if filters is not None:
+        _take_over_filters(filters)
     if key is not None:
         from multiprocessing import process
 
@@ -74,3 +106,11 @@ def take_over(context: Context) -> None:
         if os.environ.get(name) != value:
             os.environ[name] = value
     _taken_environment = environment
+
+
+def _take_over_filters(filters: list[Any]) -> None:
+    import warnings
+
+    if warnings.filters != filters:
+        warnings.resetwarnings()  # which tells the registries of warnings shown that they changed
+        warnings.filters[:] = filters

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -340,6 +341,23 @@ def test_the_workers_environment_is_the_callers_with_nothing_added(backend, monk
     monkeypatch.delenv("PARFOR_TEST_INHERITED")
     assert pmap(environment, range(2), backend=backend, n_processes=2, bar=False) \
         == [dict(os.environ)] * 2
+
+
+def warns(_: int) -> int:
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.warn("a noisy warning", UserWarning, stacklevel=1)
+    return len(shown)
+
+
+@pytest.mark.parametrize("backend", [name for name in BACKENDS if name not in CLUSTERS],
+                         indirect=True)
+def test_the_workers_follow_the_callers_warning_filters(backend):
+    # A warning that the caller's script silenced was shown by every worker process.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="a noisy")
+        assert pmap(warns, range(4), backend=backend, n_processes=2, bar=False) == [0] * 4
+        warnings.simplefilter("always")
+        assert pmap(warns, range(4), backend=backend, n_processes=2, bar=False) == [1] * 4
 
 
 class Guarded:
