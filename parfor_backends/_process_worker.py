@@ -77,6 +77,7 @@ def main(lifeline: int, results_fd: int) -> None:
             else:
                 sys.stdout = sys.stderr = open(os.devnull, "w")
             send(b"Y")  # ready: tasks may come now (until then the parent keeps them)
+    tasks.close()  # not left to the exit: a ResourceWarning where the caller's filters show one
 
 
 def _answer(calls: dict[str, Any], task: memoryview, reporter: _ProgressReporter,

@@ -10,7 +10,6 @@ multiprocessing's authentication key, without which the proxies of a
 from __future__ import annotations
 
 import os
-import pickle
 import sys
 from typing import Any
 
@@ -52,6 +51,8 @@ def _warning_filters() -> list[Any] | None:
 
 
 def _by_reference(entry: tuple[Any, ...]) -> bool:
+    import pickle  # not at import: parfor's import is kept light
+
     try:
         pickle.loads(pickle.dumps(entry))
     except Exception:
