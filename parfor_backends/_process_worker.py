@@ -46,7 +46,7 @@ def main(lifeline: int, results_fd: int) -> None:
 
     from parfor_core import answer_holds_shared, load_shared_call, mark_worker_process
 
-    mark_worker_process()
+    mark_worker_process(environment_is_callers=True)
     reporter = _ProgressReporter(send)
     outputs: list[_Output] = []
     calls: dict[str, Any] = {}
@@ -139,6 +139,8 @@ class _Output(io.TextIOBase):
     worker's own, which the parent's is: what goes there is shown as native writes are.
     """
 
+    mode = "w"  # as the file it stands for has
+
     def __init__(self, send: Any, kind: bytes, fd: int) -> None:
         self._send = send
         self._kind = kind
@@ -178,6 +180,8 @@ class _Output(io.TextIOBase):
 
 class _OutputBuffer(io.RawIOBase):
     """The bytes side of an `_Output` (``sys.stdout.buffer``): UTF-8, decoded as it comes."""
+
+    mode = "wb"
 
     def __init__(self, text: _Output) -> None:
         self._text = text

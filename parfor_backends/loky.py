@@ -124,7 +124,7 @@ PARENT_CHECK_SECONDS = 0.5
 def _start_worker() -> None:
     """In each loky worker, first: mark it as a worker, and end it when its parent is gone
     (loky's workers outlived a parent killed with SIGKILL by minutes)."""
-    mark_worker_process()
+    mark_worker_process(environment_is_callers=True)
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True,
                      name="parfor-parent-watch").start()
 

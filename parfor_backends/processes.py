@@ -628,10 +628,32 @@ def _sigint_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
+#: How long showing a worker's lines waits for the bars' lock before it goes on without ...
+SHOW_LOCK_SECONDS = 2.0
+#: ... and the locks that made it wait so long once: they are only tried since, not waited for.
+_stuck_locks: set[int] = set()
+
+
 def _show(lines: str, file: IO[str]) -> None:
-    """Show lines a worker printed, above any progress bar (under the bars' lock, which a
-    forked child renews)."""
-    tqdm_class().write(lines, file=file)
+    """Show lines a worker printed, above any progress bar: under the bars' lock (which a
+    forked child renews) where it can be had. A lock left held for ever (a process forked
+    while holding it, which ended; a Ctrl-C between tqdm's two locks) would otherwise stop
+    this worker's results with its lines, and the call would wait for ever."""
+    bars = tqdm_class()
+    lock = bars.get_lock()
+    parts = getattr(lock, "locks", [lock])  # tqdm's own: a process's and a thread's
+    taken = []
+    for lock in parts:
+        if not lock.acquire(timeout=0 if id(lock) in _stuck_locks else SHOW_LOCK_SECONDS):
+            _stuck_locks.add(id(lock))
+            break
+        _stuck_locks.discard(id(lock))
+        taken.append(lock)
+    try:
+        bars.write(lines, file=file, nolock=True)
+    finally:
+        for lock in reversed(taken):
+            lock.release()
 
 
 @hookimpl

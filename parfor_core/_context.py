@@ -15,7 +15,7 @@ from typing import Any
 
 #: The caller's working directory, ``sys.path``, environment, multiprocessing's key and
 #: warning filters.
-Context = tuple[str, list[str], dict[str, str], bytes | None, list[Any] | None]
+Context = tuple[str, list[str], dict[str, str], bytes | None, list[bytes] | None]
 
 #: The environment a worker last took over (at first, the one it started with, the caller's
 #: then): what the caller has since unset is unset here too.
@@ -27,8 +27,8 @@ _taken_environment: dict[str, str] = {}
 _read_environment: tuple[object, dict[str, str]] = (None, {})
 
 
-#: The warning filters as last read here, and those of them that can be sent by reference.
-_read_filters: tuple[list[Any], list[Any]] = ([], [])
+#: The warning filters as last read here, and each of them pickled.
+_read_filters: tuple[list[Any], list[bytes]] = ([], [])
 
 
 def caller_context() -> Context:
@@ -37,27 +37,27 @@ def caller_context() -> Context:
             _warning_filters())
 
 
-def _warning_filters() -> list[Any] | None:
-    """The warning filters (``-W``, ``filterwarnings`` calls) that a worker can load: those
-    of a warning class it cannot import (one of the caller's script) are left out."""
+def _warning_filters() -> list[bytes] | None:
+    """The warning filters (``-W``, ``filterwarnings`` calls), each pickled alone: a worker
+    loads those it can (`_take_over_filters`), and leaves out one of a warning class it cannot
+    import (the caller's script's)."""
     global _read_filters
     warnings = sys.modules.get("warnings")
     if warnings is None:
         return None
     if warnings.filters != _read_filters[0]:
-        _read_filters = (list(warnings.filters),
-                         [entry for entry in warnings.filters if _by_reference(entry)])
+        _read_filters = (list(warnings.filters), [pickled for entry in warnings.filters
+                                                  if (pickled := _pickled(entry)) is not None])
     return _read_filters[1]
 
 
-def _by_reference(entry: tuple[Any, ...]) -> bool:
+def _pickled(entry: tuple[Any, ...]) -> bytes | None:
     import pickle  # not at import: parfor's import is kept light
 
     try:
-        pickle.loads(pickle.dumps(entry))
-    except Exception:
-        return False
-    return True
+        return pickle.dumps(entry)
+    except Exception:  # a warning class made in a function: no worker could load it
+        return None
 
 
 def _authentication_key() -> bytes | None:
@@ -85,8 +85,6 @@ def take_over(context: Context) -> None:
     function may import from the caller's paths)."""
     global _taken_environment
     folder, path, environment, key, filters = context
-    if filters is not None:
-        _take_over_filters(filters)
     if key is not None:
         from multiprocessing import process
 
@@ -99,6 +97,8 @@ def take_over(context: Context) -> None:
             os.chdir(folder)
     except OSError:  # gone since, or not allowed here: fun meets that as the loop would
         pass
+    if filters is not None:  # after the path: their classes may be imported from there
+        _take_over_filters(filters)
     if environment == _taken_environment:  # the usual case: nothing to read through
         return
     for name in _taken_environment.keys() - environment.keys():
@@ -109,9 +109,23 @@ def take_over(context: Context) -> None:
     _taken_environment = environment
 
 
-def _take_over_filters(filters: list[Any]) -> None:
+#: The pickled warning filters a worker last took over.
+_taken_filters: list[bytes] = []
+
+
+def _take_over_filters(filters: list[bytes]) -> None:
+    global _taken_filters
+    if filters == _taken_filters:
+        return
+    import pickle
     import warnings
 
-    if warnings.filters != filters:
-        warnings.resetwarnings()  # which tells the registries of warnings shown that they changed
-        warnings.filters[:] = filters
+    loaded = []
+    for entry in filters:
+        try:
+            loaded.append(pickle.loads(entry))
+        except Exception:  # a warning class that cannot be imported here: its filter is left out
+            pass
+    warnings.resetwarnings()  # which tells the registries of warnings shown that they changed
+    warnings.filters[:] = loaded
+    _taken_filters = filters

@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import functools
 import io
+import os
 import pickle
 import threading
 import types
@@ -33,7 +34,8 @@ OUT_OF_BAND_BYTES = 1 << 16
 
 
 def dumps(obj: object, out_of_band: list[pickle.PickleBuffer] | None = None) -> bytes:
-    """Serialize ``obj`` for another process; raises what dill raises when neither can.
+    """Serialize ``obj`` for another process; raises what dill raises when neither can (what
+    cloudpickle raised, where dill only recursed without end).
 
     Given a list ``out_of_band``, large buffers (a numpy array's data, say) are left out of the
     bytes and appended to it instead (pickle protocol 5), for ``loads(data, buffers)`` to use
@@ -53,10 +55,14 @@ def dumps(obj: object, out_of_band: list[pickle.PickleBuffer] | None = None) -> 
             data = file.getvalue()
     except Refused:
         raise
-    except Exception:
+    except Exception as refused:
         import dill
 
-        return _DILL + dill.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL, recurse=True)
+        try:
+            return _DILL + dill.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL, recurse=True)
+        except RecursionError:  # dill's own, on functions that call each other, where
+            raise refused  # noqa: B904  # cloudpickle's error says what cannot be sent
+
     if out_of_band is not None:
         out_of_band.extend(taken)
     return _CLOUDPICKLE + data
@@ -74,7 +80,7 @@ def _pickler_class() -> type[pickle.Pickler]:
         def _function_reduce(self, obj: types.FunctionType) -> Any:
             # A singledispatch function by value (one of the caller's script): its default and
             # registered functions, not its cache, which holds weak references.
-            if "registry" in obj.__dict__ and "dispatch" in obj.__dict__ and \
+            if obj.__code__ is _DISPATCHER_CODE and \
                     not cloudpickle.cloudpickle._should_pickle_by_reference(obj):
                 return _dispatching, (obj.__wrapped__, dict(obj.registry))  # type: ignore[attr-defined]
             return super()._function_reduce(obj)
@@ -84,8 +90,9 @@ def _pickler_class() -> type[pickle.Pickler]:
             # A class with __slots__, by value: made with them. cloudpickle makes it without,
             # and sets __slots__ as a plain attribute: its instances there have a __dict__, and
             # one sent back cannot be loaded into the caller's class ("no attribute __dict__").
+            # Empty slots are left as they were: a NamedTuple refuses them in its namespace.
             # (``base`` is bound once: this runs for every object that is not of a plain type.)
-            if isinstance(obj, type) and "__slots__" in obj.__dict__ and \
+            if isinstance(obj, type) and obj.__dict__.get("__slots__") and \
                     not issubclass(obj, enum.Enum) and \
                     not cloudpickle.cloudpickle._should_pickle_by_reference(obj):
                 reduction = cloudpickle.cloudpickle._dynamic_class_reduce(obj)
@@ -119,24 +126,46 @@ def _code_keeping_its_file(code: types.CodeType) -> tuple[Any, tuple[Any, ...]]:
 _FILES = (io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom, io.FileIO)
 
 
-def _file_not_written_to(file: Any) -> tuple[Any, tuple[Any, ...]]:
-    """cloudpickle's reduction of a file (a text file read as a copy of its text; a standard
-    stream by name, there or in dill), except for a file open for writing, which is refused: a
-    copy would lose the writes, and dill's reopening of it in each worker would write each
-    worker's lines over the others'."""
+def _file_not_written_to(file: Any) -> str | tuple[Any, tuple[Any, ...]]:
+    """A file as it can cross: a standard stream (or its bytes) as the worker's own; a file
+    open for appending (or the null device) opened again for appending, each line written at
+    once; a text file open for reading as a copy of its text (cloudpickle's way). Any other
+    file open for writing is refused: a copy would lose the writes, and dill's reopening of it
+    in each worker would write each worker's lines over the others'."""
     import sys
 
     from cloudpickle.cloudpickle import _file_reduce
 
-    standard = any(file is stream for stream in (sys.stdout, sys.stderr, sys.__stdout__,
-                                                 sys.__stderr__))
-    if not standard and not file.closed and file.writable():
-        raise Refused(f"the file {file.name!r} is open for writing ({file.mode!r}), and each "
-                      "worker would open it again and write over the others' lines: open it "
-                      "in the function (mode 'a'), or return what to write and write it here")
-    if not isinstance(file, io.TextIOWrapper):
-        raise pickle.PicklingError("a binary file: for dill, which opens it again")
-    return _file_reduce(file)  # type: ignore[no-any-return]
+    for name in ("stdout", "stderr"):
+        for stream in (getattr(sys, name), getattr(sys, f"__{name}__")):
+            if file is stream:
+                return getattr, (sys, name)
+            if file is getattr(stream, "buffer", None):
+                return _buffer_of, (name,)
+    if file.closed or not file.writable():
+        if not isinstance(file, io.TextIOWrapper):
+            raise pickle.PicklingError("a binary file: for dill, which opens it again")
+        return _file_reduce(file)  # type: ignore[no-any-return]
+    if isinstance(file.name, str) and (file.mode in ("a", "ab") or file.name == os.devnull):
+        return _appending, (os.path.abspath(file.name), "b" in file.mode,
+                            getattr(file, "encoding", None), getattr(file, "errors", None))
+    raise Refused(f"the file {file.name!r} is open for writing ({file.mode!r}): a copy of it in "
+                  "another process would write over its lines. Open it for appending (mode "
+                  "'a'), open it in the function, or return what to write and write it here")
+
+
+def _buffer_of(name: str) -> Any:
+    import sys
+
+    return getattr(sys, name).buffer
+
+
+def _appending(path: str, binary: bool, encoding: str | None, errors: str | None) -> Any:
+    """A file opened again for appending, whose writes (text: each line) reach it at once, so
+    that the caller finds all of them there when the call is over."""
+    if binary:
+        return open(path, "ab", buffering=0)
+    return open(path, "a", buffering=1, encoding=encoding, errors=errors)
 
 
 def _cache_by_value_if_need_be(wrapper: Any) -> str | tuple[Any, tuple[Any, ...]]:
@@ -156,12 +185,17 @@ def _cached(fun: Any, maxsize: int | None, typed: bool) -> Any:
     return functools.lru_cache(maxsize=maxsize, typed=typed)(fun)
 
 
+#: The code of every function that ``functools.singledispatch`` makes (not of one that another
+#: decorator wrapped around it, which has its attributes too).
+_DISPATCHER_CODE = functools.singledispatch(repr).__code__  # type: ignore[attr-defined]
+
+
 def _dispatching(default: Any, registry: dict[type, Any]) -> Any:
-    """A singledispatch function again (`_pickler_class`)."""
+    """A singledispatch function again (`_pickler_class`), with what was registered for
+    ``object`` too, in place of its first default."""
     dispatcher = functools.singledispatch(default)
     for cls, fun in registry.items():
-        if cls is not object:
-            dispatcher.register(cls, fun)
+        dispatcher.register(cls, fun)
     return dispatcher
 
 

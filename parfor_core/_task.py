@@ -28,13 +28,15 @@ def inside_worker() -> bool:
     return _in_worker_process or _inside_worker.get()
 
 
-def mark_worker_process() -> None:
+def mark_worker_process(environment_is_callers: bool = False) -> None:
     """Call once in each worker process, at its start, so that every call made there runs
-    serially (and a variable its caller unsets later is unset there too)."""
+    serially. ``environment_is_callers``: the process started with its caller's environment,
+    nothing added, so that a variable the caller unsets later is unset here too."""
     global _in_worker_process, _worker_pid
     _in_worker_process = True
     _worker_pid = os.getpid()
-    started_from_caller()
+    if environment_is_callers:
+        started_from_caller()
 
 
 def in_fork_of_worker() -> bool:
@@ -199,12 +201,13 @@ class Failure:
         exc = self.exception
         del self.exception
         try:
-            if exc.__traceback__ is None and self.traceback:  # from a worker: chain its frames
+            if exc.__traceback__ is None and self.traceback:  # from a worker: its frames
                 remote = RemoteTraceback(self.traceback)
-                if self.cause is None:
+                if self.cause is None:  # chained
                     exc.__cause__ = remote
-                else:  # the cause a serial loop would give, after the worker's frames of both
-                    self.cause.__cause__, exc.__cause__ = remote, self.cause
+                else:  # a note, beside the cause that a serial loop would give
+                    exc.__cause__ = self.cause
+                    add_note(exc, f"parfor: the worker's traceback:{remote}")
             where = f"{what} in {self.worker}"
             if isinstance(exc, (StopIteration, StopAsyncIteration)):
                 raise RuntimeError(f"fun raised {type(exc).__name__} on {where}") from exc

@@ -82,10 +82,13 @@ def _first_failing(named: list[tuple[str, object]], seen: set[int]
     serialized; of a function, rather the variable it carries that cannot be, if one is
     the cause (a notebook's global generator, say)."""
     for position, (what, obj) in enumerate(named):
+        function = isinstance(obj, types.FunctionType)
+        if function and id(obj) in seen:  # looked into already: a function that calls itself
+            continue
         try:
             dumps(obj)
         except Exception as exc:
-            if isinstance(obj, types.FunctionType) and id(obj) not in seen:
+            if function:
                 seen.add(id(obj))
                 inner = _first_failing(_carried_by(obj), seen)
                 if inner is not None:

@@ -80,7 +80,7 @@ class SerializationError(ParforError, TypeError):
         self.what, self.item = what, item
         self.type_name = f"{type(obj).__module__}.{type(obj).__qualname__}"
         advice = ("It is nested too deeply to serialize: make it flatter, or raise "
-                  "sys.setrecursionlimit" if isinstance(cause, RecursionError) else
+                  "sys.setrecursionlimit" if _too_deep(cause) else
                   "Make it picklable (define it at module level, or give it __reduce__ / "
                   "__getstate__), create it inside the function instead")
         super().__init__(
@@ -88,6 +88,15 @@ class SerializationError(ParforError, TypeError):
             f"{type(cause).__name__}: {cause}. {advice}, or use backend='threads' so nothing "
             "has to cross a process boundary."
         )
+
+
+def _too_deep(error: BaseException | None) -> bool:
+    """Whether ``error`` is, or comes from, a RecursionError (cloudpickle wraps its own)."""
+    while error is not None:
+        if isinstance(error, RecursionError):
+            return True
+        error = error.__cause__
+    return False
 
 
 class NotLoadedHere(ParforError):

@@ -145,6 +145,37 @@ def test_worker_output_is_shown_in_the_caller(tmp_path):
             assert not hello & set(lines) and "warning from item" not in result.stderr
 
 
+def says(i: int) -> int:
+    print(f"item {i} says hello")
+    return i
+
+
+def test_a_worker_that_prints_is_not_stopped_by_a_bars_lock_held_for_ever(monkeypatch):
+    # The reader of a worker's results waited for tqdm's lock to show its lines: one left held
+    # (by a process forked while holding it, which ended) stopped its results, and the call
+    # waited for ever. Here another thread holds it for as long as the call runs.
+    from parfor_core._progress import tqdm_class
+
+    monkeypatch.setattr(processes, "SHOW_LOCK_SECONDS", 0.2)
+    lock = tqdm_class().get_lock()
+    held, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            held.set()
+            done.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(10)
+    try:
+        assert pmap(says, range(6), backend=ProcessesBackend(2, worker_output=True),
+                    bar=False) == list(range(6))
+    finally:
+        done.set()
+        holder.join()
+
+
 def sleepy(i: float) -> float:
     time.sleep(i)
     return i

@@ -95,8 +95,14 @@ MAIN_SCRIPT = """
 import dataclasses
 import enum
 import sys
-from typing import Generic, TypeVar
+import warnings
+from typing import Generic, NamedTuple, TypeVar
 from parfor import ParPool, pmap
+
+class Quiet(UserWarning):  # a filter of a class workers cannot import: left out there
+    pass
+
+warnings.simplefilter("ignore", Quiet)
 
 class Color(enum.Enum):
     RED = 1
@@ -155,8 +161,11 @@ class Pair:
     a: int
     b: int
 
+class Named(NamedTuple):  # empty __slots__, which its class refuses to be made with
+    x: int
+
 def slotted(i):
-    return Slotted(i), Pair(i, -i)
+    return Slotted(i), Pair(i, -i), Named(i)
 
 if __name__ == "__main__":
     backend = sys.argv[1]
@@ -174,7 +183,7 @@ if __name__ == "__main__":
                                                   bar=False)[:1])
     print(pmap(lambda n: isinstance(n, Node), [Node(), Node.default], backend=backend,
                bar=False))
-    print([(s.v, p) for s, p in pmap(slotted, range(2), backend=backend, bar=False)])
+    print([(s.v, p, n) for s, p, n in pmap(slotted, range(2), backend=backend, bar=False)])
 """
 
 
@@ -190,10 +199,12 @@ def run_as_main(tmp_path, code: str, backend: str) -> list[str]:
 
 def test_classes_of_the_main_script_survive_the_round_trip(backend, tmp_path):
     # The instances of a class with __slots__ (a dataclass with slots=True) came back with a
-    # __dict__ the caller's class has not: "'Slotted' object has no attribute '__dict__'".
+    # __dict__ the caller's class has not: "'Slotted' object has no attribute '__dict__'". And
+    # a warning filter of the script's own class must not keep the workers from loading a call.
     assert run_as_main(tmp_path, MAIN_SCRIPT, backend) == [
         "True [0, 1, 2, 3]", "[6, 8]", "TwoArg 2 2/x", "[True, False]", "[True, False]",
-        "True [5]", "[True, True]", "[(0, Pair(a=0, b=0)), (1, Pair(a=1, b=-1))]"]
+        "True [5]", "[True, True]",
+        "[(0, Pair(a=0, b=0), Named(x=0)), (1, Pair(a=1, b=-1), Named(x=1))]"]
 
 
 CACHED_SCRIPT = """
@@ -224,12 +235,20 @@ def _(x: int):
 def _(x: list):
     return [describe(each) for each in x]
 
+@functools.singledispatch
+def shape(x):
+    return "first default"
+
+shape.register(object, lambda x: "default put in its place")
+shape.register(int, lambda x: "int")
+
 if __name__ == "__main__":
     backend = sys.argv[1]
     print(pmap(fib, [10, 20, 90], backend=backend, bar=False))
     print(pmap(fib_squared, [10, 20], backend=backend, bar=False))
     print(pmap(functools.lru_cache(maxsize=8)(abs), [-1, 2], backend=backend, bar=False))
     print(pmap(describe, [1, "a", [2, None]], backend=backend, bar=False))
+    print(pmap(shape, [1, "a"], backend=backend, bar=False))
 """
 
 
@@ -245,7 +264,7 @@ def test_the_cached_and_dispatching_functions_of_the_main_script_run_in_workers(
     # singledispatch one, by value with its cache: RecursionError.
     assert run_as_main(tmp_path, CACHED_SCRIPT, backend) == [
         "[55, 6765, 2880067194370816120]", "[3025, 45765225]", "[1, 2]",
-        "['int', 'thing', ['int', 'thing']]"]
+        "['int', 'thing', ['int', 'thing']]", "['int', 'default put in its place']"]
     # One that a worker can import still goes by its name.
     assert pmap(cached_double, [1, 2], backend=backend, bar=False) == [2, 4]
 
@@ -343,6 +362,29 @@ def test_the_workers_environment_is_the_callers_with_nothing_added(backend, monk
         == [dict(os.environ)] * 2
 
 
+OWN_VARIABLE = """
+import os, sys
+from parfor_core import mark_worker_process
+from parfor_core._context import take_over
+
+mark_worker_process(environment_is_callers=sys.argv[1] == "callers")
+callers = {name: value for name, value in os.environ.items() if name != "PARFOR_TEST_OWN"}
+take_over((os.getcwd(), list(sys.path), callers, None, None))
+print(os.environ.get("PARFOR_TEST_OWN"))
+"""
+
+
+@pytest.mark.parametrize(("started_with", "kept"), [("own", "1"), ("callers", "None")])
+def test_a_workers_own_variables_stay_unless_it_started_with_the_callers(started_with, kept):
+    # Every variable a worker started with counted as the caller's: one that a plugin gave its
+    # workers (OMP_NUM_THREADS=1, say) was unset at their first call.
+    result = subprocess.run([sys.executable, "-c", OWN_VARIABLE, started_with],
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PARFOR_TEST_OWN": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [kept]
+
+
 def warns(_: int) -> int:
     with warnings.catch_warnings(record=True) as shown:
         warnings.warn("a noisy warning", UserWarning, stacklevel=1)
@@ -404,7 +446,7 @@ def first_line(i: int, file: Any) -> str:
     return file.readline()
 
 
-@pytest.mark.parametrize("mode", ["w", "a", "r+", "wb"])
+@pytest.mark.parametrize("mode", ["w", "r+", "wb"])
 def test_a_file_open_for_writing_is_refused_naming_it(process_backend, tmp_path, mode):
     # dill reopened it in each worker: each wrote over the others' lines and the caller's, and
     # the call said nothing (r+ became a copy, whose writes were lost).
@@ -420,6 +462,21 @@ def test_a_file_open_for_writing_is_refused_naming_it(process_backend, tmp_path,
             == ["first\n", "first\n"]
     assert pmap(write_line, range(3), (sys.__stdout__,), backend=process_backend, bar=False) \
         == [0, 1, 2]  # the standard streams cross by name (sys.stdout is pytest's here)
+
+
+@pytest.mark.parametrize("mode", ["a", "ab"])
+def test_a_file_open_for_appending_has_every_line_when_the_call_returns(process_backend,
+                                                                         tmp_path, mode):
+    # dill reopened it in each worker, where lines stayed in the buffer after the call: the
+    # caller found 1 line of 7 when the call returned.
+    path = tmp_path / "log.txt"
+    with open(path, mode) as file:
+        file.write(b"the caller's line\n" if "b" in mode else "the caller's line\n")
+        file.flush()
+        assert pmap(write_line, range(6), (file,), backend=process_backend, n_processes=2,
+                    bar=False) == list(range(6))
+        assert sorted(path.read_text().splitlines()) == sorted(
+            ["the caller's line", *(f"line {i}" for i in range(6))])
 
 
 def square_into(i: int, shared: Any) -> int:
