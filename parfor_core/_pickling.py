@@ -7,7 +7,8 @@ is one class in the worker, and sent back it is the caller's own class again, so
 holds on both sides. A lock crosses as a new one, not held: a copy of one excludes nothing in
 another process anyway, and one held where it was copied would be held for ever. What
 cloudpickle refuses goes through dill, which carries more kinds of objects; but not a file open
-for writing, which dill would reopen in each worker, each then writing over the others' lines.
+for writing, which dill would reopen in each worker, each then writing over the others' lines:
+one open for appending is opened again for appending, and any other is refused.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def _pickler_class() -> type[pickle.Pickler]:
                                    type(threading.RLock()): _new_reentrant_lock,
                                    types.CodeType: _code_keeping_its_file,
                                    functools._lru_cache_wrapper: _cache_by_value_if_need_be,
-                                   **dict.fromkeys(_FILES, _file_not_written_to)},
+                                   **dict.fromkeys(_FILES, _file_as_it_can_cross)},
                                   cloudpickle.Pickler.dispatch_table)
 
     return Pickler
@@ -122,11 +123,11 @@ def _code_keeping_its_file(code: types.CodeType) -> tuple[Any, tuple[Any, ...]]:
                               for argument in arguments)
 
 
-#: The files that `_file_not_written_to` looks at: text, buffered binary and raw.
+#: The files that `_file_as_it_can_cross` looks at: text, buffered binary and raw.
 _FILES = (io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom, io.FileIO)
 
 
-def _file_not_written_to(file: Any) -> str | tuple[Any, tuple[Any, ...]]:
+def _file_as_it_can_cross(file: Any) -> str | tuple[Any, tuple[Any, ...]]:
     """A file as it can cross: a standard stream (or its bytes) as the worker's own; a file
     open for appending (or the null device) opened again for appending, each line written at
     once; a text file open for reading as a copy of its text (cloudpickle's way). Any other
