@@ -15,7 +15,8 @@ from itertools import islice
 from typing import Any
 
 from ._dispatch import Input, emit
-from ._task import Call, Task, run_task, run_task_whole
+from ._gc_clock import gc_clock
+from ._task import Call, Result, Task, run_task, run_task_whole
 
 #: Inputs known to be shorter than this go to workers at once: one slow item run here first
 #: would cost a short input a noticeable share of its speedup.
@@ -77,17 +78,14 @@ def run_while_cheap(call: Call, items: Iterable[Any], total: int | None,
             return None
         task = Task(call, range(read - len(chunk), read), chunk)
         before = 0 if into is None else len(into.values)
-        if into is None:
-            result = run_task(task)
-        elif len(chunk) > before:  # a list of its own, the earlier values moved in front of it
-            result = run_task_whole(task)
-            result.values[:0] = into.values
-            into.values = result.values
-        else:
-            result = run_task(task, into.values)
+        collected = gc_clock.seconds
+        with gc_clock.watching():
+            result = _run_here(task, into)
+        collected = gc_clock.seconds - collected
         spent += result.elapsed
         rate = result.elapsed / len(chunk)
-        recent, last = min(rate, last), rate
+        # What workers could take over: the chunk's time less the garbage collector's.
+        recent, last = min(max(0.0, result.elapsed - collected) / len(chunk), last), rate
         on_done(len(result.values) - before)
         yield from emit(task, result, len(result.values) - before)
         if not stay and spent >= MEASURE_SECONDS and _workers_pay(
@@ -98,6 +96,18 @@ def run_while_cheap(call: Call, items: Iterable[Any], total: int | None,
         if (length is not None and length - read <= LAST_CHUNK_REACH * read
                 and rate * (length - read) < LAST_CHUNK_SECONDS):
             size = max(size, length - read)  # the rest at once
+
+
+def _run_here(task: Task, into: Gathered | None) -> Result:
+    """Run ``task`` in the caller, its values gathered into ``into`` where given."""
+    if into is None:
+        return run_task(task)
+    if len(task.items) > len(into.values):  # a list of its own, the earlier values in front
+        result = run_task_whole(task)
+        result.values[:0] = into.values
+        into.values = result.values
+        return result
+    return run_task(task, into.values)
 
 
 class Gathered:
