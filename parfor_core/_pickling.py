@@ -20,6 +20,7 @@ import os
 import pickle
 import threading
 import types
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -163,10 +164,20 @@ def _buffer_of(name: str) -> Any:
 
 def _appending(path: str, binary: bool, encoding: str | None, errors: str | None) -> Any:
     """A file opened again for appending, whose writes (text: each line) reach it at once, so
-    that the caller finds all of them there when the call is over."""
+    that the caller finds all of them there when the call is over.
+
+    Its descriptor closes when the file is let go, with the call that brought it: quietly, as
+    a file the worker's user never opened must not warn that it was left open."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     if binary:
-        return open(path, "ab", buffering=0)
-    return open(path, "a", buffering=1, encoding=encoding, errors=errors)
+        file = open(descriptor, "ab", buffering=0, closefd=False)
+        file.name = path
+    else:
+        file = open(descriptor, "a", buffering=1, encoding=encoding, errors=errors,
+                    closefd=False)
+        file.buffer.raw.name = path
+    weakref.finalize(file, os.close, descriptor)
+    return file
 
 
 def _cache_by_value_if_need_be(wrapper: Any) -> str | tuple[Any, tuple[Any, ...]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import glob
 import importlib
 import os
@@ -479,6 +480,27 @@ def test_a_file_open_for_appending_has_every_line_when_the_call_returns(process_
                     bar=False) == list(range(6))
         assert sorted(path.read_text().splitlines()) == sorted(
             ["the caller's line", *(f"line {i}" for i in range(6))])
+
+
+@pytest.mark.parametrize("mode", ["a", "ab"])
+def test_a_file_opened_again_in_a_worker_closes_quietly_when_its_call_lets_it_go(tmp_path, mode):
+    # Each worker's copy warned, when the worker dropped the call, that it was left open (the
+    # worker had taken over the caller's warning filters: 'Exception ignored ... unclosed file').
+    from parfor_core._pickling import dumps, loads
+
+    path = tmp_path / "log.txt"
+    with open(path, mode) as file:
+        copy = loads(dumps(file))  # as a worker loads it
+    assert (copy.name, copy.mode) == (str(path), mode)
+    copy.write(b"a line\n" if "b" in mode else "a line\n")
+    descriptor = copy.fileno()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        del copy  # let go, as the worker lets go of a call's function and arguments
+        gc.collect()
+    with pytest.raises(OSError):  # the descriptor closed with it
+        os.fstat(descriptor)
+    assert path.read_text() == "a line\n"
 
 
 def square_into(i: int, shared: Any) -> int:
