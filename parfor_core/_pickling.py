@@ -18,6 +18,7 @@ import functools
 import io
 import os
 import pickle
+import sys
 import threading
 import types
 import weakref
@@ -219,25 +220,60 @@ def _new_reentrant_lock(lock: object) -> tuple[Any, tuple[()]]:
     return threading.RLock, ()
 
 
-def loads(data: bytes | memoryview, buffers: Iterable[Any] = (), keep_classes: bool = False
-          ) -> Any:
+def loads(data: bytes | memoryview, buffers: Iterable[Any] = (), answer: bool = False) -> Any:
     """The object ``dumps`` made these bytes from (and the buffers it left out, in order).
 
-    ``keep_classes``: the caller's classes that come back (a ``__main__`` class's instance as a
-    result) stay as the caller has them now; cloudpickle would set each to the state of the
-    sender's copy, undoing what the caller changed in it since (``Settings.limit = 50``).
+    An ``answer`` (a worker's, loaded by the caller) is loaded as the caller has things now:
+    its classes that come back (a ``__main__`` class's instance as a result) keep their state
+    here, which cloudpickle would set to that of the sender's copy, undoing what the caller
+    changed since (``Settings.limit = 50``); and what it names in a module that is still being
+    imported is taken from the module as it stands, as the import may be the caller's, waiting
+    for this answer (a pmap at a module's top level), where Python would wait for it to end.
     """
     body = memoryview(data)[1:]
     if data[:1] == _CLOUDPICKLE:
-        if keep_classes and _carries_classes(body):
-            return _KeepingClasses(io.BytesIO(body), buffers=buffers).load()
+        if answer and (_carries_classes(body) or _imports_under_way()):
+            return _Answer(io.BytesIO(body), buffers=buffers).load()
         return pickle.loads(body, buffers=buffers)
     import dill
 
+    if answer and _imports_under_way():
+        return _dill_answer_class()(io.BytesIO(body)).load()
     return dill.loads(body)
 
 
-#: In the bytes of anything that carries a class by value (see `_KeepingClasses`).
+def _imports_under_way() -> bool:
+    """Whether some thread is importing a module now (on most loads, none is)."""
+    import importlib._bootstrap
+
+    return bool(getattr(importlib._bootstrap, "_module_locks", True))
+
+
+class _NotWaitingOnImports:
+    """An unpickler that takes what it names in a module still being imported from the module
+    as it stands, rather than wait for its import to end (`loads` of an answer)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        loaded = sys.modules.get(module)
+        if getattr(getattr(loaded, "__spec__", None), "_initializing", False):
+            found: Any = loaded
+            try:
+                for part in name.split("."):
+                    found = getattr(found, part)
+                return found
+            except AttributeError:  # not there yet: wait, as Python does
+                pass
+        return super().find_class(module, name)  # type: ignore[misc]
+
+
+@functools.cache
+def _dill_answer_class() -> type:
+    import dill
+
+    return type("_DillAnswer", (_NotWaitingOnImports, dill.Unpickler), {})
+
+
+#: In the bytes of anything that carries a class by value (see `_Answer`).
 _CLASS_STATE = b"_class_setstate"
 #: cloudpickle's makers of classes carried by value, and where their tracking id is in their
 #: arguments: by that id, a class that exists here already is found instead of made.
@@ -249,9 +285,9 @@ def _carries_classes(body: memoryview) -> bool:
     return _CLASS_STATE in (whole if isinstance(whole, (bytes, bytearray)) else body.tobytes())
 
 
-class _KeepingClasses(pickle.Unpickler):
-    """Loads classes carried by value, but leaves the state of those that exist here as it is
-    (`loads` with ``keep_classes``)."""
+class _Answer(_NotWaitingOnImports, pickle.Unpickler):
+    """Loads an answer (see `loads`): classes carried by value, but leaving the state of those
+    that exist here as it is."""
 
     def __init__(self, file: io.BytesIO, buffers: Iterable[Any]) -> None:
         super().__init__(file, buffers=buffers)

@@ -225,14 +225,14 @@ def _loads_local(data: bytes | memoryview, answer: bool = False) -> Any:
     """The object `dumps` or `_dumps_local` made ``data`` from; shared buffers are mapped
     copy-on-write, so what this process writes into them stays its own. A worker's ``answer``,
     loaded by the caller, may be kept long, with many others: its classes are loaded as
-    `loads` with ``keep_classes`` says, and its shared buffers are copied unless they are
+    `loads` says for answers, and its shared buffers are copied unless they are
     large (each mapping holds a file descriptor)."""
     if data[:1] != _SHARED:
-        return loads(data, keep_classes=answer)
+        return loads(data, answer=answer)
     body, address, spans = pickle.loads(memoryview(data)[1:])
     parts = _mapped([(address, start, end) for start, end in spans],
                     copy_below=COPIED_ANSWER_BYTES if answer else 0)
-    return loads(body, parts, keep_classes=answer)
+    return loads(body, parts, answer=answer)
 
 
 def _keeping(data: bytes, segment: Segment | None) -> bytes:

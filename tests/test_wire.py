@@ -198,6 +198,49 @@ def run_as_main(tmp_path, code: str, backend: str) -> list[str]:
     return result.stdout.splitlines()
 
 
+IMPORTED_MODULE = """
+import os
+from parfor import pmap
+
+class Point:
+    def __init__(self, x):
+        self.x = x
+
+class Invalid(ValueError):
+    pass
+
+def make(x):
+    return Point(x)
+
+def check(x):
+    if x == 3:
+        raise Invalid(f"item {x}")
+    return x
+
+backend = os.environ.get("TEST_BACKEND", "serial")  # a worker that imports this runs it here
+points = [point.x for point in pmap(make, range(8), backend=backend, bar=False)]
+try:
+    pmap(check, range(8), backend=backend, bar=False)
+except Invalid as error:
+    caught = str(error)
+"""
+
+
+def test_a_call_at_the_top_of_an_imported_module_gets_the_modules_own_classes_back(backend,
+                                                                                   tmp_path):
+    # The caller's import of the module waited for the answers, which named its classes; and
+    # loading them waited for that import to end: the call hung for ever.
+    (tmp_path / "analysis.py").write_text(IMPORTED_MODULE)
+    script = tmp_path / "script.py"
+    script.write_text("import analysis\nprint(analysis.points, analysis.caught)\n")
+    env = {key: value for key, value in os.environ.items() if not key.endswith("_ADDRESS")}
+    env["TEST_BACKEND"] = backend  # a cluster backend starts one of its own, which finds the module
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=90, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[0, 1, 2, 3, 4, 5, 6, 7] item 3"
+
+
 def test_classes_of_the_main_script_survive_the_round_trip(backend, tmp_path):
     # The instances of a class with __slots__ (a dataclass with slots=True) came back with a
     # __dict__ the caller's class has not: "'Slotted' object has no attribute '__dict__'". And
