@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
 
-from parfor_backends._cluster import ClusterBackend, local_python_path
+from parfor_backends._cluster import CONNECT_TIMEOUT, ClusterBackend, local_python_path
 from parfor_core import Backend, ParforError, execute_call, hookimpl, mark_worker_process
 
 _runtime_lock = threading.Lock()
@@ -30,6 +31,20 @@ def _execute(call_id: str, shipped: list[Any], items: bytes) -> bytes:
 
     mark_worker_process()
     return execute_call(call_id, lambda: ray.get(shipped[0]), items)
+
+
+def _check_listening(address: str) -> None:
+    """Fail at once, naming it, where nothing listens at a cluster's ``host:port``: there,
+    ``ray.init`` retries for minutes. Other forms ("auto") are Ray's to resolve."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT).close()
+    except OSError as exc:
+        raise ParforError(f"Cannot connect to the Ray cluster at {address!r}: nothing answers "
+                          f"at {host}:{port} ({type(exc).__name__}: {exc}). Is it running, and is "
+                          f"that its address (`ray status` on its head node shows it)?") from exc
 
 
 class RayBackend(ClusterBackend):
@@ -55,6 +70,8 @@ class RayBackend(ClusterBackend):
             self._owns_runtime = _runtime_users > 0 or not ray.is_initialized()
             if not ray.is_initialized():
                 local = self.address is None
+                if not local:
+                    _check_listening(self.address)
                 try:
                     ray.init(address="local" if local else self.address,  # "local": a new one
                              num_cpus=self.n_workers if local else None,

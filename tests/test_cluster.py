@@ -341,6 +341,25 @@ def test_ray_refuses_a_second_address_in_one_process(cluster_addresses):
     assert pmap(abs, [-1, -2], backend="ray", bar=False) == [1, 2]  # the first one still works
 
 
+@pytest.mark.backend("ray")
+def test_an_unreachable_ray_cluster_is_a_clear_error():
+    # ray.init retried for minutes (over 200 s) where nothing listened: the call hung.
+    program = textwrap.dedent("""
+        from parfor import pmap
+        from parfor_core import ParforError
+        try:
+            pmap(abs, [-1, -2], backend="ray", bar=False)
+        except ParforError as error:
+            print(error)
+    """)
+    env = {**os.environ, "PARFOR_RAY_ADDRESS": "127.0.0.1:9"}
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Cannot connect to the Ray cluster at '127.0.0.1:9': nothing "
+                                  "answers at 127.0.0.1:9 (ConnectionRefusedError"), done.stdout
+
+
 # -- lost workers ---------------------------------------------------------------------------
 
 
