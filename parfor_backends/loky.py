@@ -67,15 +67,33 @@ class LokyBackend(Backend):
         if interpreter_exiting():  # loky's executors have stopped, or cannot be imported
             raise InterpreterExitingError(self.name)
         payload = dump_task(task)
-        executor = self._pool()
-        try:
-            future = executor.submit(execute_dumped, payload)
-        except RuntimeError:  # broken by a dead worker, or shut down by an interrupt
-            executor = self._pool(replacing=executor)
-            future = executor.submit(execute_dumped, payload)
+        executor, future = self._submit(payload)
         stop_before_exit(self, LokyBackend.interrupt)  # loky's handler is registered by now
         future.add_done_callback(lambda _: release_shared(payload))  # its items are done with
         return then(future, load_result, functools.partial(self._cancel, executor))
+
+    def _submit(self, payload: bytes) -> tuple[Any, Future[bytes]]:
+        """The pool that took ``payload``, and its future: a new pool where the last one is
+        broken (by a dead worker) or shut down (by an interrupt).
+
+        Where the interpreter began to exit meanwhile, loky cannot be imported, or it started
+        a pool and then failed to register its exit handler ("can't register atexit after
+        shutdown"): that pool's thread would keep the exit waiting for ever, so it is stopped,
+        and the task refused."""
+        try:
+            executor = self._pool()
+            try:
+                return executor, executor.submit(execute_dumped, payload)
+            except RuntimeError:
+                if interpreter_exiting():
+                    raise
+                executor = self._pool(replacing=executor)
+                return executor, executor.submit(execute_dumped, payload)
+        except RuntimeError:
+            if interpreter_exiting():
+                self._stop(wait=False)
+                raise InterpreterExitingError(self.name) from None
+            raise
 
     def _cancel(self, executor: Any, future: Future[Result]) -> None:
         """Cancel a task, unless its executor is stopping: loky's manager thread fails every
