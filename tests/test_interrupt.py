@@ -14,8 +14,10 @@ import psutil
 import pytest
 
 SCRIPT = textwrap.dedent("""
-    import sys, time
+    import faulthandler, signal, sys, time
     from parfor import pmap
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # where it hangs, if it does
 
     def slow(i):
         time.sleep(0.2)
@@ -64,8 +66,17 @@ def start(tmp_path):
 
 
 def finish(process: subprocess.Popen) -> tuple[str, str]:
-    """Wait for the end; read what is left (readline may have buffered part of it already)."""
-    process.wait(timeout=30)
+    """Wait for the end; read what is left (readline may have buffered part of it already).
+    A script that does not end fails the test with its threads' stacks."""
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGUSR1)
+        time.sleep(1)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        pytest.fail(f"the script did not end within 30 s; its stacks:\n"
+                    f"{process.stderr.read()[-8000:]}")
     return process.stdout.read(), process.stderr.read()
 
 
