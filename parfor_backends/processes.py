@@ -46,6 +46,8 @@ IDLE_TIMEOUT = SETTINGS["idle_timeout"].default
 RETRIES = SETTINGS["retries"].default
 #: Seconds that stopping workers waits for them to finish the item they run, before killing.
 STOP_SECONDS = 2.0
+#: How long a stop waits at least for the workers' reader threads, once the workers ended.
+READERS_SECONDS = 0.5
 #: Seconds a task nobody waits for any more may run on, while other work waits for its worker,
 #: before the worker is killed: a quick chunk finishes sooner than a new worker starts.
 ABANDONED_SECONDS = 0.25
@@ -245,6 +247,11 @@ class ProcessesBackend(Backend):
         deadline = time.monotonic() + STOP_SECONDS  # one wait for them all, not one each
         for worker in workers:
             worker.stop(kill or not worker.ready, wait=max(0.0, deadline - time.monotonic()))
+        # The readers end as soon as they read the end of their pipes; at exit, one left
+        # running while the interpreter is torn down may crash it.
+        deadline = max(deadline, time.monotonic() + READERS_SECONDS)
+        for worker in workers:
+            worker.reader_ended(max(0.0, deadline - time.monotonic()))
 
     # -- events from the workers' reader threads -----------------------------------------------
 
@@ -375,7 +382,8 @@ class _Worker:
         #: or a fault of the reader thread itself (the worker is then killed).
         self.error: BaseException | None = None
         _live.add(self)
-        threading.Thread(target=self._read_results, daemon=True).start()
+        self._reader = threading.Thread(target=self._read_results, daemon=True)
+        self._reader.start()
 
     @classmethod
     def start(cls, backend: ProcessesBackend) -> _Worker:
@@ -527,6 +535,12 @@ class _Worker:
             return
         _ended(self.process, wait)
         self.release()
+
+    def reader_ended(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the reader thread to finish (the process has
+        ended: it reads the end of the pipe), unless this is that thread."""
+        if self._reader is not threading.current_thread():
+            self._reader.join(timeout)
 
     def disown(self, devnull: int) -> None:
         """In a forked child: close this process's copies of the task and result pipes of the

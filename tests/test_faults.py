@@ -322,6 +322,25 @@ def test_idle_workers_exit_after_the_timeout():
     backend.shutdown()
 
 
+def test_a_shutdown_waits_for_the_threads_that_read_the_workers(monkeypatch):
+    # At exit, a reader thread still running while the interpreter was torn down could crash
+    # it (a segmentation fault after a script's last line, seen once on free-threaded 3.13).
+    backend = ProcessesBackend(2)
+    assert pmap(abs, range(-4, 4), backend=backend, bar=False, serial=False) == [
+        4, 3, 2, 1, 0, 1, 2, 3]
+    readers = [worker._reader for worker in backend._workers]
+    seen_dying = []
+
+    def died_slowly(worker):  # what a reader does last, slowed down
+        time.sleep(0.2)
+        seen_dying.append(worker.pid)
+
+    monkeypatch.setattr(backend, "_died", died_slowly)
+    backend.shutdown()
+    assert len(readers) == 2 and not any(reader.is_alive() for reader in readers)
+    assert len(seen_dying) == 2
+
+
 def test_prepared_workers_start_at_once_and_exit_if_no_task_comes():
     backend = ProcessesBackend(3, idle_timeout=0.5)
     backend.prepare(2)  # a call over 2 items needs no third worker
