@@ -24,6 +24,9 @@ from parfor_core import Backend, ParforError, execute_call, hookimpl, mark_worke
 
 #: Items of a task above this size are scattered first rather than sent inside the task.
 LARGE_ITEMS_BYTES = 1 << 20
+#: Seconds a local cluster may take to start: importing Dask and starting its processes takes
+#: seconds on a busy machine, however short the timeouts for a scheduler that stops answering.
+LOCAL_START_TIMEOUT = 30.0
 
 
 def _execute(call_id: str, call: bytes, items: bytes) -> bytes:
@@ -154,9 +157,9 @@ class _LocalCluster:
         threading.Thread(target=_relay, args=(self.process.stdout, started, worker_output),
                          daemon=True).start()
         try:
-            said = started.get(timeout=CONNECT_TIMEOUT)
+            said = started.get(timeout=LOCAL_START_TIMEOUT)
         except queue.Empty:
-            said = f"(nothing within {CONNECT_TIMEOUT:.0f} s)"
+            said = f"(nothing within {LOCAL_START_TIMEOUT:.0f} s)"
         if not said.startswith(ADDRESS_PREFIX):
             self.stop(kill=True)
             raise ParforError(f"The local Dask cluster did not start (exit code "
