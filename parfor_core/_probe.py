@@ -85,7 +85,8 @@ def run_while_cheap(call: Call, items: Iterable[Any], total: int | None,
         spent += result.elapsed
         rate = result.elapsed / len(chunk)
         # What workers could take over: the chunk's time less the garbage collector's.
-        recent, last = min(max(0.0, result.elapsed - collected) / len(chunk), last), rate
+        paid = max(0.0, result.elapsed - collected) / len(chunk)
+        recent, last = min(paid, last), paid
         on_done(len(result.values) - before)
         yield from emit(task, result, len(result.values) - before)
         if not stay and spent >= MEASURE_SECONDS and _workers_pay(
