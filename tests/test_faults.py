@@ -804,8 +804,10 @@ def test_worker_output_works_as_files_do(tmp_path):
             # One worker: two subprocesses writing at once could mix their lines.
             print(pmap(write, range(3), backend="processes", n_processes=1, bar=False))
     """))
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                            timeout=60, cwd=tmp_path)
+    # -X faulthandler: a crash after the script's last line (seen once in CI, on free-threaded
+    # 3.13, exit code -11 and nothing on stderr) then shows every thread's stack.
+    result = subprocess.run([sys.executable, "-X", "faulthandler", str(script)],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[-1] == "[0, 1, 2]"
