@@ -469,14 +469,14 @@ def main() -> None:
 
         byte_compile()
         colds: dict[str, list[float]] = {name: [] for name in CONTENDERS}
-        cold_repeats = max(3, repeats)
+        cold_repeats = repeats if quick else max(3, repeats)
         for repeat in range(cold_repeats):  # interleaved, as everywhere else
             for name in _rotated(CONTENDERS, repeat, cold_repeats):
                 colds[name].append(cold_start(name))
         for name in CONTENDERS:
             rows[name]["W4a cold start (ms)"] = f"{statistics.median(colds[name]) * 1000:.0f}"
             warm = statistics.median(timed(lambda n=name: run(n, peers, abs, [1, 2, 3, 4]))
-                                     for _ in range(WARM_REPEATS))
+                                     for _ in range(repeats if quick else WARM_REPEATS))
             rows[name]["W4b warm 4 items (ms)"] = f"{warm * 1000:.1f}"
 
         n_stream = 10_000 if quick else 1_000_000
