@@ -79,6 +79,9 @@ class Registry:
         self._candidates_cache: tuple[tuple[Any, ...], dict[str, list[type[Backend]]]] | None = None
         self._entry_points: list[EntryPoint] = []
         self._instances: dict[str, tuple[Backend, Selection]] = {}
+        #: Backends being made, by name: set once made (or failed). Made outside the lock, for
+        #: a cluster backend connects then, and other backends' calls must not wait for it.
+        self._making: dict[str, threading.Event] = {}
         self._leases: dict[int, int] = {}  # id(backend) -> calls running on it
         self._retired: weakref.WeakSet[Backend] = weakref.WeakSet()  # replaced, maybe leased
         self._closed = False
@@ -266,25 +269,45 @@ class Registry:
             self._release(backend)
 
     def _acquire(self, selection: Selection) -> Backend:
-        retired = None
-        with self._lock:
-            backend, made_for = self._instances.get(selection.name, (None, None))
-            if backend is None or made_for != selection:
+        name = selection.name
+        while True:
+            with self._lock:
+                backend, made_for = self._instances.get(name, (None, None))
+                if backend is not None and made_for == selection:
+                    self._leases[id(backend)] = self._leases.get(id(backend), 0) + 1
+                    return backend
+                making = self._making.get(name)
+                if making is None:  # this thread makes it
+                    cls = self._usable_class(name)
+                    making = self._making[name] = threading.Event()
+                    break
+            making.wait()  # another thread makes one: it may suit this call too
+        backend = retired = None
+        try:
+            backend = cls(selection.n_workers, **dict(selection.options))
+        finally:
+            with self._lock:  # pooled and no longer being made at once, for those waiting
+                del self._making[name]
                 if backend is not None:
-                    if self._leases.get(id(backend)):
-                        self._retired.add(backend)
-                    else:
-                        retired = backend
-                cls = self._usable_class(selection.name)
-                backend = cls(selection.n_workers, **dict(selection.options))
-                self._instances[selection.name] = (backend, selection)
-                if not self._exit_registered:
-                    atexit.register(self._exit)
-                    self._exit_registered = True
-            self._leases[id(backend)] = self._leases.get(id(backend), 0) + 1
+                    retired = self._pool(backend, selection)
+            making.set()
         if retired is not None:
             retired.shutdown()
         return backend
+
+    def _pool(self, backend: Backend, selection: Selection) -> Backend | None:
+        """Make a new instance the pooled one for its name, leased by the call that made it;
+        returns the one it replaces if no call is using that one (to be shut down)."""
+        old = self._instances.get(selection.name, (None,))[0]
+        self._instances[selection.name] = (backend, selection)
+        self._leases[id(backend)] = 1
+        if not self._exit_registered:
+            atexit.register(self._exit)
+            self._exit_registered = True
+        if old is not None and self._leases.get(id(old)):
+            self._retired.add(old)
+            return None
+        return old
 
     def _release(self, backend: Backend) -> None:
         with self._lock:
@@ -316,6 +339,7 @@ class Registry:
         pipes, see there)."""
         self._lock = threading.RLock()
         self._instances = {}
+        self._making = {}
         self._leases = {}
         self._retired = weakref.WeakSet()
 

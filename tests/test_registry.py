@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
@@ -124,6 +124,57 @@ def test_automatic_choice_takes_the_highest_priority(register):
     EagerBackend.seen = []
     pmap(abs, range(10), bar=False)
     assert EagerBackend.seen
+
+
+class SlowToStartBackend(RecordingBackend):
+    """Made only once the test says so, as a cluster backend is made once it has connected."""
+
+    name = "slow-to-start"
+    made = 0
+    entered = threading.Event()
+    go_on = threading.Event()
+
+    def __init__(self, n_workers: int | None = None) -> None:
+        type(self).made += 1
+        self.entered.set()
+        assert self.go_on.wait(30)
+        super().__init__(n_workers)
+
+
+def test_a_backend_being_made_holds_up_no_call_on_another_and_is_made_once(register):
+    register(SlowToStartBackend)
+    with ThreadPoolExecutor(3) as threads:
+        try:
+            first = threads.submit(pmap, abs, [-1, -2], backend="slow-to-start", bar=False)
+            assert SlowToStartBackend.entered.wait(10)
+            second = threads.submit(pmap, abs, [-3, -4], backend="slow-to-start", bar=False)
+            other = threads.submit(pmap, abs, [-5, -6], backend="threads", bar=False)
+            assert other.result(timeout=10) == [5, 6]  # not held up by the connect
+            assert not first.done() and not second.done()
+        finally:
+            SlowToStartBackend.go_on.set()
+        assert first.result(timeout=10) == [1, 2] and second.result(timeout=10) == [3, 4]
+    assert SlowToStartBackend.made == 1  # the second call waited for the first's instance
+
+
+class FailsToStartOnceBackend(RecordingBackend):
+    """Its first making fails, as a connect to a cluster that is not up yet does."""
+
+    name = "fails-to-start-once"
+    failed = False
+
+    def __init__(self, n_workers: int | None = None) -> None:
+        if not FailsToStartOnceBackend.failed:
+            FailsToStartOnceBackend.failed = True
+            raise ConnectionError("the cluster is not up yet")
+        super().__init__(n_workers)
+
+
+def test_a_backend_that_failed_to_start_is_made_again_by_the_next_call(register):
+    register(FailsToStartOnceBackend)
+    with pytest.raises(ConnectionError, match="not up yet"):
+        pmap(abs, [-1, -2], backend="fails-to-start-once", bar=False)
+    assert pmap(abs, [-1, -2], backend="fails-to-start-once", bar=False) == [1, 2]
 
 
 def where(i: int) -> tuple[int, int]:
