@@ -109,7 +109,8 @@ class LokyBackend(Backend):
 
                 timeout = self.idle_timeout if self.idle_timeout <= LONGEST_WAIT else None
                 self._executor = ProcessPoolExecutor(self.n_workers, timeout=timeout,
-                                                     initializer=_start_worker)
+                                                     initializer=_start_worker,
+                                                     initargs=(os.getpid(),))
             return self._executor
 
     def _stop(self, wait: bool) -> None:
@@ -139,11 +140,12 @@ def _renew_cancelled(executor: Any) -> None:
 PARENT_CHECK_SECONDS = 0.5
 
 
-def _start_worker() -> None:
+def _start_worker(parent: int) -> None:
     """In each loky worker, first: mark it as a worker, and end it when its parent is gone
-    (loky's workers outlived a parent killed with SIGKILL by minutes)."""
+    (loky's workers outlived a parent killed with SIGKILL by minutes). The parent names
+    itself: a worker still starting when it died would otherwise take its new parent for it."""
     mark_worker_process(environment_is_callers=True)
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True,
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True,
                      name="parfor-parent-watch").start()
 
 

@@ -493,6 +493,38 @@ def assert_workers_end_with_their_killed_parent(script: Path, ready: str) -> Non
                 each.kill()
 
 
+@pytest.mark.parametrize("backend", ["processes", "loky"])
+def test_workers_still_starting_when_their_parent_is_killed_end_too(tmp_path, backend,
+                                                                    monkeypatch):
+    # Each worker's interpreter, as it starts, says so and then takes 1.5 s more: the parent
+    # is killed once both have said so, before either has run a line of parfor's.
+    (tmp_path / "sitecustomize.py").write_text(textwrap.dedent(f"""
+        import os, time
+        with open("/proc/self/cmdline", "rb") as file:
+            command = file.read()
+        if b"popen_loky" in command or b"_process_worker" in command:
+            open(os.path.join({str(tmp_path)!r}, f"starting-{{os.getpid()}}"), "w").close()
+            time.sleep(1.5)
+    """))
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(f"""
+        import glob, threading, time
+        from parfor import pmap
+
+        def say_when_both_start():
+            while len(glob.glob("starting-*")) < 2:
+                time.sleep(0.01)
+            print("starting", flush=True)
+
+        if __name__ == "__main__":
+            threading.Thread(target=say_when_both_start, daemon=True).start()
+            pmap(time.sleep, [0.2] * 100, backend={backend!r}, n_processes=2, bar=False)
+    """))
+    path = [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(path))
+    assert_workers_end_with_their_killed_parent(script, "starting")
+
+
 def busy_workers(backend: ProcessesBackend, count: int) -> list[psutil.Process]:
     """Wait until ``count`` of the backend's workers run a task; those workers' processes."""
     deadline = time.monotonic() + 30
