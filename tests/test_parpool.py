@@ -217,20 +217,32 @@ def test_worker_death_is_a_worker_error_and_the_pool_goes_on(process_backend):
         assert pool.get_newest() is None  # nothing left to wait for: no hang
 
 
-def sleep_and_return(seconds: float) -> float:
-    time.sleep(seconds)
-    return seconds
+def once_released(value: float, release: str) -> float:
+    """``value``; a true one only once the file ``release`` exists: a task that ends when the
+    test says so."""
+    deadline = time.monotonic() + 60
+    while value and not os.path.exists(release):
+        assert time.monotonic() < deadline, "never released"
+        time.sleep(0.01)
+    return value
 
 
-def test_get_newest_never_returns_a_stale_handle(backend):
-    with ParPool(sleep_and_return, backend=backend) as pool:
+def test_get_newest_never_returns_a_stale_handle(backend, tmp_path):
+    release = tmp_path / "release"
+    # serial runs "a" at submit time, and a cluster may queue both tasks on one worker: there
+    # "a" is released at once, and the tasks may end in either order.
+    in_order = backend not in ("serial", *CLUSTERS)
+    if not in_order:
+        release.touch()
+    with ParPool(once_released, (str(release),), backend=backend, n_processes=2) as pool:
         pool["a"] = 0
         assert pool["a"] == 0
-        pool["a"] = 1.0  # the handle is reused for a slow task
+        pool["a"] = 1.0  # the handle is reused for a task that ends only when released
         pool["b"] = 0.0
         first = pool.get_newest()
-        if backend not in ("serial", *CLUSTERS):  # serial ran "a" at submit time; a cluster
-            assert first == ("b", 0.0)            # may queue both tasks on one worker
+        if in_order:
+            assert first == ("b", 0.0)  # the task that ended, not the one still running
+            release.touch()
         # Whatever the order, "a" comes with its new task's result, never the fetched one's.
         assert {first, pool.get_newest()} == {("a", 1.0), ("b", 0.0)}
 
