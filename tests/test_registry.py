@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
+import traceback
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
@@ -150,11 +154,21 @@ def test_a_backend_being_made_holds_up_no_call_on_another_and_is_made_once(regis
             second = threads.submit(pmap, abs, [-3, -4], backend="slow-to-start", bar=False)
             other = threads.submit(pmap, abs, [-5, -6], backend="threads", bar=False)
             assert other.result(timeout=10) == [5, 6]  # not held up by the connect
+            _wait_until_threads_are_in(Registry._acquire, 2)  # the second call waits there
             assert not first.done() and not second.done()
         finally:
             SlowToStartBackend.go_on.set()
         assert first.result(timeout=10) == [1, 2] and second.result(timeout=10) == [3, 4]
     assert SlowToStartBackend.made == 1  # the second call waited for the first's instance
+
+
+def _wait_until_threads_are_in(function: Callable[..., Any], count: int) -> None:
+    """Until ``count`` threads are running ``function`` (or something it called)."""
+    deadline = time.monotonic() + 10
+    while sum(any(frame.f_code is function.__code__ for frame, _ in traceback.walk_stack(top))
+              for top in sys._current_frames().values()) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} threads in {function.__name__}"
+        time.sleep(0.01)
 
 
 class FailsToStartOnceBackend(RecordingBackend):
